@@ -1,0 +1,446 @@
+//! The REST gateway. Accepts uploads (streamed raw bodies or multipart forms), stores them in
+//! object storage, records them in the database and announces them on `media.uploaded`; serves
+//! status, results and result downloads, plus `/healthz`, `/readyz` and `/metrics`.
+
+mod error;
+mod sniff;
+mod spool;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use mediaflow_bus::{Bus, Publisher};
+use mediaflow_db::{Db, MediaRow, MediaStatus};
+use mediaflow_events::{MediaUploaded, ObjectRef};
+use mediaflow_store::ObjectStore;
+use mediaflow_telemetry::Metrics;
+use serde::{Deserialize, Serialize};
+
+pub use error::ApiError;
+pub use sniff::{Sniffed, sniff};
+
+/// Configuration of the gateway.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Address the HTTP server listens on.
+    pub listen: SocketAddr,
+    /// Largest accepted upload, in bytes.
+    pub max_upload_bytes: u64,
+    /// Folder for spooling uploads while they stream in; the system temp folder when unset.
+    pub spool_dir: Option<PathBuf>,
+    /// Lifetime of presigned download URLs in API responses, in seconds.
+    pub presign_ttl_secs: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_upload_bytes: 256 * 1024 * 1024,
+            spool_dir: None,
+            presign_ttl_secs: 3600,
+        }
+    }
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct Gateway {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: GatewayConfig,
+    spool_dir: PathBuf,
+    store: ObjectStore,
+    db: Db,
+    bus: Bus,
+    publisher: Publisher,
+    metrics: Metrics,
+}
+
+/// The stage name the gateway stamps on its events.
+pub const SOURCE: &str = "/mediaflow/gateway";
+
+impl Gateway {
+    pub fn new(
+        config: GatewayConfig,
+        store: ObjectStore,
+        db: Db,
+        bus: Bus,
+        metrics: Metrics,
+    ) -> Result<Self, mediaflow_bus::BusError> {
+        let publisher = bus.publisher(SOURCE)?;
+        let spool_dir = config.spool_dir.clone().unwrap_or_else(std::env::temp_dir);
+        Ok(Self { inner: Arc::new(Inner { config, spool_dir, store, db, bus, publisher, metrics }) })
+    }
+
+    /// The HTTP routes.
+    pub fn router(self) -> Router {
+        Router::new()
+            .route("/v1/media", post(upload))
+            .route("/v1/media/{id}", get(media_status))
+            .route("/v1/media/{id}/results/{name}", get(download_result))
+            .route("/healthz", get(|| async { "ok" }))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(metrics))
+            // The upload handler enforces its own streaming limit.
+            .layer(DefaultBodyLimit::disable())
+            .with_state(self)
+    }
+}
+
+/// Body of a `202 Accepted` upload response.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Accepted {
+    pub id: String,
+    pub status: MediaStatus,
+    pub status_url: String,
+    pub kind: String,
+    pub content_type: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+async fn upload(State(gw): State<Gateway>, request: Request) -> Response {
+    let result = accept_upload(&gw, request).await;
+    match result {
+        Ok(accepted) => {
+            gw.inner.metrics.upload("accepted", accepted.size);
+            let location = accepted.status_url.clone();
+            (StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(accepted)).into_response()
+        }
+        Err(e) => {
+            gw.inner.metrics.upload(e.code(), 0);
+            e.into_response()
+        }
+    }
+}
+
+/// The client's filename reduced to a safe base name: no directories, no control characters.
+fn safe_filename(raw: &str) -> Option<String> {
+    let base = raw.rsplit(['/', '\\']).next().unwrap_or_default();
+    let clean: String = base.chars().filter(|c| !c.is_control()).take(255).collect();
+    let clean = clean.trim().trim_start_matches('.').to_owned();
+    (!clean.is_empty()).then_some(clean)
+}
+
+async fn accept_upload(gw: &Gateway, request: Request) -> Result<Accepted, ApiError> {
+    let limit = gw.inner.config.max_upload_bytes;
+    let headers = request.headers().clone();
+    let declared = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or_default().trim().to_ascii_lowercase());
+    let declared_len = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+
+    let is_multipart = declared.as_deref() == Some("multipart/form-data");
+    // Multipart framing adds boundaries and part headers around the file.
+    let framing = if is_multipart { 64 * 1024 } else { 0 };
+    if declared_len.is_some_and(|n| n > limit + framing) {
+        return Err(ApiError::TooLarge { limit });
+    }
+
+    let (spooled, declared, filename) = if is_multipart {
+        let mut form = Multipart::from_request(request, &())
+            .await
+            .map_err(|e| ApiError::BadRequest { detail: e.body_text() })?;
+        let bad = |e: axum::extract::multipart::MultipartError| ApiError::BadRequest {
+            detail: format!("malformed multipart body: {}", e.body_text()),
+        };
+        let mut found = None;
+        while let Some(field) = form.next_field().await.map_err(bad)? {
+            if field.file_name().is_none() && field.name() != Some("file") {
+                continue;
+            }
+            if found.is_some() {
+                return Err(ApiError::BadRequest {
+                    detail: "send one file per request".into(),
+                });
+            }
+            let filename = field.file_name().and_then(safe_filename);
+            let declared = field.content_type().map(str::to_ascii_lowercase);
+            let spooled = spool::spool(&gw.inner.spool_dir, field, limit).await?;
+            found = Some((spooled, declared, filename));
+        }
+        found.ok_or_else(|| ApiError::BadRequest {
+            detail: "the multipart form has no file field (send the file as a field named `file`)"
+                .into(),
+        })?
+    } else {
+        let filename = filename_from_headers(&headers);
+        let body = request.into_body().into_data_stream();
+        (spool::spool(&gw.inner.spool_dir, body, limit).await?, declared, filename)
+    };
+
+    if spooled.size == 0 {
+        return Err(ApiError::EmptyBody);
+    }
+    let detected = sniff(&spooled.head);
+    let format = match detected {
+        Some(s) if s.supported => s,
+        other => {
+            return Err(ApiError::UnsupportedMedia {
+                declared,
+                detected: other.map(|s| s.content_type),
+            });
+        }
+    };
+
+    let id = uuid::Uuid::now_v7().to_string();
+    let key = format!("uploads/{id}/original.{}", format.extension);
+    gw.inner.store.put_file(&key, &spooled.file, format.content_type).await?;
+
+    let now = Db::now_ms();
+    let row = MediaRow {
+        id: id.clone(),
+        kind: format.kind.to_string(),
+        content_type: format.content_type.to_owned(),
+        filename: filename.clone(),
+        bucket: gw.inner.store.bucket().to_owned(),
+        object_key: key.clone(),
+        size_bytes: spooled.size as i64,
+        sha256: spooled.sha256.clone(),
+        status: MediaStatus::Queued,
+        error: None,
+        created_at_ms: now,
+        updated_at_ms: now,
+    };
+    gw.inner.db.insert_media(&row).await?;
+
+    let event = MediaUploaded {
+        media_id: id.clone(),
+        kind: format.kind,
+        object: ObjectRef {
+            bucket: row.bucket.clone(),
+            key,
+            size: spooled.size,
+            sha256: spooled.sha256.clone(),
+            content_type: format.content_type.to_owned(),
+        },
+        filename,
+        uploaded_at: chrono::DateTime::from_timestamp_millis(now)
+            .unwrap_or_default()
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    };
+    let topic = gw.inner.bus.topics().media_uploaded();
+    if let Err(e) = gw.inner.publisher.publish(&topic, &event).await {
+        // Not announced means not accepted: forget the row so the client's retry starts clean.
+        if let Err(del) = gw.inner.db.delete_media(&id).await {
+            tracing::error!(media_id = %id, error = %del, "could not remove unannounced upload");
+        }
+        return Err(e.into());
+    }
+    tracing::info!(media_id = %id, kind = %format.kind, size = spooled.size, "upload accepted");
+    Ok(Accepted {
+        status_url: format!("/v1/media/{id}"),
+        id,
+        status: MediaStatus::Queued,
+        kind: format.kind.to_string(),
+        content_type: format.content_type.to_owned(),
+        size: spooled.size,
+        sha256: spooled.sha256,
+    })
+}
+
+/// `Content-Disposition: attachment; filename="x.jpg"` or `X-Filename: x.jpg` on raw uploads.
+fn filename_from_headers(headers: &HeaderMap) -> Option<String> {
+    if let Some(name) = headers.get("x-filename").and_then(|v| v.to_str().ok()) {
+        return safe_filename(name);
+    }
+    let disposition = headers.get(header::CONTENT_DISPOSITION)?.to_str().ok()?;
+    let value = disposition.split(';').find_map(|p| p.trim().strip_prefix("filename="))?;
+    safe_filename(value.trim_matches('"'))
+}
+
+/// A stage result as the API shows it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ResultView {
+    pub name: String,
+    pub stage: String,
+    pub stage_version: String,
+    pub bucket: String,
+    pub key: String,
+    pub content_type: String,
+    pub size: i64,
+    pub sha256: String,
+    pub width: i64,
+    pub height: i64,
+    /// Download through the gateway.
+    pub download_url: String,
+    /// Direct download from object storage, valid for a limited time.
+    pub presigned_url: Option<String>,
+}
+
+/// `GET /v1/media/{id}`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MediaView {
+    pub id: String,
+    pub kind: String,
+    pub status: MediaStatus,
+    pub error: Option<String>,
+    pub content_type: String,
+    pub filename: Option<String>,
+    pub size: i64,
+    pub sha256: String,
+    pub original: ObjectLocation,
+    pub created_at: String,
+    pub updated_at: String,
+    pub results: Vec<ResultView>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ObjectLocation {
+    pub bucket: String,
+    pub key: String,
+}
+
+fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn parse_id(id: &str) -> Result<String, ApiError> {
+    uuid::Uuid::parse_str(id)
+        .map(|u| u.to_string())
+        .map_err(|_| ApiError::NotFound { what: format!("media `{}`", id.chars().take(64).collect::<String>()) })
+}
+
+async fn media_status(
+    State(gw): State<Gateway>,
+    Path(id): Path<String>,
+) -> Result<Json<MediaView>, ApiError> {
+    let id = parse_id(&id)?;
+    let media = gw.inner.db.media(&id).await?.ok_or(ApiError::NotFound { what: format!("media `{id}`") })?;
+    let ttl = Duration::from_secs(gw.inner.config.presign_ttl_secs);
+    let mut results = Vec::new();
+    for r in gw.inner.db.results(&id).await? {
+        let presigned_url = match gw.inner.store.presigned_get(&r.object_key, ttl).await {
+            Ok(url) => Some(url),
+            Err(e) => {
+                tracing::warn!(key = %r.object_key, error = %e, "could not presign");
+                None
+            }
+        };
+        results.push(ResultView {
+            download_url: format!("/v1/media/{id}/results/{}", r.name),
+            name: r.name,
+            stage: r.stage,
+            stage_version: r.stage_version,
+            bucket: r.bucket,
+            key: r.object_key,
+            content_type: r.content_type,
+            size: r.size_bytes,
+            sha256: r.sha256,
+            width: r.width,
+            height: r.height,
+            presigned_url,
+        });
+    }
+    Ok(Json(MediaView {
+        id: media.id,
+        kind: media.kind,
+        status: media.status,
+        error: media.error,
+        content_type: media.content_type,
+        filename: media.filename,
+        size: media.size_bytes,
+        sha256: media.sha256,
+        original: ObjectLocation { bucket: media.bucket, key: media.object_key },
+        created_at: rfc3339(media.created_at_ms),
+        updated_at: rfc3339(media.updated_at_ms),
+        results,
+    }))
+}
+
+/// Largest result the gateway proxies; results are thumbnails and previews.
+const MAX_RESULT_BYTES: u64 = 64 * 1024 * 1024;
+
+async fn download_result(
+    State(gw): State<Gateway>,
+    Path((id, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let results = gw.inner.db.results(&id).await?;
+    let result = results
+        .into_iter()
+        .find(|r| r.name == name)
+        .ok_or_else(|| ApiError::NotFound { what: format!("result `{name}` of media `{id}`") })?;
+    let object = gw.inner.store.get(&result.object_key, MAX_RESULT_BYTES).await?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, result.content_type),
+            (header::ETAG, format!("\"{}\"", result.sha256)),
+            (header::CACHE_CONTROL, "public, max-age=31536000, immutable".to_owned()),
+        ],
+        Body::from(object.bytes),
+    )
+        .into_response())
+}
+
+#[derive(Serialize)]
+struct Readiness {
+    ready: bool,
+    kafka: String,
+    object_store: String,
+    database: String,
+}
+
+async fn readyz(State(gw): State<Gateway>) -> Response {
+    let timeout = Duration::from_secs(2);
+    let verdict = |r: Result<(), String>| r.map_or_else(|e| e, |()| "ok".to_owned());
+    let (kafka, s3, db) = tokio::join!(
+        gw.inner.bus.ping(timeout),
+        tokio::time::timeout(timeout, gw.inner.store.ping()),
+        tokio::time::timeout(timeout, gw.inner.db.ping()),
+    );
+    let body = Readiness {
+        kafka: verdict(kafka.map_err(|e| e.to_string())),
+        object_store: verdict(match s3 {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err("timed out".into()),
+        }),
+        database: verdict(match db {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err("timed out".into()),
+        }),
+        ready: false,
+    };
+    let ready = body.kafka == "ok" && body.object_store == "ok" && body.database == "ok";
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(Readiness { ready, ..body })).into_response()
+}
+
+async fn metrics(State(gw): State<Gateway>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        gw.inner.metrics.render(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filenames_lose_their_paths() {
+        assert_eq!(safe_filename("../../etc/passwd").as_deref(), Some("passwd"));
+        assert_eq!(safe_filename("C:\\Users\\me\\cat.jpg").as_deref(), Some("cat.jpg"));
+        assert_eq!(safe_filename("..").as_deref(), None);
+        assert_eq!(safe_filename("a\u{0}b.png").as_deref(), Some("ab.png"));
+        assert_eq!(safe_filename("").as_deref(), None);
+    }
+}

@@ -1,0 +1,106 @@
+//! Content sniffing: the real type of an upload comes from its first bytes, never from the
+//! client's Content-Type.
+
+use mediaflow_events::MediaKind;
+
+/// A recognised format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sniffed {
+    pub kind: MediaKind,
+    pub content_type: &'static str,
+    pub extension: &'static str,
+    /// Whether mediaflow's stages can process this format.
+    pub supported: bool,
+}
+
+/// How many leading bytes `sniff` needs to decide.
+pub const SNIFF_LEN: usize = 64;
+
+const fn image(content_type: &'static str, extension: &'static str, supported: bool) -> Sniffed {
+    Sniffed { kind: MediaKind::Image, content_type, extension, supported }
+}
+
+const fn video(content_type: &'static str, extension: &'static str) -> Sniffed {
+    Sniffed { kind: MediaKind::Video, content_type, extension, supported: true }
+}
+
+/// Identifies the format from the first bytes of a file (at least `SNIFF_LEN` when available).
+pub fn sniff(head: &[u8]) -> Option<Sniffed> {
+    let at = |offset: usize, magic: &[u8]| head.get(offset..offset + magic.len()) == Some(magic);
+    if at(0, &[0xFF, 0xD8, 0xFF]) {
+        return Some(image("image/jpeg", "jpg", true));
+    }
+    if at(0, b"\x89PNG\r\n\x1a\n") {
+        return Some(image("image/png", "png", true));
+    }
+    if at(0, b"GIF87a") || at(0, b"GIF89a") {
+        return Some(image("image/gif", "gif", true));
+    }
+    if at(0, b"RIFF") && at(8, b"WEBP") {
+        return Some(image("image/webp", "webp", true));
+    }
+    if at(0, b"RIFF") && at(8, b"AVI ") {
+        return Some(video("video/x-msvideo", "avi"));
+    }
+    if at(0, b"II*\0") || at(0, b"MM\0*") {
+        return Some(image("image/tiff", "tiff", true));
+    }
+    if at(0, b"BM") && head.len() >= 18 {
+        // The DIB header size distinguishes a bitmap from text that starts with "BM".
+        let dib = u32::from_le_bytes([head[14], head[15], head[16], head[17]]);
+        if matches!(dib, 12 | 40 | 52 | 56 | 64 | 108 | 124) {
+            return Some(image("image/bmp", "bmp", true));
+        }
+    }
+    if at(4, b"ftyp") {
+        let brand = head.get(8..12)?;
+        return Some(match brand {
+            b"avif" | b"avis" => image("image/avif", "avif", false),
+            b"heic" | b"heix" | b"heim" | b"heis" | b"mif1" | b"msf1" => {
+                image("image/heic", "heic", false)
+            }
+            b"qt  " => video("video/quicktime", "mov"),
+            _ => video("video/mp4", "mp4"),
+        });
+    }
+    if at(0, &[0x1A, 0x45, 0xDF, 0xA3]) {
+        let is_webm = head.windows(4).any(|w| w == b"webm");
+        return Some(if is_webm { video("video/webm", "webm") } else { video("video/x-matroska", "mkv") });
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_common_formats() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"\xFF\xD8\xFF\xE0\0\x10JFIF", "image/jpeg"),
+            (b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR", "image/png"),
+            (b"GIF89a\x01\0\x01\0", "image/gif"),
+            (b"RIFF\0\0\0\0WEBPVP8 ", "image/webp"),
+            (b"\0\0\0\x20ftypisom\0\0\x02\0", "video/mp4"),
+            (b"\0\0\0\x14ftypqt  \0\0\0\0", "video/quicktime"),
+            (b"\x1a\x45\xdf\xa3\x9f\x42\x86\x81\x01\x42\x82\x84webm", "video/webm"),
+        ];
+        for (bytes, expected) in cases {
+            assert_eq!(sniff(bytes).map(|s| s.content_type), Some(*expected), "{bytes:?}");
+        }
+    }
+
+    #[test]
+    fn text_is_not_media_even_when_it_starts_like_it() {
+        assert_eq!(sniff(b"hello, this is plain text"), None);
+        assert_eq!(sniff(b"BM is a text that starts with BM and goes on"), None);
+        assert_eq!(sniff(b""), None);
+        assert_eq!(sniff(b"\xFF\xD8"), None);
+    }
+
+    #[test]
+    fn known_but_unsupported_formats_are_flagged() {
+        let heic = sniff(b"\0\0\0\x18ftypheic\0\0\0\0").unwrap();
+        assert_eq!((heic.kind, heic.supported), (MediaKind::Image, false));
+    }
+}

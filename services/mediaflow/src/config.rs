@@ -1,0 +1,156 @@
+//! The platform's configuration: one section per service, layered defaults -> TOML file ->
+//! environment (`MEDIAFLOW__SECTION__KEY`, and `DATABASE_URL`).
+
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use mediaflow_bus::BusConfig;
+use mediaflow_db::DbConfig;
+use mediaflow_gateway::GatewayConfig;
+use mediaflow_image_worker::ImageWorkerConfig;
+use mediaflow_store::StoreConfig;
+use serde::{Deserialize, Serialize};
+
+/// Everything `mediaflow` can be told.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MediaflowConfig {
+    /// Folder for all local state: the embedded broker's and S3 server's data, the SQLite
+    /// database, spooled uploads.
+    pub data_dir: PathBuf,
+    /// `pretty` for terminals, `json` for log collectors.
+    pub log_format: LogFormat,
+    /// Which infrastructure `mediaflow up` starts itself.
+    pub embedded: EmbeddedConfig,
+    /// Kafka connection.
+    pub bus: BusConfig,
+    /// Object storage connection.
+    pub store: StoreConfig,
+    /// Database connection.
+    pub database: DbConfig,
+    /// The REST gateway.
+    pub gateway: GatewayConfig,
+    /// The image stage.
+    pub image_worker: ImageWorkerConfig,
+    /// How stages retry transient failures.
+    pub retry: RetryConfig,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Pretty,
+    Json,
+}
+
+/// Embedded infrastructure switches. With a switch off, the matching section (`bus`, `store`)
+/// must point at a running service.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmbeddedConfig {
+    /// Start the tansu broker as a child process and use it.
+    pub kafka: bool,
+    /// Port of the embedded broker on 127.0.0.1 (0: any free port).
+    pub kafka_port: u16,
+    /// Path of the `tansu` binary; searched in `$PATH` and `~/.cargo/bin` when unset.
+    pub tansu_bin: Option<PathBuf>,
+    /// Serve S3 from `<data_dir>/s3` in process and use it.
+    pub s3: bool,
+    /// Port of the embedded S3 server on 127.0.0.1 (0: any free port).
+    pub s3_port: u16,
+}
+
+impl Default for EmbeddedConfig {
+    fn default() -> Self {
+        Self { kafka: true, kafka_port: 19092, tansu_bin: None, s3: true, s3_port: 19000 }
+    }
+}
+
+/// Retry policy of every stage.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts before a transiently failing message is given up on.
+    pub max_attempts: u32,
+    /// First backoff, in milliseconds; doubles per attempt.
+    pub initial_backoff_ms: u64,
+    /// Longest backoff, in milliseconds.
+    pub max_backoff_ms: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        let p = mediaflow_runtime::RetryPolicy::default();
+        Self {
+            max_attempts: p.max_attempts,
+            initial_backoff_ms: p.initial_backoff.as_millis() as u64,
+            max_backoff_ms: p.max_backoff.as_millis() as u64,
+        }
+    }
+}
+
+impl RetryConfig {
+    pub fn policy(&self) -> mediaflow_runtime::RetryPolicy {
+        mediaflow_runtime::RetryPolicy {
+            max_attempts: self.max_attempts.max(1),
+            initial_backoff: std::time::Duration::from_millis(self.initial_backoff_ms),
+            max_backoff: std::time::Duration::from_millis(self.max_backoff_ms),
+        }
+    }
+}
+
+impl MediaflowConfig {
+    /// Loads defaults, then `file` (if given), then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, Box<figment::Error>> {
+        let mut figment = Figment::from(Serialized::defaults(Self::with_defaults()));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment = figment.merge(Env::prefixed("MEDIAFLOW__").split("__"));
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            figment = figment.merge(Serialized::default("database.url", url));
+        }
+        figment.extract().map_err(Box::new)
+    }
+
+    /// The defaults, with the data folder in the working directory.
+    pub fn with_defaults() -> Self {
+        Self { data_dir: PathBuf::from("mediaflow-data"), ..Self::default() }
+    }
+
+    /// The database URL in effect: the configured one, else SQLite in the data folder.
+    pub fn database_url(&self) -> String {
+        if self.database.url.is_empty() {
+            format!("sqlite://{}", self.data_dir.join("mediaflow.db").display())
+        } else {
+            self.database.url.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_layers_over_defaults_and_unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mediaflow.toml");
+        std::fs::write(&file, "[gateway]\nmax_upload_bytes = 1000\n").unwrap();
+        let cfg = MediaflowConfig::load(Some(&file)).unwrap();
+        assert_eq!(cfg.gateway.max_upload_bytes, 1000);
+        assert_eq!(cfg.image_worker.thumbnail_size, 256);
+
+        std::fs::write(&file, "[gateway]\nmax_upload_byte = 1000\n").unwrap();
+        let err = MediaflowConfig::load(Some(&file)).unwrap_err().to_string();
+        assert!(err.contains("max_upload_byte"), "{err}");
+    }
+
+    #[test]
+    fn sqlite_in_the_data_folder_by_default() {
+        let cfg = MediaflowConfig::with_defaults();
+        assert_eq!(cfg.database_url(), "sqlite://mediaflow-data/mediaflow.db");
+    }
+}

@@ -1,0 +1,11 @@
+//! The mediaflow platform as a library: configuration, starting the embedded infrastructure, and
+//! running stages. The `mediaflow` binary and the integration tests both drive it through
+//! `Platform::start`, so tests exercise exactly what users run.
+
+pub mod config;
+mod platform;
+pub mod samples;
+pub mod tail;
+
+pub use config::MediaflowConfig;
+pub use platform::{Endpoints, Platform, STAGES, run_stage};

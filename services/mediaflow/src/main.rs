@@ -1,0 +1,181 @@
+//! The `mediaflow` command line: `up` runs the whole platform, `run` one stage, `tail` prints a
+//! topic's events, `config` prints the effective configuration.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use mediaflow::{Endpoints, MediaflowConfig, Platform, config::LogFormat};
+use mediaflow_bus::Bus;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "mediaflow", version, about = "Event-streaming media processing platform")]
+struct Cli {
+    /// TOML configuration file, layered over the defaults and under `MEDIAFLOW__*` variables.
+    #[arg(long, short, global = true, env = "MEDIAFLOW_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start everything (embedded broker, S3 and SQLite unless configured otherwise), the gateway
+    /// and every stage; serve until Ctrl-C or SIGTERM.
+    Up {
+        /// Upload every file in this folder once the platform is up, and print the results.
+        #[arg(long)]
+        samples: Option<PathBuf>,
+        /// Exit after the samples are processed instead of serving on.
+        #[arg(long, requires = "samples")]
+        exit_after_samples: bool,
+    },
+    /// Run one stage against the configured infrastructure (as a Kubernetes Deployment does).
+    Run {
+        /// Stage name: router, image-worker.
+        stage: String,
+    },
+    /// Print the events on a topic as JSON lines.
+    Tail {
+        /// Topic name without prefix, e.g. media.thumbnailed.
+        topic: String,
+        /// Start at the oldest retained event instead of the newest.
+        #[arg(long)]
+        from_beginning: bool,
+        /// Stop after this many events.
+        #[arg(long, short = 'n')]
+        max: Option<u64>,
+    },
+    /// Print the effective configuration as TOML.
+    Config,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match MediaflowConfig::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mediaflow: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    mediaflow_telemetry::init_logging(match config.log_format {
+        LogFormat::Json => mediaflow_telemetry::LogFormat::Json,
+        LogFormat::Pretty => mediaflow_telemetry::LogFormat::Pretty,
+    });
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mediaflow: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mediaflow: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Cancels `token` on Ctrl-C or SIGTERM.
+fn cancel_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("signal received, draining");
+        token.cancel();
+    });
+}
+
+const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+
+async fn run(command: Command, config: MediaflowConfig) -> Result<()> {
+    match command {
+        Command::Up { samples, exit_after_samples } => {
+            let platform = Platform::start(config).await?;
+            cancel_on_signals(platform.shutdown_token());
+            let base = platform.endpoints.gateway.clone();
+            println!("mediaflow is up");
+            println!("  gateway   {base}  (POST /v1/media, GET /v1/media/{{id}}, /metrics, /readyz)");
+            println!("  kafka     {}", platform.endpoints.kafka);
+            println!("  s3        {}  bucket {}", platform.endpoints.s3, platform.endpoints.bucket);
+            println!("  database  {}", platform.endpoints.database);
+            if let Some(dir) = samples {
+                let files = mediaflow::samples::sample_files(&dir)?;
+                let results = tokio::select! {
+                    r = mediaflow::samples::upload_and_wait(&base, &files, Duration::from_secs(120)) => r,
+                    () = platform.stopped() => Err(anyhow::anyhow!("the platform stopped before the samples finished")),
+                };
+                match results {
+                    Ok(results) => mediaflow::samples::print_results(&base, &results),
+                    Err(e) => {
+                        platform.stop(DRAIN_DEADLINE).await?;
+                        return Err(e);
+                    }
+                }
+                if exit_after_samples {
+                    return platform.stop(DRAIN_DEADLINE).await;
+                }
+            }
+            println!("\nserving until Ctrl-C");
+            platform.stopped().await;
+            platform.stop(DRAIN_DEADLINE).await
+        }
+        Command::Run { stage } => {
+            let token = CancellationToken::new();
+            cancel_on_signals(token.clone());
+            let mut config = config;
+            if config.embedded.kafka || config.embedded.s3 {
+                adopt_running_platform(&mut config)?;
+            }
+            mediaflow::run_stage(&stage, &config, token, mediaflow_telemetry::Metrics::new()).await
+        }
+        Command::Tail { topic, from_beginning, max } => {
+            let mut config = config;
+            if config.embedded.kafka {
+                adopt_running_platform(&mut config)?;
+            }
+            let bus = Bus::new(config.bus.clone());
+            let topic = format!("{}{topic}", config.bus.topic_prefix);
+            let token = CancellationToken::new();
+            cancel_on_signals(token.clone());
+            let mut out = std::io::stdout();
+            mediaflow::tail::tail(&bus, &topic, from_beginning, max, token, &mut out).await?;
+            Ok(())
+        }
+        Command::Config => {
+            print!("{}", toml::to_string_pretty(&config)?);
+            Ok(())
+        }
+    }
+}
+
+/// With embedded infrastructure configured, `run` and `tail` join the platform that `up` started
+/// on this data folder, reading its endpoints file.
+fn adopt_running_platform(config: &mut MediaflowConfig) -> Result<()> {
+    let file = Endpoints::file(&config.data_dir);
+    let text = std::fs::read_to_string(&file).with_context(|| {
+        format!(
+            "no running platform found ({} is missing): start `mediaflow up` first, or set \
+             embedded.kafka/embedded.s3 to false and point bus.brokers/store.endpoint at your services",
+            file.display()
+        )
+    })?;
+    let endpoints: Endpoints = serde_json::from_str(&text).with_context(|| format!("reading {}", file.display()))?;
+    if config.embedded.kafka {
+        config.bus.brokers = endpoints.kafka;
+    }
+    if config.embedded.s3 {
+        config.store.endpoint = endpoints.s3;
+    }
+    Ok(())
+}

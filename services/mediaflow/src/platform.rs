@@ -1,0 +1,246 @@
+//! Starting the platform: embedded infrastructure (when configured), schema, topics and bucket,
+//! then the gateway and every stage as tracked tasks under one cancellation token.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use mediaflow_bus::{Bus, StartFrom};
+use mediaflow_db::Db;
+use mediaflow_embedded::{EmbeddedKafka, EmbeddedS3};
+use mediaflow_gateway::Gateway;
+use mediaflow_image_worker::ImageWorker;
+use mediaflow_router::Router;
+use mediaflow_store::ObjectStore;
+use mediaflow_telemetry::Metrics;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::MediaflowConfig;
+
+/// The stages `mediaflow run` knows.
+pub const STAGES: &[&str] = &[mediaflow_router::STAGE, mediaflow_image_worker::STAGE];
+
+/// Where a running platform can be reached; written to `<data_dir>/endpoints.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Endpoints {
+    pub gateway: String,
+    pub kafka: String,
+    pub s3: String,
+    pub database: String,
+    pub bucket: String,
+    pub topic_prefix: String,
+}
+
+impl Endpoints {
+    pub fn file(data_dir: &std::path::Path) -> PathBuf {
+        data_dir.join("endpoints.json")
+    }
+}
+
+/// A running platform.
+pub struct Platform {
+    pub endpoints: Endpoints,
+    pub gateway_addr: SocketAddr,
+    config: MediaflowConfig,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    // Held for their lifetime: dropping them stops the embedded services.
+    kafka: Option<EmbeddedKafka>,
+    _s3: Option<EmbeddedS3>,
+}
+
+impl std::fmt::Debug for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Platform").field("endpoints", &self.endpoints).finish_non_exhaustive()
+    }
+}
+
+/// Connections shared by the gateway and the stages.
+struct Services {
+    bus: Bus,
+    store: ObjectStore,
+    db: Db,
+    metrics: Metrics,
+}
+
+/// Starts the embedded services the configuration asks for and fills in their addresses.
+async fn start_infrastructure(
+    config: &mut MediaflowConfig,
+) -> Result<(Option<EmbeddedKafka>, Option<EmbeddedS3>)> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data folder {}", config.data_dir.display()))?;
+    let kafka = if config.embedded.kafka {
+        let tansu = mediaflow_embedded::find_tansu(config.embedded.tansu_bin.as_deref())?;
+        let port = match config.embedded.kafka_port {
+            0 => mediaflow_embedded::free_port()?,
+            p => p,
+        };
+        let kafka = EmbeddedKafka::start(&tansu, &config.data_dir.join("kafka"), port).await?;
+        config.bus.brokers = kafka.bootstrap().to_owned();
+        Some(kafka)
+    } else {
+        None
+    };
+    let s3 = if config.embedded.s3 {
+        let addr = SocketAddr::from(([127, 0, 0, 1], config.embedded.s3_port));
+        let s3 = EmbeddedS3::start(
+            &config.data_dir.join("s3"),
+            addr,
+            &config.store.access_key,
+            &config.store.secret_key,
+        )
+        .await?;
+        config.store.endpoint = s3.endpoint();
+        Some(s3)
+    } else {
+        None
+    };
+    Ok((kafka, s3))
+}
+
+/// Connects to Kafka, S3 and the database, creating topics, bucket and schema as needed.
+async fn connect(config: &MediaflowConfig, metrics: Metrics) -> Result<Services> {
+    let bus = Bus::new(config.bus.clone());
+    bus.ensure_platform_topics()
+        .await
+        .with_context(|| format!("declaring topics on Kafka at {}", config.bus.brokers))?;
+    let store = ObjectStore::new(&config.store);
+    store
+        .ensure_bucket()
+        .await
+        .with_context(|| format!("preparing bucket `{}` at {}", config.store.bucket, config.store.endpoint))?;
+    let db = Db::connect(&config.database_url(), config.database.max_connections)
+        .await
+        .context("connecting to the database")?;
+    Ok(Services { bus, store, db, metrics })
+}
+
+/// Runs one stage until `shutdown` is cancelled.
+pub async fn run_stage(
+    name: &str,
+    config: &MediaflowConfig,
+    shutdown: CancellationToken,
+    metrics: Metrics,
+) -> Result<()> {
+    let services = connect(config, metrics).await?;
+    run_stage_with(name, config, &services, shutdown).await
+}
+
+async fn run_stage_with(
+    name: &str,
+    config: &MediaflowConfig,
+    s: &Services,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let retry = config.retry.policy();
+    // The consumer group is the stage name under the topic prefix, so test runs never share one.
+    let group = format!("{}{name}", config.bus.topic_prefix);
+    match name {
+        mediaflow_router::STAGE => {
+            let consumer = s.bus.consumer(&group, &Router::input_topics(&s.bus), StartFrom::Earliest)?;
+            let handler = Router::new(&s.bus)?;
+            mediaflow_runtime::run_stage(name, consumer, handler, retry, s.metrics.clone(), shutdown).await?;
+        }
+        mediaflow_image_worker::STAGE => {
+            let consumer =
+                s.bus.consumer(&group, &ImageWorker::input_topics(&s.bus), StartFrom::Earliest)?;
+            let handler =
+                ImageWorker::new(config.image_worker.clone(), s.store.clone(), s.db.clone(), &s.bus)?;
+            mediaflow_runtime::run_stage(name, consumer, handler, retry, s.metrics.clone(), shutdown).await?;
+        }
+        other => bail!("unknown stage `{other}`; stages: {}", STAGES.join(", ")),
+    }
+    Ok(())
+}
+
+impl Platform {
+    /// Starts everything `config` asks for: embedded infrastructure, the gateway and every stage.
+    pub async fn start(mut config: MediaflowConfig) -> Result<Self> {
+        let (kafka, s3) = start_infrastructure(&mut config).await?;
+        let metrics = Metrics::new();
+        let services = std::sync::Arc::new(connect(&config, metrics.clone()).await?);
+
+        let spool = config.gateway.spool_dir.clone().unwrap_or_else(|| config.data_dir.join("spool"));
+        std::fs::create_dir_all(&spool).with_context(|| format!("creating {}", spool.display()))?;
+        let mut gateway_config = config.gateway.clone();
+        gateway_config.spool_dir = Some(spool);
+        let gateway = Gateway::new(
+            gateway_config,
+            services.store.clone(),
+            services.db.clone(),
+            services.bus.clone(),
+            metrics.clone(),
+        )?;
+        let listener = tokio::net::TcpListener::bind(config.gateway.listen)
+            .await
+            .with_context(|| format!("binding the gateway to {}", config.gateway.listen))?;
+        let gateway_addr = listener.local_addr()?;
+
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            let served = axum::serve(listener, gateway.router())
+                .with_graceful_shutdown(token.clone().cancelled_owned())
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "gateway failed");
+                token.cancel();
+            }
+        });
+        for stage in STAGES {
+            let (services, config, token) = (services.clone(), config.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                if let Err(e) = run_stage_with(stage, &config, &services, token.clone()).await {
+                    // A stage that cannot run takes the platform down rather than limping on.
+                    tracing::error!(stage, error = format!("{e:#}"), "stage failed");
+                    token.cancel();
+                }
+            });
+        }
+        tasks.close();
+
+        let endpoints = Endpoints {
+            gateway: format!("http://{gateway_addr}"),
+            kafka: config.bus.brokers.clone(),
+            s3: config.store.endpoint.clone(),
+            database: config.database_url(),
+            bucket: config.store.bucket.clone(),
+            topic_prefix: config.bus.topic_prefix.clone(),
+        };
+        std::fs::write(Endpoints::file(&config.data_dir), serde_json::to_vec_pretty(&endpoints)?)?;
+        tracing::info!(gateway = %endpoints.gateway, kafka = %endpoints.kafka, s3 = %endpoints.s3, "mediaflow is up");
+        Ok(Self { endpoints, gateway_addr, config, shutdown, tasks, kafka, _s3: s3 })
+    }
+
+    pub fn config(&self) -> &MediaflowConfig {
+        &self.config
+    }
+
+    /// A token that stops the platform when cancelled (also cancelled when a part fails).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops intake, lets stages finish their current message and commit, then stops the
+    /// embedded services. Gives up waiting after `deadline`.
+    pub async fn stop(self, deadline: Duration) -> Result<()> {
+        self.shutdown.cancel();
+        let drained = tokio::time::timeout(deadline, self.tasks.wait()).await.is_ok();
+        if let Some(kafka) = self.kafka {
+            kafka.stop().await;
+        }
+        if !drained {
+            bail!("stages did not drain within {deadline:?}");
+        }
+        Ok(())
+    }
+
+    /// Waits until the platform is stopped (by its token or a failed part).
+    pub async fn stopped(&self) {
+        self.shutdown.cancelled().await;
+    }
+}

@@ -1,0 +1,102 @@
+//! Uploading sample media through the gateway and waiting for their results: what
+//! `mediaflow up --samples` does, as a user with `curl` would.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use mediaflow_gateway::{Accepted, MediaView};
+
+/// One sample's outcome.
+#[derive(Debug)]
+pub struct SampleResult {
+    pub file: PathBuf,
+    pub media: MediaView,
+}
+
+/// Media files in `dir`, sorted by name.
+pub fn sample_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading sample folder {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Uploads each file to the gateway at `base` and waits (up to `timeout` in all) until each is
+/// done or failed.
+pub async fn upload_and_wait(base: &str, files: &[PathBuf], timeout: Duration) -> Result<Vec<SampleResult>> {
+    let http = reqwest::Client::new();
+    let mut accepted = Vec::new();
+    for file in files {
+        let bytes = tokio::fs::read(file).await.with_context(|| format!("reading {}", file.display()))?;
+        let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("upload");
+        let response = http
+            .post(format!("{base}/v1/media"))
+            .header("content-type", "application/octet-stream")
+            .header("x-filename", name)
+            .body(bytes)
+            .send()
+            .await?;
+        if response.status() != reqwest::StatusCode::ACCEPTED {
+            let status = response.status();
+            bail!("uploading {} failed: {status} {}", file.display(), response.text().await.unwrap_or_default());
+        }
+        let body: Accepted = response.json().await?;
+        println!("uploaded {:<28} -> media {} ({}, {} bytes)", name, body.id, body.content_type, body.size);
+        accepted.push((file.clone(), body));
+    }
+
+    let deadline = Instant::now() + timeout;
+    let mut results = Vec::new();
+    for (file, body) in accepted {
+        loop {
+            let media: MediaView =
+                http.get(format!("{base}{}", body.status_url)).send().await?.error_for_status()?.json().await?;
+            if media.status != mediaflow_db::MediaStatus::Queued {
+                results.push(SampleResult { file: file.clone(), media });
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("{} was not processed within {timeout:?}", file.display());
+            }
+            // Polling the status API, as a client would.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(results)
+}
+
+/// Prints where each sample's results are and how to fetch them.
+pub fn print_results(base: &str, results: &[SampleResult]) {
+    println!();
+    for r in results {
+        let name = r.file.file_name().and_then(|n| n.to_str()).unwrap_or("?");
+        match r.media.status {
+            mediaflow_db::MediaStatus::Done => {
+                for t in &r.media.results {
+                    println!(
+                        "{name}: {} {}x{} {} ({} bytes)\n    s3://{}/{}\n    curl -o {}.{} {base}{}",
+                        t.name,
+                        t.width,
+                        t.height,
+                        t.content_type,
+                        t.size,
+                        t.bucket,
+                        t.key,
+                        name.rsplit_once('.').map_or(name, |(stem, _)| stem),
+                        if t.content_type == "image/png" { "thumb.png" } else { "thumb.jpg" },
+                        t.download_url
+                    );
+                }
+            }
+            _ => println!(
+                "{name}: {:?}: {}",
+                r.media.status,
+                r.media.error.as_deref().unwrap_or("no reason recorded")
+            ),
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! Configuration of the connection to Kafka.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// How mediaflow reaches Kafka.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BusConfig {
+    /// Comma-separated `host:port` list of brokers. Under `mediaflow up` with the embedded broker
+    /// this is filled in with the broker's address.
+    pub brokers: String,
+    /// Prefix for every topic name (lets several deployments or test runs share a cluster).
+    pub topic_prefix: String,
+    /// Partitions of each topic created at start-up.
+    pub partitions: i32,
+    /// Kafka `client.id` reported to the brokers.
+    pub client_id: String,
+    /// Timeout in milliseconds for admin requests, metadata and produce acknowledgements.
+    pub request_timeout_ms: u64,
+    /// Consumer session timeout in milliseconds.
+    pub session_timeout_ms: u64,
+    /// Extra librdkafka properties applied to every client (e.g. `security.protocol`).
+    pub librdkafka: BTreeMap<String, String>,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            topic_prefix: String::new(),
+            partitions: 4,
+            client_id: "mediaflow".into(),
+            request_timeout_ms: 30_000,
+            session_timeout_ms: 30_000,
+            librdkafka: BTreeMap::new(),
+        }
+    }
+}
+
+impl BusConfig {
+    pub(crate) fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+}

@@ -1,0 +1,108 @@
+//! At-least-once consumption. Offsets are stored only when the caller acknowledges a delivery
+//! (after all of its outputs are acknowledged); librdkafka commits stored offsets periodically and
+//! on close.
+
+use cloudevents::Event;
+use cloudevents::binding::rdkafka::MessageExt;
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use crate::{BusConfig, BusError};
+
+/// Where a consumer group with no committed offset starts reading.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartFrom {
+    Earliest,
+    Latest,
+}
+
+/// One message taken from a topic.
+#[derive(Debug)]
+pub struct Delivery {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    /// The decoded CloudEvent, or why the message is not one. A malformed message is still
+    /// delivered so that the stage can record it and move past it.
+    pub event: Result<Event, String>,
+}
+
+/// A member of a consumer group.
+pub struct Consumer {
+    inner: StreamConsumer,
+    group: String,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer").field("group", &self.group).finish_non_exhaustive()
+    }
+}
+
+impl Consumer {
+    pub(crate) fn new(
+        mut cfg: ClientConfig,
+        group: &str,
+        topics: &[String],
+        start: StartFrom,
+        bus: &BusConfig,
+    ) -> Result<Self, BusError> {
+        cfg.set("group.id", group)
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "1000")
+            .set("enable.auto.offset.store", "false")
+            .set("session.timeout.ms", bus.session_timeout_ms.to_string())
+            .set(
+                "auto.offset.reset",
+                match start {
+                    StartFrom::Earliest => "earliest",
+                    StartFrom::Latest => "latest",
+                },
+            );
+        let inner: StreamConsumer = cfg.create().map_err(BusError::Client)?;
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        inner.subscribe(&names).map_err(BusError::Client)?;
+        Ok(Self { inner, group: group.to_owned() })
+    }
+
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// Waits for the next message.
+    pub async fn recv(&self) -> Result<Delivery, BusError> {
+        let msg = self.inner.recv().await.map_err(BusError::Client)?;
+        let key = msg.key().map(|k| String::from_utf8_lossy(k).into_owned());
+        let event = msg.to_event().map_err(|e| e.to_string());
+        Ok(Delivery {
+            topic: msg.topic().to_owned(),
+            partition: msg.partition(),
+            offset: msg.offset(),
+            key,
+            event,
+        })
+    }
+
+    /// Marks `delivery` done: its offset is stored and committed with the next commit.
+    pub fn ack(&self, delivery: &Delivery) -> Result<(), BusError> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&delivery.topic, delivery.partition, Offset::Offset(delivery.offset + 1))
+            .map_err(BusError::Client)?;
+        self.inner.store_offsets(&tpl).map_err(BusError::Client)
+    }
+
+    /// Commits every stored offset now and leaves the group.
+    pub fn close(self) -> Result<(), BusError> {
+        let committed = match self.inner.commit_consumer_state(CommitMode::Sync) {
+            // Nothing stored since the last commit.
+            Err(rdkafka::error::KafkaError::ConsumerCommit(
+                rdkafka::types::RDKafkaErrorCode::NoOffset,
+            )) => Ok(()),
+            other => other.map_err(BusError::Client),
+        };
+        self.inner.unsubscribe();
+        committed
+    }
+}

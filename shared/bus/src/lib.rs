@@ -1,0 +1,112 @@
+//! The event bus. Declares topics, publishes CloudEvents in Kafka binary mode and consumes them
+//! with at-least-once semantics. Only this crate links rdkafka; everything else sees `Bus`,
+//! `Publisher` and `Consumer`.
+
+mod admin;
+mod config;
+mod consumer;
+mod error;
+mod publisher;
+
+pub use config::BusConfig;
+pub use consumer::{Consumer, Delivery, StartFrom};
+pub use error::BusError;
+pub use publisher::{Published, Publisher};
+
+use std::time::Duration;
+
+use mediaflow_events::{TopicSpec, Topics};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+
+/// A handle to the Kafka cluster mediaflow runs on.
+#[derive(Clone, Debug)]
+pub struct Bus {
+    config: BusConfig,
+}
+
+impl Bus {
+    pub fn new(config: BusConfig) -> Self {
+        Self { config }
+    }
+
+    pub fn config(&self) -> &BusConfig {
+        &self.config
+    }
+
+    /// The platform's topic names, under the configured prefix.
+    pub fn topics(&self) -> Topics {
+        Topics::new(self.config.topic_prefix.clone())
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", &self.config.brokers)
+            .set("client.id", &self.config.client_id)
+            .set("socket.keepalive.enable", "true");
+        for (k, v) in &self.config.librdkafka {
+            cfg.set(k, v);
+        }
+        cfg
+    }
+
+    /// Creates every topic in `specs` that does not exist yet and waits until all are visible.
+    pub async fn ensure_topics(&self, specs: &[TopicSpec]) -> Result<(), BusError> {
+        admin::ensure_topics(self.client_config(), specs, self.config.request_timeout()).await
+    }
+
+    /// Creates the platform's declared topics.
+    pub async fn ensure_platform_topics(&self) -> Result<(), BusError> {
+        self.ensure_topics(&self.topics().declared(self.config.partitions)).await
+    }
+
+    /// A producer that stamps events with `source` (a stage URI such as `/mediaflow/gateway`).
+    pub fn publisher(&self, source: &str) -> Result<Publisher, BusError> {
+        Publisher::new(self.client_config(), source, self.config.request_timeout())
+    }
+
+    /// A consumer in group `group` subscribed to `topics`.
+    pub fn consumer(
+        &self,
+        group: &str,
+        topics: &[String],
+        start: StartFrom,
+    ) -> Result<Consumer, BusError> {
+        Consumer::new(self.client_config(), group, topics, start, &self.config)
+    }
+
+    /// Number of messages retained on `topic`: the sum over its partitions of high minus low
+    /// watermark.
+    pub async fn message_count(&self, topic: &str) -> Result<i64, BusError> {
+        let cfg = self.client_config();
+        let timeout = self.config.request_timeout();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = cfg.create().map_err(BusError::Client)?;
+            let md = consumer.fetch_metadata(Some(&topic), timeout).map_err(BusError::Client)?;
+            let mut total = 0;
+            for t in md.topics() {
+                for p in t.partitions() {
+                    let (low, high) =
+                        consumer.fetch_watermarks(&topic, p.id(), timeout).map_err(BusError::Client)?;
+                    total += high - low;
+                }
+            }
+            Ok(total)
+        })
+        .await
+        .map_err(|e| BusError::Internal(e.to_string()))?
+    }
+
+    /// Checks that the cluster answers a metadata request within `timeout`.
+    pub async fn ping(&self, timeout: Duration) -> Result<(), BusError> {
+        let cfg = self.client_config();
+        tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = cfg.create().map_err(BusError::Client)?;
+            consumer.fetch_metadata(None, timeout).map_err(BusError::Client)?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| BusError::Internal(e.to_string()))?
+    }
+}

@@ -1,0 +1,71 @@
+//! Publishing events: CloudEvents in Kafka binary mode (`ce_*` headers, JSON payload), keyed by
+//! the event's subject, acknowledged by every in-sync replica before `publish` returns.
+
+use std::time::Duration;
+
+use cloudevents::binding::rdkafka::{FutureRecordExt, MessageRecord};
+use mediaflow_events::EventData;
+use rdkafka::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+use crate::BusError;
+
+/// Where an acknowledged event landed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Published {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// A producer of mediaflow events for one stage.
+#[derive(Clone)]
+pub struct Publisher {
+    producer: FutureProducer,
+    source: String,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher").field("source", &self.source).finish_non_exhaustive()
+    }
+}
+
+impl Publisher {
+    pub(crate) fn new(
+        mut cfg: ClientConfig,
+        source: &str,
+        timeout: Duration,
+    ) -> Result<Self, BusError> {
+        cfg.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", timeout.as_millis().to_string());
+        let producer: FutureProducer = cfg.create().map_err(BusError::Client)?;
+        Ok(Self { producer, source: source.to_owned(), timeout })
+    }
+
+    /// Publishes `data` on `topic` and waits for the broker's acknowledgement.
+    pub async fn publish<T: EventData>(
+        &self,
+        topic: &str,
+        data: &T,
+    ) -> Result<Published, BusError> {
+        let event = mediaflow_events::encode(data, &self.source)?;
+        let key = data.subject();
+        let record = MessageRecord::from_event(event).map_err(|e| BusError::Encode(e.to_string()))?;
+        let delivery = self
+            .producer
+            .send(FutureRecord::to(topic).key(&key).message_record(&record), self.timeout)
+            .await;
+        match delivery {
+            Ok(d) => Ok(Published { partition: d.partition, offset: d.offset }),
+            Err((source, _)) => Err(BusError::Publish { topic: topic.to_owned(), source }),
+        }
+    }
+
+    /// Waits for every queued message to be acknowledged.
+    pub fn flush(&self) -> Result<(), BusError> {
+        self.producer.flush(self.timeout).map_err(BusError::Client)
+    }
+}

@@ -1,0 +1,319 @@
+//! The database behind the REST API: media items and stage results. One code path for SQLite (one
+//! machine) and PostgreSQL (production) through sqlx's `Any` driver; portable SQL only.
+
+use std::str::FromStr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::{AnyPool, Row};
+
+/// How mediaflow reaches its database.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DbConfig {
+    /// `sqlite://path/to/file.db` or `postgres://user@host/db`. Empty under `mediaflow up`: a
+    /// SQLite file in the data folder is used. `DATABASE_URL` overrides it.
+    pub url: String,
+    /// Maximum pooled connections.
+    pub max_connections: u32,
+}
+
+impl Default for DbConfig {
+    fn default() -> Self {
+        Self { url: String::new(), max_connections: 8 }
+    }
+}
+
+/// Why a database operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("unsupported database URL `{0}`: expected sqlite:// or postgres://")]
+    UnsupportedUrl(String),
+    #[error("database error: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored row is invalid: {0}")]
+    Corrupt(String),
+}
+
+impl DbError {
+    /// Whether a retry later can succeed (connection lost, pool exhausted, locked database).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DbError::Sql(e) => matches!(
+                e,
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
+            ) || e.as_database_error().is_some_and(|d| {
+                // SQLite BUSY/LOCKED, PostgreSQL serialization failure / deadlock.
+                matches!(d.code().as_deref(), Some("5" | "6" | "40001" | "40P01"))
+            }),
+            _ => false,
+        }
+    }
+}
+
+/// Processing state of a media item.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MediaStatus {
+    /// Stored and announced; waiting for its stage.
+    Queued,
+    /// Every result is in.
+    Done,
+    /// A stage gave up on it; `error` says why.
+    Failed,
+}
+
+impl MediaStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MediaStatus::Queued => "queued",
+            MediaStatus::Done => "done",
+            MediaStatus::Failed => "failed",
+        }
+    }
+}
+
+impl FromStr for MediaStatus {
+    type Err = DbError;
+    fn from_str(s: &str) -> Result<Self, DbError> {
+        match s {
+            "queued" => Ok(MediaStatus::Queued),
+            "done" => Ok(MediaStatus::Done),
+            "failed" => Ok(MediaStatus::Failed),
+            other => Err(DbError::Corrupt(format!("unknown media status `{other}`"))),
+        }
+    }
+}
+
+/// A media item as recorded at upload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MediaRow {
+    pub id: String,
+    pub kind: String,
+    pub content_type: String,
+    pub filename: Option<String>,
+    pub bucket: String,
+    pub object_key: String,
+    pub size_bytes: i64,
+    pub sha256: String,
+    pub status: MediaStatus,
+    pub error: Option<String>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+/// One output a stage produced for a media item.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ResultRow {
+    pub media_id: String,
+    pub stage: String,
+    pub stage_version: String,
+    pub name: String,
+    pub bucket: String,
+    pub object_key: String,
+    pub content_type: String,
+    pub size_bytes: i64,
+    pub sha256: String,
+    pub width: i64,
+    pub height: i64,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A pool of connections to the mediaflow database.
+#[derive(Clone, Debug)]
+pub struct Db {
+    pool: AnyPool,
+}
+
+impl Db {
+    /// Connects to `url` and brings the schema up to date.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, DbError> {
+        install_default_drivers();
+        let url = if let Some(rest) = url.strip_prefix("sqlite://") {
+            // Create the file on first use; WAL lets the API read while workers write.
+            let sep = if rest.contains('?') { '&' } else { '?' };
+            format!("sqlite://{rest}{sep}mode=rwc")
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            url.to_owned()
+        } else {
+            return Err(DbError::UnsupportedUrl(url.to_owned()));
+        };
+        let sqlite = url.starts_with("sqlite:");
+        let pool = AnyPoolOptions::new()
+            .max_connections(if sqlite { max_connections.min(4) } else { max_connections })
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if sqlite {
+                        sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA busy_timeout = 5000").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA foreign_keys = ON").execute(&mut *conn).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// Checks that the database answers.
+    pub async fn ping(&self) -> Result<(), DbError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Records a new upload as queued. Inserting the same id twice is an error.
+    pub async fn insert_media(&self, m: &MediaRow) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO media (id, kind, content_type, filename, bucket, object_key, size_bytes, \
+             sha256, status, error, created_at_ms, updated_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        )
+        .bind(&m.id)
+        .bind(&m.kind)
+        .bind(&m.content_type)
+        .bind(m.filename.as_deref())
+        .bind(&m.bucket)
+        .bind(&m.object_key)
+        .bind(m.size_bytes)
+        .bind(&m.sha256)
+        .bind(m.status.as_str())
+        .bind(m.error.as_deref())
+        .bind(m.created_at_ms)
+        .bind(m.updated_at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Removes an upload that was never announced (its event could not be published).
+    pub async fn delete_media(&self, id: &str) -> Result<(), DbError> {
+        sqlx::query("DELETE FROM media WHERE id = $1").bind(id).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn media(&self, id: &str) -> Result<Option<MediaRow>, DbError> {
+        let row = sqlx::query(
+            "SELECT id, kind, content_type, filename, bucket, object_key, size_bytes, sha256, \
+             status, error, created_at_ms, updated_at_ms FROM media WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(MediaRow {
+                id: r.try_get("id")?,
+                kind: r.try_get("kind")?,
+                content_type: r.try_get("content_type")?,
+                filename: r.try_get("filename")?,
+                bucket: r.try_get("bucket")?,
+                object_key: r.try_get("object_key")?,
+                size_bytes: r.try_get("size_bytes")?,
+                sha256: r.try_get("sha256")?,
+                status: r.try_get::<String, _>("status")?.parse()?,
+                error: r.try_get("error")?,
+                created_at_ms: r.try_get("created_at_ms")?,
+                updated_at_ms: r.try_get("updated_at_ms")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Stores a stage's outputs and marks the item done, in one transaction. Idempotent: the
+    /// same (media, stage, version, name) overwrites its row.
+    pub async fn record_results(&self, media_id: &str, results: &[ResultRow]) -> Result<(), DbError> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        for r in results {
+            sqlx::query(
+                "INSERT INTO results (media_id, stage, stage_version, name, bucket, object_key, \
+                 content_type, size_bytes, sha256, width, height, created_at_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+                 ON CONFLICT (media_id, stage, stage_version, name) DO UPDATE SET \
+                 bucket = excluded.bucket, object_key = excluded.object_key, \
+                 content_type = excluded.content_type, size_bytes = excluded.size_bytes, \
+                 sha256 = excluded.sha256, width = excluded.width, height = excluded.height",
+            )
+            .bind(&r.media_id)
+            .bind(&r.stage)
+            .bind(&r.stage_version)
+            .bind(&r.name)
+            .bind(&r.bucket)
+            .bind(&r.object_key)
+            .bind(&r.content_type)
+            .bind(r.size_bytes)
+            .bind(&r.sha256)
+            .bind(r.width)
+            .bind(r.height)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query("UPDATE media SET status = $1, error = NULL, updated_at_ms = $2 WHERE id = $3")
+            .bind(MediaStatus::Done.as_str())
+            .bind(now)
+            .bind(media_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Marks an item failed with the reason a stage gave up.
+    pub async fn mark_failed(&self, media_id: &str, error: &str) -> Result<(), DbError> {
+        sqlx::query("UPDATE media SET status = $1, error = $2, updated_at_ms = $3 WHERE id = $4")
+            .bind(MediaStatus::Failed.as_str())
+            .bind(error)
+            .bind(now_ms())
+            .bind(media_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Every result recorded for an item, in a stable order.
+    pub async fn results(&self, media_id: &str) -> Result<Vec<ResultRow>, DbError> {
+        let rows = sqlx::query(
+            "SELECT media_id, stage, stage_version, name, bucket, object_key, content_type, \
+             size_bytes, sha256, width, height FROM results WHERE media_id = $1 \
+             ORDER BY stage, stage_version, name",
+        )
+        .bind(media_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(ResultRow {
+                    media_id: r.try_get("media_id")?,
+                    stage: r.try_get("stage")?,
+                    stage_version: r.try_get("stage_version")?,
+                    name: r.try_get("name")?,
+                    bucket: r.try_get("bucket")?,
+                    object_key: r.try_get("object_key")?,
+                    content_type: r.try_get("content_type")?,
+                    size_bytes: r.try_get("size_bytes")?,
+                    sha256: r.try_get("sha256")?,
+                    width: r.try_get("width")?,
+                    height: r.try_get("height")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Number of media rows (for tests and metrics).
+    pub async fn media_count(&self) -> Result<i64, DbError> {
+        Ok(sqlx::query("SELECT COUNT(*) AS n FROM media").fetch_one(&self.pool).await?.try_get("n")?)
+    }
+
+    /// A new media row stamped now, for the gateway.
+    pub fn now_ms() -> i64 {
+        now_ms()
+    }
+}

@@ -1,0 +1,37 @@
+//! Embedded infrastructure for running mediaflow on one machine: the Kafka-compatible broker
+//! (tansu, as a supervised child process) and an S3-compatible server over a local folder
+//! (s3s-fs, in process). Both are reached through their real protocols; nothing here is a mock.
+
+mod kafka;
+mod s3;
+
+pub use kafka::{EmbeddedKafka, find_tansu};
+pub use s3::EmbeddedS3;
+
+/// Why embedded infrastructure could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbeddedError {
+    #[error(
+        "the tansu broker binary was not found (looked in {looked}); install it with \
+         `cargo install tansu --version 0.6.0 --features libsql --locked` (./x setup does), or \
+         point kafka.embedded.tansu_bin at it"
+    )]
+    TansuMissing { looked: String },
+    #[error("could not start {what}: {source}")]
+    Spawn {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} did not accept connections on {addr} within {waited_s} s; see {log}")]
+    NotReady { what: &'static str, addr: String, waited_s: u64, log: String },
+    #[error("{what} exited during start-up ({status}); see {log}")]
+    Exited { what: &'static str, status: String, log: String },
+    #[error("S3 server: {0}")]
+    S3(String),
+}
+
+/// Finds a free TCP port on 127.0.0.1 by binding port 0.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}

@@ -1,0 +1,12 @@
+//! The vocabulary every mediaflow stage shares: event payloads, the topics they travel on, and
+//! their CloudEvents 1.0 envelope. Pure data: no I/O, no Kafka client.
+
+mod envelope;
+pub mod media;
+#[cfg(any(test, feature = "validate"))]
+pub mod schema;
+pub mod topics;
+
+pub use envelope::{EventData, EventError, decode, encode};
+pub use media::{MediaKind, MediaThumbnailed, MediaUploaded, ObjectRef, Thumbnail};
+pub use topics::{TopicSpec, Topics};

@@ -1,0 +1,187 @@
+//! Payloads of the media pipeline: an upload, and the thumbnail made from it.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::EventData;
+
+/// Namespace for deterministic event ids (UUID v5 over the event's identity).
+const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6d65_6469_6166_6c6f_7700_0000_0000_0001);
+
+fn deterministic_id(parts: &[&str]) -> String {
+    Uuid::new_v5(&ID_NAMESPACE, parts.join("\u{1f}").as_bytes()).to_string()
+}
+
+/// What kind of media an upload is; decides which work queue it goes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MediaKind {
+    Image,
+    Video,
+}
+
+impl MediaKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MediaKind::Image => "image",
+            MediaKind::Video => "video",
+        }
+    }
+}
+
+impl std::fmt::Display for MediaKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for MediaKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "image" => Ok(MediaKind::Image),
+            "video" => Ok(MediaKind::Video),
+            other => Err(format!("unknown media kind `{other}`")),
+        }
+    }
+}
+
+/// A reference to an object in object storage. Events carry these, never media bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectRef {
+    pub bucket: String,
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Lower-case hex SHA-256 of the object's bytes.
+    pub sha256: String,
+    pub content_type: String,
+}
+
+/// `mediaflow.media.uploaded`: an upload was stored and recorded and is ready for processing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaUploaded {
+    pub media_id: String,
+    pub kind: MediaKind,
+    /// The stored original.
+    pub object: ObjectRef,
+    /// The client's file name, reduced to a safe base name; metadata only, never part of a key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filename: Option<String>,
+    /// RFC 3339 time the upload was accepted.
+    pub uploaded_at: String,
+}
+
+impl EventData for MediaUploaded {
+    const TYPE: &'static str = "mediaflow.media.uploaded";
+
+    fn subject(&self) -> String {
+        self.media_id.clone()
+    }
+
+    fn id(&self) -> String {
+        deterministic_id(&[Self::TYPE, &self.media_id])
+    }
+}
+
+/// One rendition a stage produced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Thumbnail {
+    /// Rendition name, unique per media and stage (e.g. `thumb-256`).
+    pub name: String,
+    pub object: ObjectRef,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// `mediaflow.media.thumbnailed`: a stage produced thumbnails for a media item (a result event).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaThumbnailed {
+    pub media_id: String,
+    /// Lineage: the stage that made the thumbnails, its version, and the input it read.
+    pub stage: String,
+    pub stage_version: String,
+    pub input: ObjectRef,
+    /// Width and height of the source image after orientation was applied.
+    pub source_width: u32,
+    pub source_height: u32,
+    pub thumbnails: Vec<Thumbnail>,
+}
+
+impl EventData for MediaThumbnailed {
+    const TYPE: &'static str = "mediaflow.media.thumbnailed";
+
+    fn subject(&self) -> String {
+        self.media_id.clone()
+    }
+
+    fn id(&self) -> String {
+        deterministic_id(&[Self::TYPE, &self.media_id, &self.stage, &self.stage_version])
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::{decode, encode};
+
+    pub(crate) fn object(key: &str) -> ObjectRef {
+        ObjectRef {
+            bucket: "media".into(),
+            key: key.into(),
+            size: 1234,
+            sha256: "ab".repeat(32),
+            content_type: "image/jpeg".into(),
+        }
+    }
+
+    pub(crate) fn uploaded() -> MediaUploaded {
+        MediaUploaded {
+            media_id: "0190c0de-0000-7000-8000-000000000001".into(),
+            kind: MediaKind::Image,
+            object: object("uploads/0190c0de-0000-7000-8000-000000000001/original.jpg"),
+            filename: Some("cat.jpg".into()),
+            uploaded_at: "2026-11-23T12:00:00Z".into(),
+        }
+    }
+
+    pub(crate) fn thumbnailed() -> MediaThumbnailed {
+        MediaThumbnailed {
+            media_id: "0190c0de-0000-7000-8000-000000000001".into(),
+            stage: "image-worker".into(),
+            stage_version: "1".into(),
+            input: object("uploads/0190c0de-0000-7000-8000-000000000001/original.jpg"),
+            source_width: 1024,
+            source_height: 768,
+            thumbnails: vec![Thumbnail {
+                name: "thumb-256".into(),
+                object: object("derived/x/thumb-256.jpg"),
+                width: 256,
+                height: 192,
+            }],
+        }
+    }
+
+    #[test]
+    fn envelope_round_trips() {
+        let data = uploaded();
+        let event = encode(&data, "/mediaflow/gateway").unwrap();
+        assert_eq!(decode::<MediaUploaded>(&event).unwrap(), data);
+    }
+
+    #[test]
+    fn decoding_checks_the_type() {
+        let event = encode(&uploaded(), "/mediaflow/gateway").unwrap();
+        let err = decode::<MediaThumbnailed>(&event).unwrap_err();
+        assert!(err.to_string().contains("mediaflow.media.uploaded"), "{err}");
+    }
+
+    #[test]
+    fn ids_are_deterministic_and_distinct() {
+        assert_eq!(uploaded().id(), uploaded().id());
+        assert_ne!(uploaded().id(), thumbnailed().id());
+        let mut other = thumbnailed();
+        other.stage_version = "2".into();
+        assert_ne!(other.id(), thumbnailed().id());
+    }
+}

@@ -1,0 +1,83 @@
+//! The JSON Schemas in `schemas/`, compiled in, and validation of payloads against them.
+
+use serde_json::Value;
+
+/// The schema document for an event type, if mediaflow defines one.
+pub fn document(event_type: &str) -> Option<&'static str> {
+    match event_type {
+        "mediaflow.media.uploaded" => {
+            Some(include_str!("../../../schemas/mediaflow.media.uploaded.json"))
+        }
+        "mediaflow.media.thumbnailed" => {
+            Some(include_str!("../../../schemas/mediaflow.media.thumbnailed.json"))
+        }
+        _ => None,
+    }
+}
+
+/// Every event type that has a schema.
+pub const EVENT_TYPES: &[&str] = &["mediaflow.media.uploaded", "mediaflow.media.thumbnailed"];
+
+/// Checks `data` against the schema of `event_type`; the error lists every violation.
+pub fn validate(event_type: &str, data: &Value) -> Result<(), String> {
+    let doc = document(event_type).ok_or_else(|| format!("no schema for `{event_type}`"))?;
+    let schema: Value =
+        serde_json::from_str(doc).map_err(|e| format!("schema of `{event_type}`: {e}"))?;
+    let validator = jsonschema::options()
+        .should_validate_formats(true)
+        .build(&schema)
+        .map_err(|e| format!("schema of `{event_type}` does not compile: {e}"))?;
+    let errors: Vec<String> =
+        validator.iter_errors(data).map(|e| format!("{}: {e}", e.instance_path)).collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("`{event_type}` payload violates its schema: {}", errors.join("; ")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::EventData;
+    use crate::media::{MediaThumbnailed, MediaUploaded};
+
+    fn sample<T: EventData>(data: &T) -> Value {
+        serde_json::to_value(data).unwrap()
+    }
+
+    #[test]
+    fn every_schema_compiles_and_matches_its_file_name() {
+        for ty in EVENT_TYPES {
+            let schema: Value = serde_json::from_str(document(ty).unwrap()).unwrap();
+            assert_eq!(schema["title"], *ty);
+            jsonschema::validator_for(&schema).unwrap();
+        }
+    }
+
+    #[test]
+    fn rust_payloads_match_their_schemas() {
+        let uploaded = crate::media::tests::uploaded();
+        validate(MediaUploaded::TYPE, &sample(&uploaded)).unwrap();
+        let mut no_name = uploaded;
+        no_name.filename = None;
+        validate(MediaUploaded::TYPE, &sample(&no_name)).unwrap();
+        validate(MediaThumbnailed::TYPE, &sample(&crate::media::tests::thumbnailed())).unwrap();
+    }
+
+    #[test]
+    fn schemas_reject_what_the_types_forbid() {
+        let mut v = sample(&crate::media::tests::uploaded());
+        v["kind"] = "audio".into();
+        assert!(validate(MediaUploaded::TYPE, &v).is_err());
+
+        let mut v = sample(&crate::media::tests::uploaded());
+        v["filename"] = "../etc/passwd".into();
+        assert!(validate(MediaUploaded::TYPE, &v).is_err());
+
+        let mut v = sample(&crate::media::tests::thumbnailed());
+        v.as_object_mut().unwrap().remove("stage_version");
+        let err = validate(MediaThumbnailed::TYPE, &v).unwrap_err();
+        assert!(err.contains("stage_version"), "{err}");
+    }
+}

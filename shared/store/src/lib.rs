@@ -1,0 +1,246 @@
+//! Object storage. Wraps aws-sdk-s3 behind the few operations mediaflow needs; works against any
+//! S3-compatible endpoint (AWS, MinIO, Ceph, R2, the embedded server). Only this crate links
+//! aws-sdk-s3.
+
+use std::path::Path;
+use std::time::Duration;
+
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::presigning::PresigningConfig;
+use aws_sdk_s3::primitives::ByteStream;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// How mediaflow reaches object storage.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// S3 endpoint URL. Under `mediaflow up` with the embedded server this is filled in.
+    pub endpoint: String,
+    /// Region name used for request signing.
+    pub region: String,
+    /// Bucket holding uploads and derived objects; created at start-up if missing.
+    pub bucket: String,
+    /// Access key id.
+    pub access_key: String,
+    /// Secret access key.
+    pub secret_key: String,
+    /// Path-style addressing (`endpoint/bucket/key`); needed by most self-hosted servers.
+    pub force_path_style: bool,
+    /// Per-attempt timeout of one request, in milliseconds.
+    pub timeout_ms: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: "http://127.0.0.1:9000".into(),
+            region: "us-east-1".into(),
+            bucket: "mediaflow".into(),
+            access_key: "mediaflow".into(),
+            secret_key: "mediaflow-secret".into(),
+            force_path_style: true,
+            timeout_ms: 30_000,
+        }
+    }
+}
+
+/// Why an object-store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("object `{key}` not found")]
+    NotFound { key: String },
+    #[error("object `{key}` is {size} bytes, over the limit of {limit}")]
+    TooLarge { key: String, size: u64, limit: u64 },
+    #[error("object store request `{op}` on `{key}` failed: {message}")]
+    Request { op: &'static str, key: String, message: String, transient: bool },
+    #[error("could not read local file {path}: {source}")]
+    LocalFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StoreError {
+    /// Whether a retry later can succeed (server unreachable, timeouts, 5xx).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Request { transient: true, .. })
+    }
+}
+
+fn request_error<E, R>(op: &'static str, key: &str, err: SdkError<E, R>) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let transient = match &err {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            true
+        }
+        SdkError::ServiceError(e) => {
+            matches!(e.err().code(), Some("SlowDown" | "InternalError" | "ServiceUnavailable"))
+        }
+        _ => false,
+    };
+    StoreError::Request { op, key: key.to_owned(), message: DisplayErrorContext(&err).to_string(), transient }
+}
+
+/// An object as listed or fetched.
+#[derive(Clone, Debug)]
+pub struct Object {
+    pub bytes: Bytes,
+    pub content_type: Option<String>,
+}
+
+/// One bucket of an S3-compatible store.
+#[derive(Clone, Debug)]
+pub struct ObjectStore {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+}
+
+impl ObjectStore {
+    pub fn new(config: &StoreConfig) -> Self {
+        let creds =
+            Credentials::new(&config.access_key, &config.secret_key, None, None, "mediaflow-config");
+        let timeouts = aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+            .operation_attempt_timeout(Duration::from_millis(config.timeout_ms))
+            .connect_timeout(Duration::from_secs(5))
+            .build();
+        let s3 = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(config.region.clone()))
+            .endpoint_url(&config.endpoint)
+            .credentials_provider(creds)
+            .force_path_style(config.force_path_style)
+            .timeout_config(timeouts)
+            // Plain PUTs with Content-MD5-free bodies work with every S3 implementation.
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .build();
+        Self { client: aws_sdk_s3::Client::from_conf(s3), bucket: config.bucket.clone() }
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    /// Creates the bucket unless it exists.
+    pub async fn ensure_bucket(&self) -> Result<(), StoreError> {
+        if self.client.head_bucket().bucket(&self.bucket).send().await.is_ok() {
+            return Ok(());
+        }
+        match self.client.create_bucket().bucket(&self.bucket).send().await {
+            Ok(_) => Ok(()),
+            Err(SdkError::ServiceError(e))
+                if matches!(
+                    e.err().code(),
+                    Some("BucketAlreadyOwnedByYou" | "BucketAlreadyExists")
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(request_error("CreateBucket", &self.bucket, e)),
+        }
+    }
+
+    /// Uploads the local file at `path` to `key`, streaming it from disk.
+    pub async fn put_file(&self, key: &str, path: &Path, content_type: &str) -> Result<(), StoreError> {
+        let body = ByteStream::from_path(path).await.map_err(|e| StoreError::LocalFile {
+            path: path.display().to_string(),
+            source: std::io::Error::other(e),
+        })?;
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type(content_type)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| request_error("PutObject", key, e))?;
+        Ok(())
+    }
+
+    /// Uploads `bytes` to `key`.
+    pub async fn put_bytes(&self, key: &str, bytes: Bytes, content_type: &str) -> Result<(), StoreError> {
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type(content_type)
+            .body(ByteStream::from(bytes))
+            .send()
+            .await
+            .map_err(|e| request_error("PutObject", key, e))?;
+        Ok(())
+    }
+
+    /// Fetches `key` whole, refusing objects larger than `limit` bytes before reading them.
+    pub async fn get(&self, key: &str, limit: u64) -> Result<Object, StoreError> {
+        let out = match self.client.get_object().bucket(&self.bucket).key(key).send().await {
+            Ok(out) => out,
+            Err(SdkError::ServiceError(e)) if e.err().is_no_such_key() => {
+                return Err(StoreError::NotFound { key: key.to_owned() });
+            }
+            Err(e) => return Err(request_error("GetObject", key, e)),
+        };
+        let size = out.content_length().unwrap_or(0).max(0) as u64;
+        if size > limit {
+            return Err(StoreError::TooLarge { key: key.to_owned(), size, limit });
+        }
+        let content_type = out.content_type().map(str::to_owned);
+        let bytes = out.body.collect().await.map_err(|e| StoreError::Request {
+            op: "GetObject",
+            key: key.to_owned(),
+            message: e.to_string(),
+            transient: true,
+        })?;
+        Ok(Object { bytes: bytes.into_bytes(), content_type })
+    }
+
+    /// Whether `key` exists.
+    pub async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        match self.client.head_object().bucket(&self.bucket).key(key).send().await {
+            Ok(_) => Ok(true),
+            Err(SdkError::ServiceError(e)) if e.err().is_not_found() => Ok(false),
+            Err(e) => Err(request_error("HeadObject", key, e)),
+        }
+    }
+
+    /// A URL that lets anyone holding it GET `key` until it expires.
+    pub async fn presigned_get(&self, key: &str, expires: Duration) -> Result<String, StoreError> {
+        let cfg = PresigningConfig::expires_in(expires).map_err(|e| StoreError::Request {
+            op: "Presign",
+            key: key.to_owned(),
+            message: e.to_string(),
+            transient: false,
+        })?;
+        let req = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .presigned(cfg)
+            .await
+            .map_err(|e| request_error("Presign", key, e))?;
+        Ok(req.uri().to_owned())
+    }
+}
+
+impl ObjectStore {
+    /// Checks that the bucket is reachable.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.client
+            .head_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .map_err(|e| request_error("HeadBucket", &self.bucket, e))?;
+        Ok(())
+    }
+}

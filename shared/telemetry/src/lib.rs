@@ -1,0 +1,157 @@
+//! Telemetry shared by every service: structured logging set-up and the Prometheus metrics the
+//! data path reports, rendered in the text exposition format for `/metrics`.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line (production).
+    Json,
+    /// Human-readable lines (a terminal).
+    Pretty,
+}
+
+/// Installs the global tracing subscriber; `RUST_LOG` filters (default `info`).
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // A second initialisation (tests starting several platforms) keeps the first subscriber.
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Pretty => builder.compact().try_init(),
+    };
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UploadLabels {
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabels {
+    stage: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageOnly {
+    stage: String,
+}
+
+/// The platform's metrics. Cheap to clone; all clones update one registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Mutex<Registry>>,
+    uploads: Family<UploadLabels, Counter>,
+    upload_bytes: Counter,
+    stage_messages: Family<StageLabels, Counter>,
+    stage_errors: Family<StageLabels, Counter>,
+    stage_seconds: Family<StageOnly, Histogram>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("mediaflow");
+        let uploads = Family::<UploadLabels, Counter>::default();
+        registry.register("uploads", "Upload requests by outcome", uploads.clone());
+        let upload_bytes = Counter::default();
+        registry.register("upload_bytes", "Bytes of accepted uploads", upload_bytes.clone());
+        let stage_messages = Family::<StageLabels, Counter>::default();
+        registry.register(
+            "stage_messages",
+            "Messages a stage finished, by outcome (ok, transient, permanent, bad_input)",
+            stage_messages.clone(),
+        );
+        let stage_errors = Family::<StageLabels, Counter>::default();
+        registry.register(
+            "stage_errors",
+            "Errors inside a stage that did not finish a message (retries, consumer errors)",
+            stage_errors.clone(),
+        );
+        let stage_seconds = Family::<StageOnly, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 16))
+        });
+        registry.register(
+            "stage_processing_seconds",
+            "Time from taking a message to acknowledging it",
+            stage_seconds.clone(),
+        );
+        Self {
+            registry: Arc::new(Mutex::new(registry)),
+            uploads,
+            upload_bytes,
+            stage_messages,
+            stage_errors,
+            stage_seconds,
+        }
+    }
+
+    /// An upload request finished with `outcome` (`accepted`, or the problem type).
+    pub fn upload(&self, outcome: &str, bytes: u64) {
+        self.uploads.get_or_create(&UploadLabels { outcome: outcome.to_owned() }).inc();
+        if outcome == "accepted" {
+            self.upload_bytes.inc_by(bytes);
+        }
+    }
+
+    /// A stage finished a message.
+    pub fn stage_processed(&self, stage: &str, outcome: &str, took: Duration) {
+        self.stage_messages
+            .get_or_create(&StageLabels { stage: stage.to_owned(), outcome: outcome.to_owned() })
+            .inc();
+        self.stage_seconds.get_or_create(&StageOnly { stage: stage.to_owned() }).observe(took.as_secs_f64());
+    }
+
+    /// A stage hit an error that did not finish a message.
+    pub fn stage_error(&self, stage: &str, kind: &str) {
+        self.stage_errors
+            .get_or_create(&StageLabels { stage: stage.to_owned(), outcome: kind.to_owned() })
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_what_was_recorded() {
+        let m = Metrics::new();
+        m.upload("accepted", 10);
+        m.stage_processed("image-worker", "ok", Duration::from_millis(5));
+        let text = m.render();
+        assert!(text.contains("mediaflow_uploads_total{outcome=\"accepted\"} 1"), "{text}");
+        assert!(text.contains("mediaflow_upload_bytes_total 10"), "{text}");
+        assert!(text.contains("mediaflow_stage_messages_total{stage=\"image-worker\",outcome=\"ok\"} 1"), "{text}");
+    }
+}

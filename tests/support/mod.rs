@@ -1,0 +1,150 @@
+//! Test harness: starts the platform on its own data folder, broker, bucket, topic prefix and
+//! (for PostgreSQL) database, exactly as `mediaflow up` does, on ports picked by the OS.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use mediaflow::{MediaflowConfig, Platform};
+use mediaflow_bus::{Bus, BusConfig, StartFrom};
+
+/// Which database a scenario runs against.
+#[derive(Clone, Copy, Debug)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A platform started for one test.
+pub struct TestPlatform {
+    pub platform: Platform,
+    pub base: String,
+    pub bus: Bus,
+    pub config: MediaflowConfig,
+    _dir: tempfile::TempDir,
+}
+
+/// Where `./x` keeps what it installs: `$MEDIAFLOW_CACHE`, else `~/.cache/mediaflow`.
+fn cache_dir() -> PathBuf {
+    std::env::var_os("MEDIAFLOW_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/mediaflow")
+    })
+}
+
+/// The folder of real sample media extracted by `./x` (photos from scikit-image's wheel).
+pub fn fixtures() -> PathBuf {
+    let dir = std::env::var_os("MEDIAFLOW_FIXTURES").map(PathBuf::from).unwrap_or_else(|| {
+        cache_dir().join("fixtures")
+    });
+    assert!(
+        dir.join("rocket.jpg").is_file(),
+        "real media fixtures are missing in {}: run the tests through `./x test`, which fetches them",
+        dir.display()
+    );
+    dir
+}
+
+/// The Python interpreter that has kafka-python installed (`./x` sets it up).
+pub fn python() -> PathBuf {
+    let p = std::env::var_os("MEDIAFLOW_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
+        cache_dir().join("venv/bin/python")
+    });
+    assert!(p.is_file(), "no Python with kafka-python at {}: run the tests through `./x test`", p.display());
+    p
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// Creates a fresh PostgreSQL database for one test and returns its URL.
+async fn scratch_postgres() -> Result<String> {
+    use sqlx::Connection;
+    let admin = std::env::var("MEDIAFLOW_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+    let name = unique("mediaflow_test_");
+    let mut conn = sqlx::PgConnection::connect(&format!("{admin}/postgres"))
+        .await
+        .with_context(|| format!("connecting to PostgreSQL at {admin} (is it running?)"))?;
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await?;
+    Ok(format!("{admin}/{name}"))
+}
+
+impl TestPlatform {
+    pub async fn start(backend: Backend) -> Result<Self> {
+        Self::start_with(backend, |_| {}).await
+    }
+
+    pub async fn start_with(backend: Backend, adjust: impl FnOnce(&mut MediaflowConfig)) -> Result<Self> {
+        mediaflow_telemetry::init_logging(mediaflow_telemetry::LogFormat::Pretty);
+        let dir = tempfile::tempdir()?;
+        let mut config = MediaflowConfig::with_defaults();
+        config.data_dir = dir.path().join("data");
+        config.embedded.kafka_port = 0;
+        config.embedded.s3_port = 0;
+        config.gateway.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.bus.topic_prefix = format!("{}.", unique("t"));
+        config.store.bucket = unique("mf-");
+        config.retry.initial_backoff_ms = 50;
+        if let Backend::Postgres = backend {
+            config.database.url = scratch_postgres().await?;
+        }
+        adjust(&mut config);
+        let platform = Platform::start(config.clone()).await?;
+        let base = platform.endpoints.gateway.clone();
+        let bus = Bus::new(BusConfig { brokers: platform.endpoints.kafka.clone(), ..config.bus.clone() });
+        config.bus.brokers = platform.endpoints.kafka.clone();
+        config.store.endpoint = platform.endpoints.s3.clone();
+        Ok(Self { platform, base, bus, config, _dir: dir })
+    }
+
+    /// An aws-sdk-s3 client for the platform's S3 server, configured independently of the
+    /// platform's own store crate.
+    pub fn s3_client(&self) -> aws_sdk_s3::Client {
+        let conf = aws_sdk_s3::Config::builder()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .endpoint_url(&self.platform.endpoints.s3)
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                &self.config.store.access_key,
+                &self.config.store.secret_key,
+                None,
+                None,
+                "test",
+            ))
+            .force_path_style(true)
+            .build();
+        aws_sdk_s3::Client::from_conf(conf)
+    }
+
+    /// Every object key in the platform's bucket.
+    pub async fn object_keys(&self) -> Result<Vec<String>> {
+        let out = self.s3_client().list_objects_v2().bucket(&self.config.store.bucket).send().await?;
+        Ok(out.contents().iter().filter_map(|o| o.key().map(str::to_owned)).collect())
+    }
+
+    /// Reads events from `topic` (without prefix) with rdkafka until `count` arrived.
+    pub async fn read_events(&self, topic: &str, count: usize, timeout: Duration) -> Result<Vec<cloudevents::Event>> {
+        let topic = format!("{}{topic}", self.config.bus.topic_prefix);
+        let consumer = self.bus.consumer(&unique("reader-"), &[topic.clone()], StartFrom::Earliest)?;
+        let deadline = Instant::now() + timeout;
+        let mut events = Vec::new();
+        while events.len() < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(delivery) = tokio::time::timeout(left, consumer.recv()).await else {
+                bail!("only {} of {count} events arrived on {topic} within {timeout:?}", events.len());
+            };
+            let delivery = delivery?;
+            events.push(delivery.event.map_err(anyhow::Error::msg)?);
+        }
+        consumer.close()?;
+        Ok(events)
+    }
+
+    pub async fn stop(self) -> Result<()> {
+        self.platform.stop(Duration::from_secs(30)).await
+    }
+}
