@@ -29,41 +29,92 @@ async fn refused(response: reqwest::Response) -> Result<Refusal> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_uploads_are_refused_and_leave_nothing_behind() -> Result<()> {
-    let tp = TestPlatform::start_with(Backend::Sqlite, |c| c.gateway.max_upload_bytes = LIMIT).await?;
+    let tp =
+        TestPlatform::start_with(Backend::Sqlite, |c| c.gateway.max_upload_bytes = LIMIT).await?;
     let http = reqwest::Client::new();
     let url = format!("{}/v1/media", tp.base);
     let jpeg = std::fs::read(fixtures().join("rocket.jpg"))?;
-    assert!(jpeg.len() as u64 > LIMIT, "the fixture must exceed the test limit");
+    assert!(
+        jpeg.len() as u64 > LIMIT,
+        "the fixture must exceed the test limit"
+    );
 
     // Zero bytes.
-    let r = refused(http.post(&url).header("content-type", "image/jpeg").body(Vec::<u8>::new()).send().await?).await?;
+    let r = refused(
+        http.post(&url)
+            .header("content-type", "image/jpeg")
+            .body(Vec::<u8>::new())
+            .send()
+            .await?,
+    )
+    .await?;
     assert_eq!((r.status, r.code.as_str()), (400, "empty-body"));
     assert!(r.detail.contains("empty"), "{}", r.detail);
 
     // A text file claiming to be a JPEG.
     let text = b"This is a plain text file, not a photograph.\n".repeat(20);
-    let r = refused(http.post(&url).header("content-type", "image/jpeg").body(text.clone()).send().await?).await?;
+    let r = refused(
+        http.post(&url)
+            .header("content-type", "image/jpeg")
+            .body(text.clone())
+            .send()
+            .await?,
+    )
+    .await?;
     assert_eq!((r.status, r.code.as_str()), (415, "unsupported-media"));
-    assert!(r.detail.contains("image/jpeg") && r.detail.contains("not a supported image"), "{}", r.detail);
+    assert!(
+        r.detail.contains("image/jpeg") && r.detail.contains("not a supported image"),
+        "{}",
+        r.detail
+    );
 
     // The same as a multipart file field.
-    let part = reqwest::multipart::Part::bytes(text).file_name("photo.jpg").mime_str("image/jpeg")?;
-    let r = refused(http.post(&url).multipart(reqwest::multipart::Form::new().part("file", part)).send().await?).await?;
+    let part = reqwest::multipart::Part::bytes(text)
+        .file_name("photo.jpg")
+        .mime_str("image/jpeg")?;
+    let r = refused(
+        http.post(&url)
+            .multipart(reqwest::multipart::Form::new().part("file", part))
+            .send()
+            .await?,
+    )
+    .await?;
     assert_eq!((r.status, r.code.as_str()), (415, "unsupported-media"));
 
     // Over the limit, announced by Content-Length.
-    let r = refused(http.post(&url).header("content-type", "image/jpeg").body(jpeg.clone()).send().await?).await?;
+    let r = refused(
+        http.post(&url)
+            .header("content-type", "image/jpeg")
+            .body(jpeg.clone())
+            .send()
+            .await?,
+    )
+    .await?;
     assert_eq!((r.status, r.code.as_str()), (413, "too-large"));
     assert!(r.detail.contains(&LIMIT.to_string()), "{}", r.detail);
 
     // Over the limit, streamed without a length (chunked): caught while streaming.
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = jpeg.chunks(8192).map(|c| Ok(c.to_vec())).collect();
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        jpeg.chunks(8192).map(|c| Ok(c.to_vec())).collect();
     let body = reqwest::Body::wrap_stream(futures::stream::iter(chunks));
-    let r = refused(http.post(&url).header("content-type", "image/jpeg").body(body).send().await?).await?;
+    let r = refused(
+        http.post(&url)
+            .header("content-type", "image/jpeg")
+            .body(body)
+            .send()
+            .await?,
+    )
+    .await?;
     assert_eq!((r.status, r.code.as_str()), (413, "too-large"));
 
     // A multipart form without a file.
-    let r = refused(http.post(&url).multipart(reqwest::multipart::Form::new().text("title", "x")).send().await?).await?;
+    let r = refused(
+        http.post(&url)
+            .multipart(reqwest::multipart::Form::new().text("title", "x"))
+            .send()
+            .await?,
+    )
+    .await?;
     assert_eq!((r.status, r.code.as_str()), (400, "bad-request"));
 
     // Nothing stored, recorded or published...
@@ -75,11 +126,15 @@ async fn bad_uploads_are_refused_and_leave_nothing_behind() -> Result<()> {
 
     // ...while a good upload within the limit is stored, recorded and published exactly once.
     let small = std::fs::read(fixtures().join("chessboard_RGB.png"))?;
-    let ok = http.post(&url).header("content-type", "image/png").body(small).send().await?;
+    let ok = http
+        .post(&url)
+        .header("content-type", "image/png")
+        .body(small)
+        .send()
+        .await?;
     assert_eq!(ok.status(), 202);
     assert_eq!(tp.object_keys().await?.len(), 1);
     assert_eq!(db.media_count().await?, 1);
     assert_eq!(tp.bus.message_count(&uploaded).await?, 1);
     tp.stop().await
 }
-

@@ -29,16 +29,18 @@ pub struct TestPlatform {
 
 /// Where `./x` keeps what it installs: `$MEDIAFLOW_CACHE`, else `~/.cache/mediaflow`.
 fn cache_dir() -> PathBuf {
-    std::env::var_os("MEDIAFLOW_CACHE").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/mediaflow")
-    })
+    std::env::var_os("MEDIAFLOW_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/mediaflow")
+        })
 }
 
 /// The folder of real sample media extracted by `./x` (photos from scikit-image's wheel).
 pub fn fixtures() -> PathBuf {
-    let dir = std::env::var_os("MEDIAFLOW_FIXTURES").map(PathBuf::from).unwrap_or_else(|| {
-        cache_dir().join("fixtures")
-    });
+    let dir = std::env::var_os("MEDIAFLOW_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("fixtures"));
     assert!(
         dir.join("rocket.jpg").is_file(),
         "real media fixtures are missing in {}: run the tests through `./x test`, which fetches them",
@@ -49,15 +51,22 @@ pub fn fixtures() -> PathBuf {
 
 /// The Python interpreter that has kafka-python installed (`./x` sets it up).
 pub fn python() -> PathBuf {
-    let p = std::env::var_os("MEDIAFLOW_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
-        cache_dir().join("venv/bin/python")
-    });
-    assert!(p.is_file(), "no Python with kafka-python at {}: run the tests through `./x test`", p.display());
+    let p = std::env::var_os("MEDIAFLOW_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("venv/bin/python"));
+    assert!(
+        p.is_file(),
+        "no Python with kafka-python at {}: run the tests through `./x test`",
+        p.display()
+    );
     p
 }
 
 fn unique(prefix: &str) -> String {
-    format!("{prefix}{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+    format!(
+        "{prefix}{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
 }
 
 /// Creates a fresh PostgreSQL database for one test and returns its URL.
@@ -69,7 +78,9 @@ async fn scratch_postgres() -> Result<String> {
     let mut conn = sqlx::PgConnection::connect(&format!("{admin}/postgres"))
         .await
         .with_context(|| format!("connecting to PostgreSQL at {admin} (is it running?)"))?;
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await?;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await?;
     Ok(format!("{admin}/{name}"))
 }
 
@@ -78,7 +89,10 @@ impl TestPlatform {
         Self::start_with(backend, |_| {}).await
     }
 
-    pub async fn start_with(backend: Backend, adjust: impl FnOnce(&mut MediaflowConfig)) -> Result<Self> {
+    pub async fn start_with(
+        backend: Backend,
+        adjust: impl FnOnce(&mut MediaflowConfig),
+    ) -> Result<Self> {
         mediaflow_telemetry::init_logging(mediaflow_telemetry::LogFormat::Pretty);
         let dir = tempfile::tempdir()?;
         let mut config = MediaflowConfig::with_defaults();
@@ -95,10 +109,19 @@ impl TestPlatform {
         adjust(&mut config);
         let platform = Platform::start(config.clone()).await?;
         let base = platform.endpoints.gateway.clone();
-        let bus = Bus::new(BusConfig { brokers: platform.endpoints.kafka.clone(), ..config.bus.clone() });
+        let bus = Bus::new(BusConfig {
+            brokers: platform.endpoints.kafka.clone(),
+            ..config.bus.clone()
+        });
         config.bus.brokers = platform.endpoints.kafka.clone();
         config.store.endpoint = platform.endpoints.s3.clone();
-        Ok(Self { platform, base, bus, config, _dir: dir })
+        Ok(Self {
+            platform,
+            base,
+            bus,
+            config,
+            _dir: dir,
+        })
     }
 
     /// An aws-sdk-s3 client for the platform's S3 server, configured independently of the
@@ -122,20 +145,41 @@ impl TestPlatform {
 
     /// Every object key in the platform's bucket.
     pub async fn object_keys(&self) -> Result<Vec<String>> {
-        let out = self.s3_client().list_objects_v2().bucket(&self.config.store.bucket).send().await?;
-        Ok(out.contents().iter().filter_map(|o| o.key().map(str::to_owned)).collect())
+        let out = self
+            .s3_client()
+            .list_objects_v2()
+            .bucket(&self.config.store.bucket)
+            .send()
+            .await?;
+        Ok(out
+            .contents()
+            .iter()
+            .filter_map(|o| o.key().map(str::to_owned))
+            .collect())
     }
 
     /// Reads events from `topic` (without prefix) with rdkafka until `count` arrived.
-    pub async fn read_events(&self, topic: &str, count: usize, timeout: Duration) -> Result<Vec<cloudevents::Event>> {
+    pub async fn read_events(
+        &self,
+        topic: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Vec<cloudevents::Event>> {
         let topic = format!("{}{topic}", self.config.bus.topic_prefix);
-        let consumer = self.bus.consumer(&unique("reader-"), &[topic.clone()], StartFrom::Earliest)?;
+        let consumer = self.bus.consumer(
+            &unique("reader-"),
+            std::slice::from_ref(&topic),
+            StartFrom::Earliest,
+        )?;
         let deadline = Instant::now() + timeout;
         let mut events = Vec::new();
         while events.len() < count {
             let left = deadline.saturating_duration_since(Instant::now());
             let Ok(delivery) = tokio::time::timeout(left, consumer.recv()).await else {
-                bail!("only {} of {count} events arrived on {topic} within {timeout:?}", events.len());
+                bail!(
+                    "only {} of {count} events arrived on {topic} within {timeout:?}",
+                    events.len()
+                );
             };
             let delivery = delivery?;
             events.push(delivery.event.map_err(anyhow::Error::msg)?);

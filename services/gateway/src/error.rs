@@ -10,13 +10,27 @@ use serde::Serialize;
 #[derive(Debug)]
 pub enum ApiError {
     EmptyBody,
-    TooLarge { limit: u64 },
-    UnsupportedMedia { declared: Option<String>, detected: Option<&'static str> },
-    BadRequest { detail: String },
-    NotFound { what: String },
+    TooLarge {
+        limit: u64,
+    },
+    UnsupportedMedia {
+        declared: Option<String>,
+        detected: Option<&'static str>,
+    },
+    BadRequest {
+        detail: String,
+    },
+    NotFound {
+        what: String,
+    },
     /// A dependency (object store, database, broker) failed; retrying later can succeed.
-    Unavailable { dependency: &'static str, internal: String },
-    Internal { internal: String },
+    Unavailable {
+        dependency: &'static str,
+        internal: String,
+    },
+    Internal {
+        internal: String,
+    },
 }
 
 #[derive(Serialize)]
@@ -63,14 +77,25 @@ impl ApiError {
                          images and MP4, QuickTime, WebM, Matroska, AVI videos"
                     ),
                 };
-                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media", "Unsupported media", detail)
+                (
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported-media",
+                    "Unsupported media",
+                    detail,
+                )
             }
-            ApiError::BadRequest { detail } => {
-                (StatusCode::BAD_REQUEST, "bad-request", "Bad request", detail.clone())
-            }
-            ApiError::NotFound { what } => {
-                (StatusCode::NOT_FOUND, "not-found", "Not found", format!("{what} does not exist"))
-            }
+            ApiError::BadRequest { detail } => (
+                StatusCode::BAD_REQUEST,
+                "bad-request",
+                "Bad request",
+                detail.clone(),
+            ),
+            ApiError::NotFound { what } => (
+                StatusCode::NOT_FOUND,
+                "not-found",
+                "Not found",
+                format!("{what} does not exist"),
+            ),
             ApiError::Unavailable { dependency, .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -95,23 +120,33 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         match &self {
-            ApiError::Unavailable { dependency, internal } => {
+            ApiError::Unavailable {
+                dependency,
+                internal,
+            } => {
                 tracing::warn!(dependency, error = %internal, "dependency unavailable");
             }
             ApiError::Internal { internal } => tracing::error!(error = %internal, "internal error"),
             _ => {}
         }
         let (status, code, title, detail) = self.parts();
-        let body = Problem { ty: format!("/problems/{code}"), title, status: status.as_u16(), detail, code };
+        let body = Problem {
+            ty: format!("/problems/{code}"),
+            title,
+            status: status.as_u16(),
+            detail,
+            code,
+        };
         let mut response = (status, Json(body)).into_response();
         response.headers_mut().insert(
             axum::http::header::CONTENT_TYPE,
             axum::http::HeaderValue::from_static("application/problem+json"),
         );
         if matches!(self, ApiError::Unavailable { .. }) {
-            response
-                .headers_mut()
-                .insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("5"));
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("5"),
+            );
         }
         response
     }
@@ -120,9 +155,14 @@ impl IntoResponse for ApiError {
 impl From<mediaflow_db::DbError> for ApiError {
     fn from(e: mediaflow_db::DbError) -> Self {
         if e.is_transient() {
-            ApiError::Unavailable { dependency: "database", internal: e.to_string() }
+            ApiError::Unavailable {
+                dependency: "database",
+                internal: e.to_string(),
+            }
         } else {
-            ApiError::Internal { internal: e.to_string() }
+            ApiError::Internal {
+                internal: e.to_string(),
+            }
         }
     }
 }
@@ -130,15 +170,25 @@ impl From<mediaflow_db::DbError> for ApiError {
 impl From<mediaflow_store::StoreError> for ApiError {
     fn from(e: mediaflow_store::StoreError) -> Self {
         match e {
-            mediaflow_store::StoreError::NotFound { key } => ApiError::NotFound { what: format!("object `{key}`") },
-            e if e.is_transient() => ApiError::Unavailable { dependency: "object store", internal: e.to_string() },
-            e => ApiError::Internal { internal: e.to_string() },
+            mediaflow_store::StoreError::NotFound { key } => ApiError::NotFound {
+                what: format!("object `{key}`"),
+            },
+            e if e.is_transient() => ApiError::Unavailable {
+                dependency: "object store",
+                internal: e.to_string(),
+            },
+            e => ApiError::Internal {
+                internal: e.to_string(),
+            },
         }
     }
 }
 
 impl From<mediaflow_bus::BusError> for ApiError {
     fn from(e: mediaflow_bus::BusError) -> Self {
-        ApiError::Unavailable { dependency: "event bus", internal: e.to_string() }
+        ApiError::Unavailable {
+            dependency: "event bus",
+            internal: e.to_string(),
+        }
     }
 }

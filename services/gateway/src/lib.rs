@@ -81,7 +81,17 @@ impl Gateway {
     ) -> Result<Self, mediaflow_bus::BusError> {
         let publisher = bus.publisher(SOURCE)?;
         let spool_dir = config.spool_dir.clone().unwrap_or_else(std::env::temp_dir);
-        Ok(Self { inner: Arc::new(Inner { config, spool_dir, store, db, bus, publisher, metrics }) })
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                spool_dir,
+                store,
+                db,
+                bus,
+                publisher,
+                metrics,
+            }),
+        })
     }
 
     /// The HTTP routes.
@@ -117,7 +127,12 @@ async fn upload(State(gw): State<Gateway>, request: Request) -> Response {
         Ok(accepted) => {
             gw.inner.metrics.upload("accepted", accepted.size);
             let location = accepted.status_url.clone();
-            (StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(accepted)).into_response()
+            (
+                StatusCode::ACCEPTED,
+                [(header::LOCATION, location)],
+                Json(accepted),
+            )
+                .into_response()
         }
         Err(e) => {
             gw.inner.metrics.upload(e.code(), 0);
@@ -140,7 +155,13 @@ async fn accept_upload(gw: &Gateway, request: Request) -> Result<Accepted, ApiEr
     let declared = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or_default().trim().to_ascii_lowercase());
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        });
     let declared_len = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -154,9 +175,12 @@ async fn accept_upload(gw: &Gateway, request: Request) -> Result<Accepted, ApiEr
     }
 
     let (spooled, declared, filename) = if is_multipart {
-        let mut form = Multipart::from_request(request, &())
-            .await
-            .map_err(|e| ApiError::BadRequest { detail: e.body_text() })?;
+        let mut form =
+            Multipart::from_request(request, &())
+                .await
+                .map_err(|e| ApiError::BadRequest {
+                    detail: e.body_text(),
+                })?;
         let bad = |e: axum::extract::multipart::MultipartError| ApiError::BadRequest {
             detail: format!("malformed multipart body: {}", e.body_text()),
         };
@@ -182,7 +206,11 @@ async fn accept_upload(gw: &Gateway, request: Request) -> Result<Accepted, ApiEr
     } else {
         let filename = filename_from_headers(&headers);
         let body = request.into_body().into_data_stream();
-        (spool::spool(&gw.inner.spool_dir, body, limit).await?, declared, filename)
+        (
+            spool::spool(&gw.inner.spool_dir, body, limit).await?,
+            declared,
+            filename,
+        )
     };
 
     if spooled.size == 0 {
@@ -201,7 +229,10 @@ async fn accept_upload(gw: &Gateway, request: Request) -> Result<Accepted, ApiEr
 
     let id = uuid::Uuid::now_v7().to_string();
     let key = format!("uploads/{id}/original.{}", format.extension);
-    gw.inner.store.put_file(&key, &spooled.file, format.content_type).await?;
+    gw.inner
+        .store
+        .put_file(&key, &spooled.file, format.content_type)
+        .await?;
 
     let now = Db::now_ms();
     let row = MediaRow {
@@ -261,7 +292,9 @@ fn filename_from_headers(headers: &HeaderMap) -> Option<String> {
         return safe_filename(name);
     }
     let disposition = headers.get(header::CONTENT_DISPOSITION)?.to_str().ok()?;
-    let value = disposition.split(';').find_map(|p| p.trim().strip_prefix("filename="))?;
+    let value = disposition
+        .split(';')
+        .find_map(|p| p.trim().strip_prefix("filename="))?;
     safe_filename(value.trim_matches('"'))
 }
 
@@ -316,7 +349,9 @@ fn rfc3339(ms: i64) -> String {
 fn parse_id(id: &str) -> Result<String, ApiError> {
     uuid::Uuid::parse_str(id)
         .map(|u| u.to_string())
-        .map_err(|_| ApiError::NotFound { what: format!("media `{}`", id.chars().take(64).collect::<String>()) })
+        .map_err(|_| ApiError::NotFound {
+            what: format!("media `{}`", id.chars().take(64).collect::<String>()),
+        })
 }
 
 async fn media_status(
@@ -324,7 +359,9 @@ async fn media_status(
     Path(id): Path<String>,
 ) -> Result<Json<MediaView>, ApiError> {
     let id = parse_id(&id)?;
-    let media = gw.inner.db.media(&id).await?.ok_or(ApiError::NotFound { what: format!("media `{id}`") })?;
+    let media = gw.inner.db.media(&id).await?.ok_or(ApiError::NotFound {
+        what: format!("media `{id}`"),
+    })?;
     let ttl = Duration::from_secs(gw.inner.config.presign_ttl_secs);
     let mut results = Vec::new();
     for r in gw.inner.db.results(&id).await? {
@@ -359,7 +396,10 @@ async fn media_status(
         filename: media.filename,
         size: media.size_bytes,
         sha256: media.sha256,
-        original: ObjectLocation { bucket: media.bucket, key: media.object_key },
+        original: ObjectLocation {
+            bucket: media.bucket,
+            key: media.object_key,
+        },
         created_at: rfc3339(media.created_at_ms),
         updated_at: rfc3339(media.updated_at_ms),
         results,
@@ -378,13 +418,22 @@ async fn download_result(
     let result = results
         .into_iter()
         .find(|r| r.name == name)
-        .ok_or_else(|| ApiError::NotFound { what: format!("result `{name}` of media `{id}`") })?;
-    let object = gw.inner.store.get(&result.object_key, MAX_RESULT_BYTES).await?;
+        .ok_or_else(|| ApiError::NotFound {
+            what: format!("result `{name}` of media `{id}`"),
+        })?;
+    let object = gw
+        .inner
+        .store
+        .get(&result.object_key, MAX_RESULT_BYTES)
+        .await?;
     Ok((
         [
             (header::CONTENT_TYPE, result.content_type),
             (header::ETAG, format!("\"{}\"", result.sha256)),
-            (header::CACHE_CONTROL, "public, max-age=31536000, immutable".to_owned()),
+            (
+                header::CACHE_CONTROL,
+                "public, max-age=31536000, immutable".to_owned(),
+            ),
         ],
         Body::from(object.bytes),
     )
@@ -420,13 +469,20 @@ async fn readyz(State(gw): State<Gateway>) -> Response {
         ready: false,
     };
     let ready = body.kafka == "ok" && body.object_store == "ok" && body.database == "ok";
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(Readiness { ready, ..body })).into_response()
 }
 
 async fn metrics(State(gw): State<Gateway>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         gw.inner.metrics.render(),
     )
 }
@@ -438,7 +494,10 @@ mod tests {
     #[test]
     fn filenames_lose_their_paths() {
         assert_eq!(safe_filename("../../etc/passwd").as_deref(), Some("passwd"));
-        assert_eq!(safe_filename("C:\\Users\\me\\cat.jpg").as_deref(), Some("cat.jpg"));
+        assert_eq!(
+            safe_filename("C:\\Users\\me\\cat.jpg").as_deref(),
+            Some("cat.jpg")
+        );
         assert_eq!(safe_filename("..").as_deref(), None);
         assert_eq!(safe_filename("a\u{0}b.png").as_deref(), Some("ab.png"));
         assert_eq!(safe_filename("").as_deref(), None);

@@ -17,11 +17,21 @@ pub struct Sniffed {
 pub const SNIFF_LEN: usize = 64;
 
 const fn image(content_type: &'static str, extension: &'static str, supported: bool) -> Sniffed {
-    Sniffed { kind: MediaKind::Image, content_type, extension, supported }
+    Sniffed {
+        kind: MediaKind::Image,
+        content_type,
+        extension,
+        supported,
+    }
 }
 
 const fn video(content_type: &'static str, extension: &'static str) -> Sniffed {
-    Sniffed { kind: MediaKind::Video, content_type, extension, supported: true }
+    Sniffed {
+        kind: MediaKind::Video,
+        content_type,
+        extension,
+        supported: true,
+    }
 }
 
 /// Identifies the format from the first bytes of a file (at least `SNIFF_LEN` when available).
@@ -65,7 +75,11 @@ pub fn sniff(head: &[u8]) -> Option<Sniffed> {
     }
     if at(0, &[0x1A, 0x45, 0xDF, 0xA3]) {
         let is_webm = head.windows(4).any(|w| w == b"webm");
-        return Some(if is_webm { video("video/webm", "webm") } else { video("video/x-matroska", "mkv") });
+        return Some(if is_webm {
+            video("video/webm", "webm")
+        } else {
+            video("video/x-matroska", "mkv")
+        });
     }
     None
 }
@@ -83,10 +97,17 @@ mod tests {
             (b"RIFF\0\0\0\0WEBPVP8 ", "image/webp"),
             (b"\0\0\0\x20ftypisom\0\0\x02\0", "video/mp4"),
             (b"\0\0\0\x14ftypqt  \0\0\0\0", "video/quicktime"),
-            (b"\x1a\x45\xdf\xa3\x9f\x42\x86\x81\x01\x42\x82\x84webm", "video/webm"),
+            (
+                b"\x1a\x45\xdf\xa3\x9f\x42\x86\x81\x01\x42\x82\x84webm",
+                "video/webm",
+            ),
         ];
         for (bytes, expected) in cases {
-            assert_eq!(sniff(bytes).map(|s| s.content_type), Some(*expected), "{bytes:?}");
+            assert_eq!(
+                sniff(bytes).map(|s| s.content_type),
+                Some(*expected),
+                "{bytes:?}"
+            );
         }
     }
 

@@ -27,8 +27,13 @@ where
     S: Stream<Item = Result<Bytes, E>>,
     E: std::fmt::Display,
 {
-    let internal = |e: std::io::Error| ApiError::Internal { internal: format!("spool file: {e}") };
-    let temp = tempfile::Builder::new().prefix("upload-").tempfile_in(dir).map_err(internal)?;
+    let internal = |e: std::io::Error| ApiError::Internal {
+        internal: format!("spool file: {e}"),
+    };
+    let temp = tempfile::Builder::new()
+        .prefix("upload-")
+        .tempfile_in(dir)
+        .map_err(internal)?;
     let (std_file, path) = temp.into_parts();
     let mut file = tokio::fs::File::from_std(std_file);
     let mut hasher = Sha256::new();
@@ -51,15 +56,22 @@ where
         file.write_all(&chunk).await.map_err(internal)?;
     }
     file.flush().await.map_err(internal)?;
-    Ok(Spooled { file: path, size, sha256: hex(&hasher.finalize()), head })
+    Ok(Spooled {
+        file: path,
+        size,
+        sha256: hex(&hasher.finalize()),
+        head,
+    })
 }
 
 fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 #[cfg(test)]
@@ -67,23 +79,35 @@ mod tests {
     use super::*;
 
     fn chunks(parts: &[&'static [u8]]) -> impl Stream<Item = Result<Bytes, std::io::Error>> {
-        futures::stream::iter(parts.iter().map(|p| Ok(Bytes::from_static(p))).collect::<Vec<_>>())
+        futures::stream::iter(
+            parts
+                .iter()
+                .map(|p| Ok(Bytes::from_static(p)))
+                .collect::<Vec<_>>(),
+        )
     }
 
     #[tokio::test]
     async fn hashes_and_keeps_the_head() {
         let dir = tempfile::tempdir().unwrap();
-        let s = spool(dir.path(), chunks(&[b"hello ", b"world"]), 100).await.unwrap();
+        let s = spool(dir.path(), chunks(&[b"hello ", b"world"]), 100)
+            .await
+            .unwrap();
         assert_eq!(s.size, 11);
         assert_eq!(s.head, b"hello world");
-        assert_eq!(s.sha256, "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9");
+        assert_eq!(
+            s.sha256,
+            "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9"
+        );
         assert_eq!(std::fs::read(&s.file).unwrap(), b"hello world");
     }
 
     #[tokio::test]
     async fn stops_at_the_limit_and_leaves_no_file() {
         let dir = tempfile::tempdir().unwrap();
-        let err = spool(dir.path(), chunks(&[b"12345", b"67890"]), 7).await.unwrap_err();
+        let err = spool(dir.path(), chunks(&[b"12345", b"67890"]), 7)
+            .await
+            .unwrap_err();
         assert!(matches!(err, ApiError::TooLarge { limit: 7 }));
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }

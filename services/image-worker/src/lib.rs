@@ -54,8 +54,19 @@ pub struct ImageWorker {
 }
 
 impl ImageWorker {
-    pub fn new(config: ImageWorkerConfig, store: ObjectStore, db: Db, bus: &Bus) -> Result<Self, BusError> {
-        Ok(Self { config, store, db, publisher: bus.publisher("/mediaflow/image-worker")?, topics: bus.topics() })
+    pub fn new(
+        config: ImageWorkerConfig,
+        store: ObjectStore,
+        db: Db,
+        bus: &Bus,
+    ) -> Result<Self, BusError> {
+        Ok(Self {
+            config,
+            store,
+            db,
+            publisher: bus.publisher("/mediaflow/image-worker")?,
+            topics: bus.topics(),
+        })
     }
 
     /// The work queue this stage reads.
@@ -87,11 +98,18 @@ fn store_error(e: StoreError) -> StageError {
 }
 
 fn db_error(e: mediaflow_db::DbError) -> StageError {
-    if e.is_transient() { StageError::transient(e.to_string()) } else { StageError::permanent(e.to_string()) }
+    if e.is_transient() {
+        StageError::transient(e.to_string())
+    } else {
+        StageError::permanent(e.to_string())
+    }
 }
 
 fn hex_sha256(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 impl Handler for ImageWorker {
@@ -99,23 +117,37 @@ impl Handler for ImageWorker {
         let upload: MediaUploaded =
             mediaflow_events::decode(event).map_err(|e| StageError::bad_input(e.to_string()))?;
         if upload.kind != MediaKind::Image {
-            return Err(StageError::bad_input(format!("media {} is a {}, not an image", upload.media_id, upload.kind)));
+            return Err(StageError::bad_input(format!(
+                "media {} is a {}, not an image",
+                upload.media_id, upload.kind
+            )));
         }
-        let input = self.store.get(&upload.object.key, self.config.max_input_bytes).await.map_err(store_error)?;
+        let input = self
+            .store
+            .get(&upload.object.key, self.config.max_input_bytes)
+            .await
+            .map_err(store_error)?;
 
         let size = self.config.thumbnail_size;
         let limits = self.limits();
         let bytes = input.bytes;
-        let thumb = tokio::task::spawn_blocking(move || mediaflow_imaging::thumbnail(&bytes, size, &limits))
-            .await
-            .map_err(|e| StageError::permanent(format!("thumbnail task failed: {e}")))?
-            .map_err(|e: ImagingError| StageError::bad_input(format!("image {}: {e}", upload.media_id)))?;
+        let thumb = tokio::task::spawn_blocking(move || {
+            mediaflow_imaging::thumbnail(&bytes, size, &limits)
+        })
+        .await
+        .map_err(|e| StageError::permanent(format!("thumbnail task failed: {e}")))?
+        .map_err(|e: ImagingError| {
+            StageError::bad_input(format!("image {}: {e}", upload.media_id))
+        })?;
 
         let key = thumbnail_key(&upload.media_id, size, thumb.format.extension());
         let content_type = thumb.format.content_type();
         let sha256 = hex_sha256(&thumb.bytes);
         let thumb_size = thumb.bytes.len() as u64;
-        self.store.put_bytes(&key, bytes::Bytes::from(thumb.bytes), content_type).await.map_err(store_error)?;
+        self.store
+            .put_bytes(&key, bytes::Bytes::from(thumb.bytes), content_type)
+            .await
+            .map_err(store_error)?;
 
         let name = format!("thumb-{size}");
         let row = ResultRow {
@@ -131,7 +163,10 @@ impl Handler for ImageWorker {
             width: i64::from(thumb.width),
             height: i64::from(thumb.height),
         };
-        self.db.record_results(&upload.media_id, &[row]).await.map_err(db_error)?;
+        self.db
+            .record_results(&upload.media_id, &[row])
+            .await
+            .map_err(db_error)?;
 
         let result = MediaThumbnailed {
             media_id: upload.media_id.clone(),
@@ -162,10 +197,14 @@ impl Handler for ImageWorker {
     }
 
     async fn give_up(&self, event: Option<&Event>, error: &StageError) -> Result<(), StageError> {
-        let Some(upload) = event.and_then(|e| mediaflow_events::decode::<MediaUploaded>(e).ok()) else {
+        let Some(upload) = event.and_then(|e| mediaflow_events::decode::<MediaUploaded>(e).ok())
+        else {
             return Ok(());
         };
-        self.db.mark_failed(&upload.media_id, &error.to_string()).await.map_err(db_error)
+        self.db
+            .mark_failed(&upload.media_id, &error.to_string())
+            .await
+            .map_err(db_error)
     }
 }
 

@@ -64,7 +64,13 @@ pub struct EmbeddedConfig {
 
 impl Default for EmbeddedConfig {
     fn default() -> Self {
-        Self { kafka: true, kafka_port: 19092, tansu_bin: None, s3: true, s3_port: 19000 }
+        Self {
+            kafka: true,
+            kafka_port: 19092,
+            tansu_bin: None,
+            s3: true,
+            s3_port: 19000,
+        }
     }
 }
 
@@ -117,7 +123,10 @@ impl MediaflowConfig {
 
     /// The defaults, with the data folder in the working directory.
     pub fn with_defaults() -> Self {
-        Self { data_dir: PathBuf::from("mediaflow-data"), ..Self::default() }
+        Self {
+            data_dir: PathBuf::from("mediaflow-data"),
+            ..Self::default()
+        }
     }
 
     /// The database URL in effect: the configured one, else SQLite in the data folder.

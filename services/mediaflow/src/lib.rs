@@ -8,4 +8,4 @@ pub mod samples;
 pub mod tail;
 
 pub use config::MediaflowConfig;
-pub use platform::{Endpoints, Platform, STAGES, run_stage};
+pub use platform::{Endpoints, Platform, RUNNABLE, STAGES, run_stage};

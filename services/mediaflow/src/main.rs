@@ -12,7 +12,11 @@ use mediaflow_bus::Bus;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "mediaflow", version, about = "Event-streaming media processing platform")]
+#[command(
+    name = "mediaflow",
+    version,
+    about = "Event-streaming media processing platform"
+)]
 struct Cli {
     /// TOML configuration file, layered over the defaults and under `MEDIAFLOW__*` variables.
     #[arg(long, short, global = true, env = "MEDIAFLOW_CONFIG")]
@@ -33,9 +37,10 @@ enum Command {
         #[arg(long, requires = "samples")]
         exit_after_samples: bool,
     },
-    /// Run one stage against the configured infrastructure (as a Kubernetes Deployment does).
+    /// Run the gateway or one stage against the configured infrastructure (as a Kubernetes
+    /// Deployment does).
     Run {
-        /// Stage name: router, image-worker.
+        /// gateway, router or image-worker.
         stage: String,
     },
     /// Print the events on a topic as JSON lines.
@@ -100,14 +105,22 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
 async fn run(command: Command, config: MediaflowConfig) -> Result<()> {
     match command {
-        Command::Up { samples, exit_after_samples } => {
+        Command::Up {
+            samples,
+            exit_after_samples,
+        } => {
             let platform = Platform::start(config).await?;
             cancel_on_signals(platform.shutdown_token());
             let base = platform.endpoints.gateway.clone();
             println!("mediaflow is up");
-            println!("  gateway   {base}  (POST /v1/media, GET /v1/media/{{id}}, /metrics, /readyz)");
+            println!(
+                "  gateway   {base}  (POST /v1/media, GET /v1/media/{{id}}, /metrics, /readyz)"
+            );
             println!("  kafka     {}", platform.endpoints.kafka);
-            println!("  s3        {}  bucket {}", platform.endpoints.s3, platform.endpoints.bucket);
+            println!(
+                "  s3        {}  bucket {}",
+                platform.endpoints.s3, platform.endpoints.bucket
+            );
             println!("  database  {}", platform.endpoints.database);
             if let Some(dir) = samples {
                 let files = mediaflow::samples::sample_files(&dir)?;
@@ -139,7 +152,11 @@ async fn run(command: Command, config: MediaflowConfig) -> Result<()> {
             }
             mediaflow::run_stage(&stage, &config, token, mediaflow_telemetry::Metrics::new()).await
         }
-        Command::Tail { topic, from_beginning, max } => {
+        Command::Tail {
+            topic,
+            from_beginning,
+            max,
+        } => {
             let mut config = config;
             if config.embedded.kafka {
                 adopt_running_platform(&mut config)?;
@@ -170,7 +187,8 @@ fn adopt_running_platform(config: &mut MediaflowConfig) -> Result<()> {
             file.display()
         )
     })?;
-    let endpoints: Endpoints = serde_json::from_str(&text).with_context(|| format!("reading {}", file.display()))?;
+    let endpoints: Endpoints =
+        serde_json::from_str(&text).with_context(|| format!("reading {}", file.display()))?;
     if config.embedded.kafka {
         config.bus.brokers = endpoints.kafka;
     }

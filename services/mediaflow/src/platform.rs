@@ -20,8 +20,17 @@ use tokio_util::task::TaskTracker;
 
 use crate::MediaflowConfig;
 
-/// The stages `mediaflow run` knows.
+/// The stages `mediaflow up` runs beside the gateway.
 pub const STAGES: &[&str] = &[mediaflow_router::STAGE, mediaflow_image_worker::STAGE];
+
+/// What `mediaflow run` can run on its own: the gateway or one stage.
+pub const RUNNABLE: &[&str] = &[
+    GATEWAY,
+    mediaflow_router::STAGE,
+    mediaflow_image_worker::STAGE,
+];
+
+const GATEWAY: &str = "gateway";
 
 /// Where a running platform can be reached; written to `<data_dir>/endpoints.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -54,7 +63,9 @@ pub struct Platform {
 
 impl std::fmt::Debug for Platform {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Platform").field("endpoints", &self.endpoints).finish_non_exhaustive()
+        f.debug_struct("Platform")
+            .field("endpoints", &self.endpoints)
+            .finish_non_exhaustive()
     }
 }
 
@@ -108,25 +119,75 @@ async fn connect(config: &MediaflowConfig, metrics: Metrics) -> Result<Services>
         .await
         .with_context(|| format!("declaring topics on Kafka at {}", config.bus.brokers))?;
     let store = ObjectStore::new(&config.store);
-    store
-        .ensure_bucket()
-        .await
-        .with_context(|| format!("preparing bucket `{}` at {}", config.store.bucket, config.store.endpoint))?;
+    store.ensure_bucket().await.with_context(|| {
+        format!(
+            "preparing bucket `{}` at {}",
+            config.store.bucket, config.store.endpoint
+        )
+    })?;
     let db = Db::connect(&config.database_url(), config.database.max_connections)
         .await
         .context("connecting to the database")?;
-    Ok(Services { bus, store, db, metrics })
+    Ok(Services {
+        bus,
+        store,
+        db,
+        metrics,
+    })
 }
 
-/// Runs one stage until `shutdown` is cancelled.
+/// Runs the gateway or one stage until `shutdown` is cancelled.
 pub async fn run_stage(
     name: &str,
     config: &MediaflowConfig,
     shutdown: CancellationToken,
     metrics: Metrics,
 ) -> Result<()> {
+    if !RUNNABLE.contains(&name) {
+        bail!("unknown stage `{name}`; runnable: {}", RUNNABLE.join(", "));
+    }
     let services = connect(config, metrics).await?;
+    if name == GATEWAY {
+        let listener = bind_gateway(config).await?;
+        tracing::info!(addr = %listener.local_addr()?, "gateway listening");
+        return serve_gateway(config, &services, listener, shutdown).await;
+    }
     run_stage_with(name, config, &services, shutdown).await
+}
+
+async fn bind_gateway(config: &MediaflowConfig) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(config.gateway.listen)
+        .await
+        .with_context(|| format!("binding the gateway to {}", config.gateway.listen))
+}
+
+/// Serves the REST API on `listener` until `shutdown` is cancelled, then lets in-flight
+/// requests finish.
+async fn serve_gateway(
+    config: &MediaflowConfig,
+    s: &Services,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let spool = config
+        .gateway
+        .spool_dir
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join("spool"));
+    std::fs::create_dir_all(&spool).with_context(|| format!("creating {}", spool.display()))?;
+    let mut gateway_config = config.gateway.clone();
+    gateway_config.spool_dir = Some(spool);
+    let gateway = Gateway::new(
+        gateway_config,
+        s.store.clone(),
+        s.db.clone(),
+        s.bus.clone(),
+        s.metrics.clone(),
+    )?;
+    axum::serve(listener, gateway.router())
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .context("serving the gateway")
 }
 
 async fn run_stage_with(
@@ -140,16 +201,41 @@ async fn run_stage_with(
     let group = format!("{}{name}", config.bus.topic_prefix);
     match name {
         mediaflow_router::STAGE => {
-            let consumer = s.bus.consumer(&group, &Router::input_topics(&s.bus), StartFrom::Earliest)?;
+            let consumer =
+                s.bus
+                    .consumer(&group, &Router::input_topics(&s.bus), StartFrom::Earliest)?;
             let handler = Router::new(&s.bus)?;
-            mediaflow_runtime::run_stage(name, consumer, handler, retry, s.metrics.clone(), shutdown).await?;
+            mediaflow_runtime::run_stage(
+                name,
+                consumer,
+                handler,
+                retry,
+                s.metrics.clone(),
+                shutdown,
+            )
+            .await?;
         }
         mediaflow_image_worker::STAGE => {
-            let consumer =
-                s.bus.consumer(&group, &ImageWorker::input_topics(&s.bus), StartFrom::Earliest)?;
-            let handler =
-                ImageWorker::new(config.image_worker.clone(), s.store.clone(), s.db.clone(), &s.bus)?;
-            mediaflow_runtime::run_stage(name, consumer, handler, retry, s.metrics.clone(), shutdown).await?;
+            let consumer = s.bus.consumer(
+                &group,
+                &ImageWorker::input_topics(&s.bus),
+                StartFrom::Earliest,
+            )?;
+            let handler = ImageWorker::new(
+                config.image_worker.clone(),
+                s.store.clone(),
+                s.db.clone(),
+                &s.bus,
+            )?;
+            mediaflow_runtime::run_stage(
+                name,
+                consumer,
+                handler,
+                retry,
+                s.metrics.clone(),
+                shutdown,
+            )
+            .await?;
         }
         other => bail!("unknown stage `{other}`; stages: {}", STAGES.join(", ")),
     }
@@ -160,37 +246,22 @@ impl Platform {
     /// Starts everything `config` asks for: embedded infrastructure, the gateway and every stage.
     pub async fn start(mut config: MediaflowConfig) -> Result<Self> {
         let (kafka, s3) = start_infrastructure(&mut config).await?;
-        let metrics = Metrics::new();
-        let services = std::sync::Arc::new(connect(&config, metrics.clone()).await?);
+        let services = std::sync::Arc::new(connect(&config, Metrics::new()).await?);
 
-        let spool = config.gateway.spool_dir.clone().unwrap_or_else(|| config.data_dir.join("spool"));
-        std::fs::create_dir_all(&spool).with_context(|| format!("creating {}", spool.display()))?;
-        let mut gateway_config = config.gateway.clone();
-        gateway_config.spool_dir = Some(spool);
-        let gateway = Gateway::new(
-            gateway_config,
-            services.store.clone(),
-            services.db.clone(),
-            services.bus.clone(),
-            metrics.clone(),
-        )?;
-        let listener = tokio::net::TcpListener::bind(config.gateway.listen)
-            .await
-            .with_context(|| format!("binding the gateway to {}", config.gateway.listen))?;
+        let listener = bind_gateway(&config).await?;
         let gateway_addr = listener.local_addr()?;
 
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let token = shutdown.clone();
-        tasks.spawn(async move {
-            let served = axum::serve(listener, gateway.router())
-                .with_graceful_shutdown(token.clone().cancelled_owned())
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "gateway failed");
-                token.cancel();
-            }
-        });
+        {
+            let (services, config, token) = (services.clone(), config.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                if let Err(e) = serve_gateway(&config, &services, listener, token.clone()).await {
+                    tracing::error!(error = format!("{e:#}"), "gateway failed");
+                    token.cancel();
+                }
+            });
+        }
         for stage in STAGES {
             let (services, config, token) = (services.clone(), config.clone(), shutdown.clone());
             tasks.spawn(async move {
@@ -211,9 +282,20 @@ impl Platform {
             bucket: config.store.bucket.clone(),
             topic_prefix: config.bus.topic_prefix.clone(),
         };
-        std::fs::write(Endpoints::file(&config.data_dir), serde_json::to_vec_pretty(&endpoints)?)?;
+        std::fs::write(
+            Endpoints::file(&config.data_dir),
+            serde_json::to_vec_pretty(&endpoints)?,
+        )?;
         tracing::info!(gateway = %endpoints.gateway, kafka = %endpoints.kafka, s3 = %endpoints.s3, "mediaflow is up");
-        Ok(Self { endpoints, gateway_addr, config, shutdown, tasks, kafka, _s3: s3 })
+        Ok(Self {
+            endpoints,
+            gateway_addr,
+            config,
+            shutdown,
+            tasks,
+            kafka,
+            _s3: s3,
+        })
     }
 
     pub fn config(&self) -> &MediaflowConfig {
@@ -229,7 +311,9 @@ impl Platform {
     /// embedded services. Gives up waiting after `deadline`.
     pub async fn stop(self, deadline: Duration) -> Result<()> {
         self.shutdown.cancel();
-        let drained = tokio::time::timeout(deadline, self.tasks.wait()).await.is_ok();
+        let drained = tokio::time::timeout(deadline, self.tasks.wait())
+            .await
+            .is_ok();
         if let Some(kafka) = self.kafka {
             kafka.stop().await;
         }

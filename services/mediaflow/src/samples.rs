@@ -27,12 +27,21 @@ pub fn sample_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Uploads each file to the gateway at `base` and waits (up to `timeout` in all) until each is
 /// done or failed.
-pub async fn upload_and_wait(base: &str, files: &[PathBuf], timeout: Duration) -> Result<Vec<SampleResult>> {
+pub async fn upload_and_wait(
+    base: &str,
+    files: &[PathBuf],
+    timeout: Duration,
+) -> Result<Vec<SampleResult>> {
     let http = reqwest::Client::new();
     let mut accepted = Vec::new();
     for file in files {
-        let bytes = tokio::fs::read(file).await.with_context(|| format!("reading {}", file.display()))?;
-        let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("upload");
+        let bytes = tokio::fs::read(file)
+            .await
+            .with_context(|| format!("reading {}", file.display()))?;
+        let name = file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("upload");
         let response = http
             .post(format!("{base}/v1/media"))
             .header("content-type", "application/octet-stream")
@@ -42,10 +51,17 @@ pub async fn upload_and_wait(base: &str, files: &[PathBuf], timeout: Duration) -
             .await?;
         if response.status() != reqwest::StatusCode::ACCEPTED {
             let status = response.status();
-            bail!("uploading {} failed: {status} {}", file.display(), response.text().await.unwrap_or_default());
+            bail!(
+                "uploading {} failed: {status} {}",
+                file.display(),
+                response.text().await.unwrap_or_default()
+            );
         }
         let body: Accepted = response.json().await?;
-        println!("uploaded {:<28} -> media {} ({}, {} bytes)", name, body.id, body.content_type, body.size);
+        println!(
+            "uploaded {:<28} -> media {} ({}, {} bytes)",
+            name, body.id, body.content_type, body.size
+        );
         accepted.push((file.clone(), body));
     }
 
@@ -53,10 +69,18 @@ pub async fn upload_and_wait(base: &str, files: &[PathBuf], timeout: Duration) -
     let mut results = Vec::new();
     for (file, body) in accepted {
         loop {
-            let media: MediaView =
-                http.get(format!("{base}{}", body.status_url)).send().await?.error_for_status()?.json().await?;
+            let media: MediaView = http
+                .get(format!("{base}{}", body.status_url))
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
             if media.status != mediaflow_db::MediaStatus::Queued {
-                results.push(SampleResult { file: file.clone(), media });
+                results.push(SampleResult {
+                    file: file.clone(),
+                    media,
+                });
                 break;
             }
             if Instant::now() > deadline {
@@ -87,7 +111,11 @@ pub fn print_results(base: &str, results: &[SampleResult]) {
                         t.bucket,
                         t.key,
                         name.rsplit_once('.').map_or(name, |(stem, _)| stem),
-                        if t.content_type == "image/png" { "thumb.png" } else { "thumb.jpg" },
+                        if t.content_type == "image/png" {
+                            "thumb.png"
+                        } else {
+                            "thumb.jpg"
+                        },
                         t.download_url
                     );
                 }

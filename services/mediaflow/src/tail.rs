@@ -17,7 +17,11 @@ pub async fn tail(
     out: &mut (dyn std::io::Write + Send),
 ) -> Result<u64> {
     let group = format!("mediaflow-tail-{}", std::process::id());
-    let start = if from_beginning { StartFrom::Earliest } else { StartFrom::Latest };
+    let start = if from_beginning {
+        StartFrom::Earliest
+    } else {
+        StartFrom::Latest
+    };
     let consumer = bus.consumer(&group, &[topic.to_owned()], start)?;
     let mut printed = 0;
     while max.is_none_or(|m| printed < m) {
@@ -35,10 +39,7 @@ pub async fn tail(
                 "source": e.source().to_string(),
                 "subject": e.subject(),
                 "time": e.time().map(|t| t.to_rfc3339()),
-                "data": e.data().map(|d| match d {
-                    cloudevents::Data::Json(v) => v.clone(),
-                    other => json!(other.to_string()),
-                }),
+                "data": mediaflow_events::data_json(e).unwrap_or_else(|err| json!({"undecodable": err.to_string()})),
             }),
             Err(why) => json!({
                 "topic": delivery.topic,

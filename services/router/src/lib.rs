@@ -18,7 +18,10 @@ pub struct Router {
 
 impl Router {
     pub fn new(bus: &Bus) -> Result<Self, BusError> {
-        Ok(Self { publisher: bus.publisher("/mediaflow/router")?, topics: bus.topics() })
+        Ok(Self {
+            publisher: bus.publisher("/mediaflow/router")?,
+            topics: bus.topics(),
+        })
     }
 
     /// The topic this stage reads.

@@ -17,8 +17,10 @@ pub(crate) async fn ensure_topics(
     timeout: Duration,
 ) -> Result<(), BusError> {
     let admin: AdminClient<DefaultClientContext> = cfg.create().map_err(BusError::Client)?;
-    let retention: Vec<String> =
-        specs.iter().map(|s| s.retention.as_millis().to_string()).collect();
+    let retention: Vec<String> = specs
+        .iter()
+        .map(|s| s.retention.as_millis().to_string())
+        .collect();
     let new: Vec<NewTopic<'_>> = specs
         .iter()
         .zip(&retention)
@@ -27,14 +29,22 @@ pub(crate) async fn ensure_topics(
                 .set("retention.ms", ms)
         })
         .collect();
-    let opts = AdminOptions::new().request_timeout(Some(timeout)).operation_timeout(Some(timeout));
-    let results = admin.create_topics(&new, &opts).await.map_err(BusError::Client)?;
+    let opts = AdminOptions::new()
+        .request_timeout(Some(timeout))
+        .operation_timeout(Some(timeout));
+    let results = admin
+        .create_topics(&new, &opts)
+        .await
+        .map_err(BusError::Client)?;
     for result in results {
         match result {
             Ok(name) => tracing::info!(topic = %name, "created topic"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
-                return Err(BusError::CreateTopic { topic, reason: code.to_string() });
+                return Err(BusError::CreateTopic {
+                    topic,
+                    reason: code.to_string(),
+                });
             }
         }
     }
@@ -52,11 +62,15 @@ async fn wait_visible(
         let consumer: BaseConsumer = cfg.create().map_err(BusError::Client)?;
         let started = Instant::now();
         loop {
-            let md = consumer.fetch_metadata(None, timeout).map_err(BusError::Client)?;
+            let md = consumer
+                .fetch_metadata(None, timeout)
+                .map_err(BusError::Client)?;
             let missing: Vec<String> = names
                 .iter()
                 .filter(|n| {
-                    !md.topics().iter().any(|t| t.name() == n.as_str() && !t.partitions().is_empty())
+                    !md.topics()
+                        .iter()
+                        .any(|t| t.name() == n.as_str() && !t.partitions().is_empty())
                 })
                 .cloned()
                 .collect();

@@ -37,7 +37,9 @@ pub struct Consumer {
 
 impl std::fmt::Debug for Consumer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Consumer").field("group", &self.group).finish_non_exhaustive()
+        f.debug_struct("Consumer")
+            .field("group", &self.group)
+            .finish_non_exhaustive()
     }
 }
 
@@ -64,7 +66,10 @@ impl Consumer {
         let inner: StreamConsumer = cfg.create().map_err(BusError::Client)?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         inner.subscribe(&names).map_err(BusError::Client)?;
-        Ok(Self { inner, group: group.to_owned() })
+        Ok(Self {
+            inner,
+            group: group.to_owned(),
+        })
     }
 
     pub fn group(&self) -> &str {
@@ -88,8 +93,12 @@ impl Consumer {
     /// Marks `delivery` done: its offset is stored and committed with the next commit.
     pub fn ack(&self, delivery: &Delivery) -> Result<(), BusError> {
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&delivery.topic, delivery.partition, Offset::Offset(delivery.offset + 1))
-            .map_err(BusError::Client)?;
+        tpl.add_partition_offset(
+            &delivery.topic,
+            delivery.partition,
+            Offset::Offset(delivery.offset + 1),
+        )
+        .map_err(BusError::Client)?;
         self.inner.store_offsets(&tpl).map_err(BusError::Client)
     }
 

@@ -8,7 +8,10 @@ pub enum BusError {
     #[error("could not create topic `{topic}`: {reason}")]
     CreateTopic { topic: String, reason: String },
     #[error("topics not visible in cluster metadata after {waited_ms} ms: {missing:?}")]
-    TopicsMissing { missing: Vec<String>, waited_ms: u128 },
+    TopicsMissing {
+        missing: Vec<String>,
+        waited_ms: u128,
+    },
     #[error("could not publish to `{topic}`: {source}")]
     Publish {
         topic: String,
@@ -26,6 +29,9 @@ pub enum BusError {
 impl BusError {
     /// Whether retrying the same operation later can succeed (broker down, timeouts).
     pub fn is_transient(&self) -> bool {
-        matches!(self, BusError::Client(_) | BusError::Publish { .. } | BusError::TopicsMissing { .. })
+        matches!(
+            self,
+            BusError::Client(_) | BusError::Publish { .. } | BusError::TopicsMissing { .. }
+        )
     }
 }

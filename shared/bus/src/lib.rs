@@ -57,7 +57,8 @@ impl Bus {
 
     /// Creates the platform's declared topics.
     pub async fn ensure_platform_topics(&self) -> Result<(), BusError> {
-        self.ensure_topics(&self.topics().declared(self.config.partitions)).await
+        self.ensure_topics(&self.topics().declared(self.config.partitions))
+            .await
     }
 
     /// A producer that stamps events with `source` (a stage URI such as `/mediaflow/gateway`).
@@ -83,12 +84,15 @@ impl Bus {
         let topic = topic.to_owned();
         tokio::task::spawn_blocking(move || {
             let consumer: BaseConsumer = cfg.create().map_err(BusError::Client)?;
-            let md = consumer.fetch_metadata(Some(&topic), timeout).map_err(BusError::Client)?;
+            let md = consumer
+                .fetch_metadata(Some(&topic), timeout)
+                .map_err(BusError::Client)?;
             let mut total = 0;
             for t in md.topics() {
                 for p in t.partitions() {
-                    let (low, high) =
-                        consumer.fetch_watermarks(&topic, p.id(), timeout).map_err(BusError::Client)?;
+                    let (low, high) = consumer
+                        .fetch_watermarks(&topic, p.id(), timeout)
+                        .map_err(BusError::Client)?;
                     total += high - low;
                 }
             }
@@ -103,7 +107,9 @@ impl Bus {
         let cfg = self.client_config();
         tokio::task::spawn_blocking(move || {
             let consumer: BaseConsumer = cfg.create().map_err(BusError::Client)?;
-            consumer.fetch_metadata(None, timeout).map_err(BusError::Client)?;
+            consumer
+                .fetch_metadata(None, timeout)
+                .map_err(BusError::Client)?;
             Ok(())
         })
         .await

@@ -27,7 +27,9 @@ pub struct Publisher {
 
 impl std::fmt::Debug for Publisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Publisher").field("source", &self.source).finish_non_exhaustive()
+        f.debug_struct("Publisher")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
     }
 }
 
@@ -42,7 +44,11 @@ impl Publisher {
             .set("linger.ms", "5")
             .set("message.timeout.ms", timeout.as_millis().to_string());
         let producer: FutureProducer = cfg.create().map_err(BusError::Client)?;
-        Ok(Self { producer, source: source.to_owned(), timeout })
+        Ok(Self {
+            producer,
+            source: source.to_owned(),
+            timeout,
+        })
     }
 
     /// Publishes `data` on `topic` and waits for the broker's acknowledgement.
@@ -53,14 +59,24 @@ impl Publisher {
     ) -> Result<Published, BusError> {
         let event = mediaflow_events::encode(data, &self.source)?;
         let key = data.subject();
-        let record = MessageRecord::from_event(event).map_err(|e| BusError::Encode(e.to_string()))?;
+        let record =
+            MessageRecord::from_event(event).map_err(|e| BusError::Encode(e.to_string()))?;
         let delivery = self
             .producer
-            .send(FutureRecord::to(topic).key(&key).message_record(&record), self.timeout)
+            .send(
+                FutureRecord::to(topic).key(&key).message_record(&record),
+                self.timeout,
+            )
             .await;
         match delivery {
-            Ok(d) => Ok(Published { partition: d.partition, offset: d.offset }),
-            Err((source, _)) => Err(BusError::Publish { topic: topic.to_owned(), source }),
+            Ok(d) => Ok(Published {
+                partition: d.partition,
+                offset: d.offset,
+            }),
+            Err((source, _)) => Err(BusError::Publish {
+                topic: topic.to_owned(),
+                source,
+            }),
         }
     }
 

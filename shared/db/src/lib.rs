@@ -21,7 +21,10 @@ pub struct DbConfig {
 
 impl Default for DbConfig {
     fn default() -> Self {
-        Self { url: String::new(), max_connections: 8 }
+        Self {
+            url: String::new(),
+            max_connections: 8,
+        }
     }
 }
 
@@ -42,13 +45,15 @@ impl DbError {
     /// Whether a retry later can succeed (connection lost, pool exhausted, locked database).
     pub fn is_transient(&self) -> bool {
         match self {
-            DbError::Sql(e) => matches!(
-                e,
-                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
-            ) || e.as_database_error().is_some_and(|d| {
-                // SQLite BUSY/LOCKED, PostgreSQL serialization failure / deadlock.
-                matches!(d.code().as_deref(), Some("5" | "6" | "40001" | "40P01"))
-            }),
+            DbError::Sql(e) => {
+                matches!(
+                    e,
+                    sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
+                ) || e.as_database_error().is_some_and(|d| {
+                    // SQLite BUSY/LOCKED, PostgreSQL serialization failure / deadlock.
+                    matches!(d.code().as_deref(), Some("5" | "6" | "40001" | "40P01"))
+                })
+            }
             _ => false,
         }
     }
@@ -122,7 +127,9 @@ pub struct ResultRow {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// A pool of connections to the mediaflow database.
@@ -146,13 +153,23 @@ impl Db {
         };
         let sqlite = url.starts_with("sqlite:");
         let pool = AnyPoolOptions::new()
-            .max_connections(if sqlite { max_connections.min(4) } else { max_connections })
+            .max_connections(if sqlite {
+                max_connections.min(4)
+            } else {
+                max_connections
+            })
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if sqlite {
-                        sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
-                        sqlx::query("PRAGMA busy_timeout = 5000").execute(&mut *conn).await?;
-                        sqlx::query("PRAGMA foreign_keys = ON").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA journal_mode = WAL")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA busy_timeout = 5000")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA foreign_keys = ON")
+                            .execute(&mut *conn)
+                            .await?;
                     }
                     Ok(())
                 })
@@ -195,7 +212,10 @@ impl Db {
 
     /// Removes an upload that was never announced (its event could not be published).
     pub async fn delete_media(&self, id: &str) -> Result<(), DbError> {
-        sqlx::query("DELETE FROM media WHERE id = $1").bind(id).execute(&self.pool).await?;
+        sqlx::query("DELETE FROM media WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -228,7 +248,11 @@ impl Db {
 
     /// Stores a stage's outputs and marks the item done, in one transaction. Idempotent: the
     /// same (media, stage, version, name) overwrites its row.
-    pub async fn record_results(&self, media_id: &str, results: &[ResultRow]) -> Result<(), DbError> {
+    pub async fn record_results(
+        &self,
+        media_id: &str,
+        results: &[ResultRow],
+    ) -> Result<(), DbError> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         for r in results {
@@ -309,7 +333,10 @@ impl Db {
 
     /// Number of media rows (for tests and metrics).
     pub async fn media_count(&self) -> Result<i64, DbError> {
-        Ok(sqlx::query("SELECT COUNT(*) AS n FROM media").fetch_one(&self.pool).await?.try_get("n")?)
+        Ok(sqlx::query("SELECT COUNT(*) AS n FROM media")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("n")?)
     }
 
     /// A new media row stamped now, for the gateway.

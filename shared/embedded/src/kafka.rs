@@ -24,7 +24,9 @@ pub fn find_tansu(explicit: Option<&Path>) -> Result<PathBuf, EmbeddedError> {
         return if p.is_file() {
             Ok(p.to_owned())
         } else {
-            Err(EmbeddedError::TansuMissing { looked: p.display().to_string() })
+            Err(EmbeddedError::TansuMissing {
+                looked: p.display().to_string(),
+            })
         };
     }
     let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
@@ -36,16 +38,23 @@ pub fn find_tansu(explicit: Option<&Path>) -> Result<PathBuf, EmbeddedError> {
     if let Some(home) = std::env::var_os("HOME") {
         candidates.push(PathBuf::from(home).join(".cargo/bin/tansu"));
     }
-    candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| EmbeddedError::TansuMissing {
-        looked: "$PATH, $CARGO_HOME/bin, ~/.cargo/bin".into(),
-    })
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| EmbeddedError::TansuMissing {
+            looked: "$PATH, $CARGO_HOME/bin, ~/.cargo/bin".into(),
+        })
 }
 
 impl EmbeddedKafka {
     /// Starts the broker on `127.0.0.1:port` with its SQLite file under `dir`, and waits until it
     /// accepts connections.
     pub async fn start(tansu: &Path, dir: &Path, port: u16) -> Result<Self, EmbeddedError> {
-        std::fs::create_dir_all(dir).map_err(|source| EmbeddedError::Spawn { what: "kafka", source })?;
+        std::fs::create_dir_all(dir).map_err(|source| EmbeddedError::Spawn {
+            what: "kafka",
+            source,
+        })?;
         let addr = format!("127.0.0.1:{port}");
         let url = format!("tcp://{addr}");
         let log = dir.join("tansu.log");
@@ -53,8 +62,16 @@ impl EmbeddedKafka {
             .create(true)
             .append(true)
             .open(&log)
-            .map_err(|source| EmbeddedError::Spawn { what: "kafka", source })?;
-        let log_err = log_file.try_clone().map_err(|source| EmbeddedError::Spawn { what: "kafka", source })?;
+            .map_err(|source| EmbeddedError::Spawn {
+                what: "kafka",
+                source,
+            })?;
+        let log_err = log_file
+            .try_clone()
+            .map_err(|source| EmbeddedError::Spawn {
+                what: "kafka",
+                source,
+            })?;
         let child = Command::new(tansu)
             .arg("broker")
             .args(["--listener-url", &url])
@@ -62,13 +79,19 @@ impl EmbeddedKafka {
             // Relative to the working directory: <dir>/tansu.db.
             .args(["--storage-engine", "sqlite://tansu.db"])
             .current_dir(dir)
-            .env("RUST_LOG", std::env::var("MEDIAFLOW_TANSU_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("MEDIAFLOW_TANSU_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log_file)
             .stderr(log_err)
             .kill_on_drop(true)
             .spawn()
-            .map_err(|source| EmbeddedError::Spawn { what: "kafka (tansu)", source })?;
+            .map_err(|source| EmbeddedError::Spawn {
+                what: "kafka (tansu)",
+                source,
+            })?;
         let mut kafka = Self { child, addr, log };
         kafka.wait_ready(Duration::from_secs(60)).await?;
         tracing::info!(addr = %kafka.addr, "embedded kafka broker ready");

@@ -24,14 +24,25 @@ pub enum EmbeddedError {
         source: std::io::Error,
     },
     #[error("{what} did not accept connections on {addr} within {waited_s} s; see {log}")]
-    NotReady { what: &'static str, addr: String, waited_s: u64, log: String },
+    NotReady {
+        what: &'static str,
+        addr: String,
+        waited_s: u64,
+        log: String,
+    },
     #[error("{what} exited during start-up ({status}); see {log}")]
-    Exited { what: &'static str, status: String, log: String },
+    Exited {
+        what: &'static str,
+        status: String,
+        log: String,
+    },
     #[error("S3 server: {0}")]
     S3(String),
 }
 
 /// Finds a free TCP port on 127.0.0.1 by binding port 0.
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }

@@ -27,7 +27,8 @@ impl EmbeddedS3 {
         access_key: &str,
         secret_key: &str,
     ) -> Result<Self, EmbeddedError> {
-        std::fs::create_dir_all(root).map_err(|source| EmbeddedError::Spawn { what: "s3", source })?;
+        std::fs::create_dir_all(root)
+            .map_err(|source| EmbeddedError::Spawn { what: "s3", source })?;
         let fs = s3s_fs::FileSystem::new(root)
             .map_err(|e| EmbeddedError::S3(s3s::S3Error::from(e).to_string()))?;
         let service = {
@@ -37,8 +38,13 @@ impl EmbeddedS3 {
         };
         let listener = TcpListener::bind(addr)
             .await
-            .map_err(|source| EmbeddedError::Spawn { what: "s3 listener", source })?;
-        let addr = listener.local_addr().map_err(|source| EmbeddedError::Spawn { what: "s3", source })?;
+            .map_err(|source| EmbeddedError::Spawn {
+                what: "s3 listener",
+                source,
+            })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| EmbeddedError::Spawn { what: "s3", source })?;
         let stop = CancellationToken::new();
         let token = stop.clone();
         tokio::spawn(async move {
@@ -54,7 +60,9 @@ impl EmbeddedS3 {
                         }
                     },
                 };
-                let conn = http.serve_connection(TokioIo::new(socket), service.clone()).into_owned();
+                let conn = http
+                    .serve_connection(TokioIo::new(socket), service.clone())
+                    .into_owned();
                 let token = token.clone();
                 tokio::spawn(async move {
                     tokio::select! {

@@ -24,7 +24,10 @@ pub trait EventData: Serialize + DeserializeOwned {
 #[derive(Debug, thiserror::Error)]
 pub enum EventError {
     #[error("expected an event of type `{expected}`, got `{actual}`")]
-    WrongType { expected: &'static str, actual: String },
+    WrongType {
+        expected: &'static str,
+        actual: String,
+    },
     #[error("event `{id}` has no data")]
     NoData { id: String },
     #[error("event `{id}` of type `{ty}` has data that does not match its schema: {source}")]
@@ -58,17 +61,32 @@ pub fn encode<T: EventData>(data: &T, source: &str) -> Result<Event, EventError>
 /// Reads the payload of an event of type `T`, checking its type first.
 pub fn decode<T: EventData>(event: &Event) -> Result<T, EventError> {
     if event.ty() != T::TYPE {
-        return Err(EventError::WrongType { expected: T::TYPE, actual: event.ty().to_owned() });
+        return Err(EventError::WrongType {
+            expected: T::TYPE,
+            actual: event.ty().to_owned(),
+        });
     }
+    serde_json::from_value(data_json(event)?).map_err(|source| EventError::BadData {
+        id: event.id().to_owned(),
+        ty: event.ty().to_owned(),
+        source,
+    })
+}
+
+/// The event's data as JSON, however the binding delivered it (the Kafka binding hands JSON
+/// payloads over as bytes).
+pub fn data_json(event: &Event) -> Result<serde_json::Value, EventError> {
     let bad = |source| EventError::BadData {
         id: event.id().to_owned(),
         ty: event.ty().to_owned(),
         source,
     };
     match event.data() {
-        Some(Data::Json(v)) => serde_json::from_value(v.clone()).map_err(bad),
+        Some(Data::Json(v)) => Ok(v.clone()),
         Some(Data::Binary(b)) => serde_json::from_slice(b).map_err(bad),
         Some(Data::String(s)) => serde_json::from_str(s).map_err(bad),
-        None => Err(EventError::NoData { id: event.id().to_owned() }),
+        None => Err(EventError::NoData {
+            id: event.id().to_owned(),
+        }),
     }
 }

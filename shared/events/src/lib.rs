@@ -7,6 +7,6 @@ pub mod media;
 pub mod schema;
 pub mod topics;
 
-pub use envelope::{EventData, EventError, decode, encode};
+pub use envelope::{EventData, EventError, data_json, decode, encode};
 pub use media::{MediaKind, MediaThumbnailed, MediaUploaded, ObjectRef, Thumbnail};
 pub use topics::{TopicSpec, Topics};

@@ -173,7 +173,10 @@ pub(crate) mod tests {
     fn decoding_checks_the_type() {
         let event = encode(&uploaded(), "/mediaflow/gateway").unwrap();
         let err = decode::<MediaThumbnailed>(&event).unwrap_err();
-        assert!(err.to_string().contains("mediaflow.media.uploaded"), "{err}");
+        assert!(
+            err.to_string().contains("mediaflow.media.uploaded"),
+            "{err}"
+        );
     }
 
     #[test]

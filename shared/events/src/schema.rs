@@ -5,12 +5,12 @@ use serde_json::Value;
 /// The schema document for an event type, if mediaflow defines one.
 pub fn document(event_type: &str) -> Option<&'static str> {
     match event_type {
-        "mediaflow.media.uploaded" => {
-            Some(include_str!("../../../schemas/mediaflow.media.uploaded.json"))
-        }
-        "mediaflow.media.thumbnailed" => {
-            Some(include_str!("../../../schemas/mediaflow.media.thumbnailed.json"))
-        }
+        "mediaflow.media.uploaded" => Some(include_str!(
+            "../../../schemas/mediaflow.media.uploaded.json"
+        )),
+        "mediaflow.media.thumbnailed" => Some(include_str!(
+            "../../../schemas/mediaflow.media.thumbnailed.json"
+        )),
         _ => None,
     }
 }
@@ -27,12 +27,17 @@ pub fn validate(event_type: &str, data: &Value) -> Result<(), String> {
         .should_validate_formats(true)
         .build(&schema)
         .map_err(|e| format!("schema of `{event_type}` does not compile: {e}"))?;
-    let errors: Vec<String> =
-        validator.iter_errors(data).map(|e| format!("{}: {e}", e.instance_path)).collect();
+    let errors: Vec<String> = validator
+        .iter_errors(data)
+        .map(|e| format!("{}: {e}", e.instance_path))
+        .collect();
     if errors.is_empty() {
         Ok(())
     } else {
-        Err(format!("`{event_type}` payload violates its schema: {}", errors.join("; ")))
+        Err(format!(
+            "`{event_type}` payload violates its schema: {}",
+            errors.join("; ")
+        ))
     }
 }
 
@@ -62,7 +67,11 @@ mod tests {
         let mut no_name = uploaded;
         no_name.filename = None;
         validate(MediaUploaded::TYPE, &sample(&no_name)).unwrap();
-        validate(MediaThumbnailed::TYPE, &sample(&crate::media::tests::thumbnailed())).unwrap();
+        validate(
+            MediaThumbnailed::TYPE,
+            &sample(&crate::media::tests::thumbnailed()),
+        )
+        .unwrap();
     }
 
     #[test]

@@ -23,7 +23,9 @@ pub struct Topics {
 
 impl Topics {
     pub fn new(prefix: impl Into<String>) -> Self {
-        Self { prefix: prefix.into() }
+        Self {
+            prefix: prefix.into(),
+        }
     }
 
     fn name(&self, base: &str) -> String {
@@ -52,7 +54,11 @@ impl Topics {
 
     /// Every topic the platform needs, with `partitions` partitions each.
     pub fn declared(&self, partitions: i32) -> Vec<TopicSpec> {
-        let spec = |name: String, retention| TopicSpec { name, partitions, retention };
+        let spec = |name: String, retention| TopicSpec {
+            name,
+            partitions,
+            retention,
+        };
         vec![
             spec(self.media_uploaded(), 7 * DAY),
             spec(self.jobs_image(), 7 * DAY),
@@ -71,7 +77,11 @@ mod tests {
         let topics = Topics::new("t1.");
         let declared = topics.declared(3);
         assert_eq!(declared.len(), 4);
-        assert!(declared.iter().all(|t| t.name.starts_with("t1.") && t.partitions == 3));
+        assert!(
+            declared
+                .iter()
+                .all(|t| t.name.starts_with("t1.") && t.partitions == 3)
+        );
         assert_eq!(topics.jobs_image(), "t1.jobs.image");
     }
 }

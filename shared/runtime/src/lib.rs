@@ -42,13 +42,22 @@ pub struct StageError {
 
 impl StageError {
     pub fn transient(message: impl Into<String>) -> Self {
-        Self { class: ErrorClass::Transient, message: message.into() }
+        Self {
+            class: ErrorClass::Transient,
+            message: message.into(),
+        }
     }
     pub fn permanent(message: impl Into<String>) -> Self {
-        Self { class: ErrorClass::Permanent, message: message.into() }
+        Self {
+            class: ErrorClass::Permanent,
+            message: message.into(),
+        }
     }
     pub fn bad_input(message: impl Into<String>) -> Self {
-        Self { class: ErrorClass::BadInput, message: message.into() }
+        Self {
+            class: ErrorClass::BadInput,
+            message: message.into(),
+        }
     }
 }
 
@@ -88,7 +97,10 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// Backoff before attempt `attempt + 1`: exponential, with up to 50% jitter.
     pub fn backoff(&self, attempt: u32) -> Duration {
-        let base = self.initial_backoff.saturating_mul(1 << attempt.min(16)).min(self.max_backoff);
+        let base = self
+            .initial_backoff
+            .saturating_mul(1 << attempt.min(16))
+            .min(self.max_backoff);
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
@@ -207,7 +219,10 @@ mod tests {
         for attempt in 0..10 {
             let b = p.backoff(attempt);
             let base = Duration::from_millis(100 * (1 << attempt)).min(Duration::from_secs(1));
-            assert!(b <= base && b >= base / 2, "attempt {attempt}: {b:?} vs {base:?}");
+            assert!(
+                b <= base && b >= base / 2,
+                "attempt {attempt}: {b:?} vs {base:?}"
+            );
         }
     }
 }

@@ -56,7 +56,12 @@ pub enum StoreError {
     #[error("object `{key}` is {size} bytes, over the limit of {limit}")]
     TooLarge { key: String, size: u64, limit: u64 },
     #[error("object store request `{op}` on `{key}` failed: {message}")]
-    Request { op: &'static str, key: String, message: String, transient: bool },
+    Request {
+        op: &'static str,
+        key: String,
+        message: String,
+        transient: bool,
+    },
     #[error("could not read local file {path}: {source}")]
     LocalFile {
         path: String,
@@ -68,25 +73,39 @@ pub enum StoreError {
 impl StoreError {
     /// Whether a retry later can succeed (server unreachable, timeouts, 5xx).
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Request { transient: true, .. })
+        matches!(
+            self,
+            StoreError::Request {
+                transient: true,
+                ..
+            }
+        )
     }
 }
 
-fn request_error<E, R>(op: &'static str, key: &str, err: SdkError<E, R>) -> StoreError
+fn request_error<E, R>(op: &'static str, key: &str, err: &SdkError<E, R>) -> StoreError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug,
 {
-    let transient = match &err {
+    let transient = match err {
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
             true
         }
         SdkError::ServiceError(e) => {
-            matches!(e.err().code(), Some("SlowDown" | "InternalError" | "ServiceUnavailable"))
+            matches!(
+                e.err().code(),
+                Some("SlowDown" | "InternalError" | "ServiceUnavailable")
+            )
         }
         _ => false,
     };
-    StoreError::Request { op, key: key.to_owned(), message: DisplayErrorContext(&err).to_string(), transient }
+    StoreError::Request {
+        op,
+        key: key.to_owned(),
+        message: DisplayErrorContext(err).to_string(),
+        transient,
+    }
 }
 
 /// An object as listed or fetched.
@@ -105,8 +124,13 @@ pub struct ObjectStore {
 
 impl ObjectStore {
     pub fn new(config: &StoreConfig) -> Self {
-        let creds =
-            Credentials::new(&config.access_key, &config.secret_key, None, None, "mediaflow-config");
+        let creds = Credentials::new(
+            &config.access_key,
+            &config.secret_key,
+            None,
+            None,
+            "mediaflow-config",
+        );
         let timeouts = aws_sdk_s3::config::timeout::TimeoutConfig::builder()
             .operation_attempt_timeout(Duration::from_millis(config.timeout_ms))
             .connect_timeout(Duration::from_secs(5))
@@ -122,7 +146,10 @@ impl ObjectStore {
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
             .build();
-        Self { client: aws_sdk_s3::Client::from_conf(s3), bucket: config.bucket.clone() }
+        Self {
+            client: aws_sdk_s3::Client::from_conf(s3),
+            bucket: config.bucket.clone(),
+        }
     }
 
     pub fn bucket(&self) -> &str {
@@ -131,10 +158,23 @@ impl ObjectStore {
 
     /// Creates the bucket unless it exists.
     pub async fn ensure_bucket(&self) -> Result<(), StoreError> {
-        if self.client.head_bucket().bucket(&self.bucket).send().await.is_ok() {
+        if self
+            .client
+            .head_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .is_ok()
+        {
             return Ok(());
         }
-        match self.client.create_bucket().bucket(&self.bucket).send().await {
+        match self
+            .client
+            .create_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+        {
             Ok(_) => Ok(()),
             Err(SdkError::ServiceError(e))
                 if matches!(
@@ -144,16 +184,23 @@ impl ObjectStore {
             {
                 Ok(())
             }
-            Err(e) => Err(request_error("CreateBucket", &self.bucket, e)),
+            Err(e) => Err(request_error("CreateBucket", &self.bucket, &e)),
         }
     }
 
     /// Uploads the local file at `path` to `key`, streaming it from disk.
-    pub async fn put_file(&self, key: &str, path: &Path, content_type: &str) -> Result<(), StoreError> {
-        let body = ByteStream::from_path(path).await.map_err(|e| StoreError::LocalFile {
-            path: path.display().to_string(),
-            source: std::io::Error::other(e),
-        })?;
+    pub async fn put_file(
+        &self,
+        key: &str,
+        path: &Path,
+        content_type: &str,
+    ) -> Result<(), StoreError> {
+        let body = ByteStream::from_path(path)
+            .await
+            .map_err(|e| StoreError::LocalFile {
+                path: path.display().to_string(),
+                source: std::io::Error::other(e),
+            })?;
         self.client
             .put_object()
             .bucket(&self.bucket)
@@ -162,12 +209,17 @@ impl ObjectStore {
             .body(body)
             .send()
             .await
-            .map_err(|e| request_error("PutObject", key, e))?;
+            .map_err(|e| request_error("PutObject", key, &e))?;
         Ok(())
     }
 
     /// Uploads `bytes` to `key`.
-    pub async fn put_bytes(&self, key: &str, bytes: Bytes, content_type: &str) -> Result<(), StoreError> {
+    pub async fn put_bytes(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        content_type: &str,
+    ) -> Result<(), StoreError> {
         self.client
             .put_object()
             .bucket(&self.bucket)
@@ -176,22 +228,35 @@ impl ObjectStore {
             .body(ByteStream::from(bytes))
             .send()
             .await
-            .map_err(|e| request_error("PutObject", key, e))?;
+            .map_err(|e| request_error("PutObject", key, &e))?;
         Ok(())
     }
 
     /// Fetches `key` whole, refusing objects larger than `limit` bytes before reading them.
     pub async fn get(&self, key: &str, limit: u64) -> Result<Object, StoreError> {
-        let out = match self.client.get_object().bucket(&self.bucket).key(key).send().await {
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
             Ok(out) => out,
             Err(SdkError::ServiceError(e)) if e.err().is_no_such_key() => {
-                return Err(StoreError::NotFound { key: key.to_owned() });
+                return Err(StoreError::NotFound {
+                    key: key.to_owned(),
+                });
             }
-            Err(e) => return Err(request_error("GetObject", key, e)),
+            Err(e) => return Err(request_error("GetObject", key, &e)),
         };
         let size = out.content_length().unwrap_or(0).max(0) as u64;
         if size > limit {
-            return Err(StoreError::TooLarge { key: key.to_owned(), size, limit });
+            return Err(StoreError::TooLarge {
+                key: key.to_owned(),
+                size,
+                limit,
+            });
         }
         let content_type = out.content_type().map(str::to_owned);
         let bytes = out.body.collect().await.map_err(|e| StoreError::Request {
@@ -200,15 +265,25 @@ impl ObjectStore {
             message: e.to_string(),
             transient: true,
         })?;
-        Ok(Object { bytes: bytes.into_bytes(), content_type })
+        Ok(Object {
+            bytes: bytes.into_bytes(),
+            content_type,
+        })
     }
 
     /// Whether `key` exists.
     pub async fn exists(&self, key: &str) -> Result<bool, StoreError> {
-        match self.client.head_object().bucket(&self.bucket).key(key).send().await {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
             Ok(_) => Ok(true),
             Err(SdkError::ServiceError(e)) if e.err().is_not_found() => Ok(false),
-            Err(e) => Err(request_error("HeadObject", key, e)),
+            Err(e) => Err(request_error("HeadObject", key, &e)),
         }
     }
 
@@ -227,7 +302,7 @@ impl ObjectStore {
             .key(key)
             .presigned(cfg)
             .await
-            .map_err(|e| request_error("Presign", key, e))?;
+            .map_err(|e| request_error("Presign", key, &e))?;
         Ok(req.uri().to_owned())
     }
 }
@@ -240,7 +315,7 @@ impl ObjectStore {
             .bucket(&self.bucket)
             .send()
             .await
-            .map_err(|e| request_error("HeadBucket", &self.bucket, e))?;
+            .map_err(|e| request_error("HeadBucket", &self.bucket, &e))?;
         Ok(())
     }
 }

@@ -23,7 +23,9 @@ pub enum LogFormat {
 pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     // A second initialisation (tests starting several platforms) keeps the first subscriber.
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
@@ -76,7 +78,11 @@ impl Metrics {
         let uploads = Family::<UploadLabels, Counter>::default();
         registry.register("uploads", "Upload requests by outcome", uploads.clone());
         let upload_bytes = Counter::default();
-        registry.register("upload_bytes", "Bytes of accepted uploads", upload_bytes.clone());
+        registry.register(
+            "upload_bytes",
+            "Bytes of accepted uploads",
+            upload_bytes.clone(),
+        );
         let stage_messages = Family::<StageLabels, Counter>::default();
         registry.register(
             "stage_messages",
@@ -109,7 +115,11 @@ impl Metrics {
 
     /// An upload request finished with `outcome` (`accepted`, or the problem type).
     pub fn upload(&self, outcome: &str, bytes: u64) {
-        self.uploads.get_or_create(&UploadLabels { outcome: outcome.to_owned() }).inc();
+        self.uploads
+            .get_or_create(&UploadLabels {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
         if outcome == "accepted" {
             self.upload_bytes.inc_by(bytes);
         }
@@ -118,22 +128,35 @@ impl Metrics {
     /// A stage finished a message.
     pub fn stage_processed(&self, stage: &str, outcome: &str, took: Duration) {
         self.stage_messages
-            .get_or_create(&StageLabels { stage: stage.to_owned(), outcome: outcome.to_owned() })
+            .get_or_create(&StageLabels {
+                stage: stage.to_owned(),
+                outcome: outcome.to_owned(),
+            })
             .inc();
-        self.stage_seconds.get_or_create(&StageOnly { stage: stage.to_owned() }).observe(took.as_secs_f64());
+        self.stage_seconds
+            .get_or_create(&StageOnly {
+                stage: stage.to_owned(),
+            })
+            .observe(took.as_secs_f64());
     }
 
     /// A stage hit an error that did not finish a message.
     pub fn stage_error(&self, stage: &str, kind: &str) {
         self.stage_errors
-            .get_or_create(&StageLabels { stage: stage.to_owned(), outcome: kind.to_owned() })
+            .get_or_create(&StageLabels {
+                stage: stage.to_owned(),
+                outcome: kind.to_owned(),
+            })
             .inc();
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let registry = self.registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let registry = self
+            .registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
@@ -150,8 +173,16 @@ mod tests {
         m.upload("accepted", 10);
         m.stage_processed("image-worker", "ok", Duration::from_millis(5));
         let text = m.render();
-        assert!(text.contains("mediaflow_uploads_total{outcome=\"accepted\"} 1"), "{text}");
+        assert!(
+            text.contains("mediaflow_uploads_total{outcome=\"accepted\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("mediaflow_upload_bytes_total 10"), "{text}");
-        assert!(text.contains("mediaflow_stage_messages_total{stage=\"image-worker\",outcome=\"ok\"} 1"), "{text}");
+        assert!(
+            text.contains(
+                "mediaflow_stage_messages_total{stage=\"image-worker\",outcome=\"ok\"} 1"
+            ),
+            "{text}"
+        );
     }
 }
