@@ -247,3 +247,52 @@ async fn corrupt_image_fails_visibly_without_blocking_others() -> Result<()> {
     assert!(view.results.is_empty());
     tp.stop().await
 }
+
+/// Broker data, objects, rows and committed offsets live in the data folder and survive a
+/// restart: old results stay readable and nothing is processed twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn state_survives_a_restart() -> Result<()> {
+    let tp = TestPlatform::start(Backend::Sqlite).await?;
+    let first = upload_raw(
+        &tp.base,
+        std::fs::read(fixtures().join("rocket.jpg"))?,
+        "image/jpeg",
+        "a.jpg",
+    )
+    .await?;
+    tp.read_events("media.thumbnailed", 1, TIMEOUT).await?;
+    let (config, dir) = tp.stop_keeping_data().await?;
+
+    let tp = TestPlatform::restart(config, dir).await?;
+    let view: MediaView = reqwest::get(format!("{}/v1/media/{}", tp.base, first.id))
+        .await?
+        .json()
+        .await?;
+    assert_eq!(view.status, mediaflow_db::MediaStatus::Done);
+    let served = reqwest::get(format!("{}{}", tp.base, view.results[0].download_url)).await?;
+    assert_eq!(served.status(), 200);
+
+    let second = upload_raw(
+        &tp.base,
+        std::fs::read(fixtures().join("coffee.png"))?,
+        "image/png",
+        "b.png",
+    )
+    .await?;
+    let events = tp.read_events("media.thumbnailed", 2, TIMEOUT).await?;
+    let ids: Vec<String> = events
+        .iter()
+        .map(|e| mediaflow_events::decode::<MediaThumbnailed>(e).map(|r| r.media_id))
+        .collect::<Result<_, _>>()?;
+    assert!(
+        ids.contains(&first.id) && ids.contains(&second.id),
+        "{ids:?}"
+    );
+    let topic = format!("{}media.thumbnailed", tp.config.bus.topic_prefix);
+    assert_eq!(
+        tp.bus.message_count(&topic).await?,
+        2,
+        "the first upload was processed again"
+    );
+    tp.stop().await
+}

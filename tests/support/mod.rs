@@ -24,7 +24,7 @@ pub struct TestPlatform {
     pub base: String,
     pub bus: Bus,
     pub config: MediaflowConfig,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 /// Where `./x` keeps what it installs: `$MEDIAFLOW_CACHE`, else `~/.cache/mediaflow`.
@@ -97,8 +97,6 @@ impl TestPlatform {
         let dir = tempfile::tempdir()?;
         let mut config = MediaflowConfig::with_defaults();
         config.data_dir = dir.path().join("data");
-        config.embedded.kafka_port = 0;
-        config.embedded.s3_port = 0;
         config.gateway.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         config.bus.topic_prefix = format!("{}.", unique("t"));
         config.store.bucket = unique("mf-");
@@ -107,6 +105,13 @@ impl TestPlatform {
             config.database.url = scratch_postgres().await?;
         }
         adjust(&mut config);
+        Self::restart(config, dir).await
+    }
+
+    /// Starts a platform on an existing configuration and data folder.
+    pub async fn restart(mut config: MediaflowConfig, dir: tempfile::TempDir) -> Result<Self> {
+        config.embedded.kafka_port = 0;
+        config.embedded.s3_port = 0;
         let platform = Platform::start(config.clone()).await?;
         let base = platform.endpoints.gateway.clone();
         let bus = Bus::new(BusConfig {
@@ -120,7 +125,7 @@ impl TestPlatform {
             base,
             bus,
             config,
-            _dir: dir,
+            dir,
         })
     }
 
@@ -190,5 +195,11 @@ impl TestPlatform {
 
     pub async fn stop(self) -> Result<()> {
         self.platform.stop(Duration::from_secs(30)).await
+    }
+
+    /// Stops the platform and hands back what `restart` needs to start it again on the same data.
+    pub async fn stop_keeping_data(self) -> Result<(MediaflowConfig, tempfile::TempDir)> {
+        self.platform.stop(Duration::from_secs(30)).await?;
+        Ok((self.config, self.dir))
     }
 }

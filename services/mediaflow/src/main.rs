@@ -162,6 +162,12 @@ async fn run(command: Command, config: MediaflowConfig) -> Result<()> {
                 adopt_running_platform(&mut config)?;
             }
             let bus = Bus::new(config.bus.clone());
+            bus.ping(Duration::from_secs(5)).await.with_context(|| {
+                format!(
+                    "Kafka at {} does not answer (is `mediaflow up` running?)",
+                    config.bus.brokers
+                )
+            })?;
             let topic = format!("{}{topic}", config.bus.topic_prefix);
             let token = CancellationToken::new();
             cancel_on_signals(token.clone());
