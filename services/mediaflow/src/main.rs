@@ -87,18 +87,21 @@ fn main() -> ExitCode {
     }
 }
 
-/// Cancels `token` on Ctrl-C or SIGTERM.
-fn cancel_on_signals(token: CancellationToken) {
+/// Cancels `token` on Ctrl-C or SIGTERM. The handlers are installed before this returns, so a
+/// signal that arrives right after start-up still drains instead of killing the process.
+fn cancel_on_signals(token: CancellationToken) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing the SIGTERM handler");
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = int.recv() => {}
             _ = term.recv() => {}
         }
         tracing::info!("signal received, draining");
         token.cancel();
     });
+    Ok(())
 }
 
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
@@ -110,7 +113,7 @@ async fn run(command: Command, config: MediaflowConfig) -> Result<()> {
             exit_after_samples,
         } => {
             let platform = Platform::start(config).await?;
-            cancel_on_signals(platform.shutdown_token());
+            cancel_on_signals(platform.shutdown_token())?;
             let base = platform.endpoints.gateway.clone();
             println!("mediaflow is up");
             println!(
@@ -145,7 +148,7 @@ async fn run(command: Command, config: MediaflowConfig) -> Result<()> {
         }
         Command::Run { stage } => {
             let token = CancellationToken::new();
-            cancel_on_signals(token.clone());
+            cancel_on_signals(token.clone())?;
             let mut config = config;
             if config.embedded.kafka || config.embedded.s3 {
                 adopt_running_platform(&mut config)?;
@@ -170,7 +173,7 @@ async fn run(command: Command, config: MediaflowConfig) -> Result<()> {
             })?;
             let topic = format!("{}{topic}", config.bus.topic_prefix);
             let token = CancellationToken::new();
-            cancel_on_signals(token.clone());
+            cancel_on_signals(token.clone())?;
             let mut out = std::io::stdout();
             mediaflow::tail::tail(&bus, &topic, from_beginning, max, token, &mut out).await?;
             Ok(())
