@@ -138,3 +138,77 @@ async fn bad_uploads_are_refused_and_leave_nothing_behind() -> Result<()> {
     assert_eq!(tp.bus.message_count(&uploaded).await?, 1);
     tp.stop().await
 }
+
+/// Runs `tests/py/produce_raw.py` to put one message on `topic` with kafka-python.
+async fn produce_raw(tp: &TestPlatform, topic: &str, value: &str, headers: &[&str]) -> Result<()> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/py/produce_raw.py");
+    let topic = format!("{}{topic}", tp.config.bus.topic_prefix);
+    let out = tokio::process::Command::new(support::python())
+        .args([
+            script,
+            &tp.platform.endpoints.kafka,
+            &topic,
+            "some-key",
+            value,
+        ])
+        .args(headers)
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "producer failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Messages that are not valid mediaflow events (not a CloudEvent, an unknown type, a payload that
+/// breaks the schema) are counted as bad input and skipped; the image queued behind them on the
+/// same partition is processed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_events_do_not_wedge_a_stage() -> Result<()> {
+    let tp = TestPlatform::start_with(Backend::Sqlite, |c| c.bus.partitions = 1).await?;
+    let ce = |ty: &'static str| {
+        [
+            "ce_specversion=1.0",
+            "ce_id=x-1",
+            "ce_source=/somebody/else",
+            ty,
+            "content-type=application/json",
+        ]
+    };
+    produce_raw(&tp, "jobs.image", "this is not an event", &[]).await?;
+    produce_raw(&tp, "jobs.image", "{}", &ce("ce_type=com.example.unknown")).await?;
+    produce_raw(
+        &tp,
+        "jobs.image",
+        "{\"media_id\": 7}",
+        &ce("ce_type=mediaflow.media.uploaded"),
+    )
+    .await?;
+
+    let png = std::fs::read(fixtures().join("chessboard_RGB.png"))?;
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/media", tp.base))
+        .body(png)
+        .send()
+        .await?;
+    assert_eq!(response.status(), 202);
+    let events = tp
+        .read_events("media.thumbnailed", 1, std::time::Duration::from_secs(60))
+        .await?;
+    assert_eq!(events.len(), 1);
+
+    let metrics = reqwest::get(format!("{}/metrics", tp.base))
+        .await?
+        .text()
+        .await?;
+    assert!(
+        metrics.contains(
+            "mediaflow_stage_messages_total{stage=\"image-worker\",outcome=\"bad_input\"} 3"
+        ),
+        "{metrics}"
+    );
+    tp.stop().await
+}

@@ -1,6 +1,7 @@
 //! The walking skeleton end to end: real photos uploaded over HTTP become thumbnails on the result
-//! topic, read back with rdkafka and with kafka-python, fetched with aws-sdk-s3, on SQLite and on
-//! PostgreSQL.
+//! topic, read back with rdkafka and with kafka-python, fetched with aws-sdk-s3. Once as
+//! `mediaflow up` runs (embedded broker and S3, SQLite), once as production runs (Kafka and S3 as
+//! separate services reached through configuration, PostgreSQL).
 
 mod support;
 
@@ -28,13 +29,7 @@ async fn upload_raw(
         .body(bytes)
         .send()
         .await?;
-    anyhow::ensure!(
-        response.status() == 202,
-        "upload of {name}: {} {}",
-        response.status(),
-        response.text().await?
-    );
-    Ok(response.json().await?)
+    accepted(response, name).await
 }
 
 async fn upload_multipart(base: &str, bytes: Vec<u8>, name: &str) -> Result<Accepted> {
@@ -49,6 +44,10 @@ async fn upload_multipart(base: &str, bytes: Vec<u8>, name: &str) -> Result<Acce
         .multipart(form)
         .send()
         .await?;
+    accepted(response, name).await
+}
+
+async fn accepted(response: reqwest::Response, name: &str) -> Result<Accepted> {
     anyhow::ensure!(
         response.status() == 202,
         "upload of {name}: {} {}",

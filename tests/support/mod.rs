@@ -11,11 +11,20 @@ use anyhow::{Context, Result, bail};
 use mediaflow::{MediaflowConfig, Platform};
 use mediaflow_bus::{Bus, BusConfig, StartFrom};
 
-/// Which database a scenario runs against.
+/// How a scenario's platform is deployed.
 #[derive(Clone, Copy, Debug)]
 pub enum Backend {
+    /// As `mediaflow up` runs on one machine: embedded broker and S3 server, SQLite.
     Sqlite,
+    /// As in production: Kafka and S3 run as separate services the platform is pointed at through
+    /// configuration (`embedded.*` off), and the database is PostgreSQL.
     Postgres,
+}
+
+/// Kafka and S3 started by the test as external services, the way an operator runs them.
+struct External {
+    _kafka: mediaflow_embedded::EmbeddedKafka,
+    _s3: mediaflow_embedded::EmbeddedS3,
 }
 
 /// A platform started for one test.
@@ -25,6 +34,7 @@ pub struct TestPlatform {
     pub bus: Bus,
     pub config: MediaflowConfig,
     dir: tempfile::TempDir,
+    external: Option<External>,
 }
 
 /// Where `./x` keeps what it installs: `$MEDIAFLOW_CACHE`, else `~/.cache/mediaflow`.
@@ -71,17 +81,25 @@ fn unique(prefix: &str) -> String {
 
 /// Creates a fresh PostgreSQL database for one test and returns its URL.
 async fn scratch_postgres() -> Result<String> {
-    use sqlx::Connection;
-    let admin = std::env::var("MEDIAFLOW_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
     let name = unique("mediaflow_test_");
-    let mut conn = sqlx::PgConnection::connect(&format!("{admin}/postgres"))
+    postgres_admin(&format!("CREATE DATABASE {name}")).await?;
+    Ok(format!("{}/{name}", postgres_server()))
+}
+
+/// The PostgreSQL server tests use: `MEDIAFLOW_TEST_POSTGRES`, else the local one.
+fn postgres_server() -> String {
+    std::env::var("MEDIAFLOW_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+async fn postgres_admin(statement: &str) -> Result<()> {
+    use sqlx::Connection;
+    let server = postgres_server();
+    let mut conn = sqlx::PgConnection::connect(&format!("{server}/postgres"))
         .await
-        .with_context(|| format!("connecting to PostgreSQL at {admin} (is it running?)"))?;
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut conn)
-        .await?;
-    Ok(format!("{admin}/{name}"))
+        .with_context(|| format!("connecting to PostgreSQL at {server} (is it running?)"))?;
+    sqlx::query(statement).execute(&mut conn).await?;
+    Ok(())
 }
 
 impl TestPlatform {
@@ -101,11 +119,39 @@ impl TestPlatform {
         config.bus.topic_prefix = format!("{}.", unique("t"));
         config.store.bucket = unique("mf-");
         config.retry.initial_backoff_ms = 50;
-        if let Backend::Postgres = backend {
-            config.database.url = scratch_postgres().await?;
-        }
+        let external = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => {
+                config.database.url = scratch_postgres().await?;
+                let tansu = mediaflow_embedded::find_tansu(None)?;
+                let port = mediaflow_embedded::free_port()?;
+                let kafka = mediaflow_embedded::EmbeddedKafka::start(
+                    &tansu,
+                    &dir.path().join("kafka-service"),
+                    port,
+                )
+                .await?;
+                let s3 = mediaflow_embedded::EmbeddedS3::start(
+                    &dir.path().join("s3-service"),
+                    SocketAddr::from(([127, 0, 0, 1], 0)),
+                    &config.store.access_key,
+                    &config.store.secret_key,
+                )
+                .await?;
+                config.embedded.kafka = false;
+                config.embedded.s3 = false;
+                config.bus.brokers = kafka.bootstrap().to_owned();
+                config.store.endpoint = s3.endpoint();
+                Some(External {
+                    _kafka: kafka,
+                    _s3: s3,
+                })
+            }
+        };
         adjust(&mut config);
-        Self::restart(config, dir).await
+        let mut tp = Self::restart(config, dir).await?;
+        tp.external = external;
+        Ok(tp)
     }
 
     /// Starts a platform on an existing configuration and data folder.
@@ -126,6 +172,7 @@ impl TestPlatform {
             bus,
             config,
             dir,
+            external: None,
         })
     }
 
@@ -193,8 +240,14 @@ impl TestPlatform {
         Ok(events)
     }
 
+    /// Stops the platform and drops its scratch database, if it had one.
     pub async fn stop(self) -> Result<()> {
-        self.platform.stop(Duration::from_secs(30)).await
+        self.platform.stop(Duration::from_secs(30)).await?;
+        let url = &self.config.database.url;
+        if let Some(name) = url.strip_prefix(&format!("{}/", postgres_server())) {
+            postgres_admin(&format!("DROP DATABASE {name} WITH (FORCE)")).await?;
+        }
+        Ok(())
     }
 
     /// Stops the platform and hands back what `restart` needs to start it again on the same data.

@@ -12,6 +12,7 @@ use mediaflow_embedded::{EmbeddedKafka, EmbeddedS3};
 use mediaflow_gateway::Gateway;
 use mediaflow_image_worker::ImageWorker;
 use mediaflow_router::Router;
+use mediaflow_runtime::Handler;
 use mediaflow_store::ObjectStore;
 use mediaflow_telemetry::Metrics;
 use serde::{Deserialize, Serialize};
@@ -196,49 +197,55 @@ async fn run_stage_with(
     s: &Services,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let retry = config.retry.policy();
-    // The consumer group is the stage name under the topic prefix, so test runs never share one.
-    let group = format!("{}{name}", config.bus.topic_prefix);
     match name {
         mediaflow_router::STAGE => {
-            let consumer =
-                s.bus
-                    .consumer(&group, &Router::input_topics(&s.bus), StartFrom::Earliest)?;
             let handler = Router::new(&s.bus)?;
-            mediaflow_runtime::run_stage(
+            consume(
                 name,
-                consumer,
+                &Router::input_topics(&s.bus),
                 handler,
-                retry,
-                s.metrics.clone(),
+                config,
+                s,
                 shutdown,
             )
-            .await?;
+            .await
         }
         mediaflow_image_worker::STAGE => {
-            let consumer = s.bus.consumer(
-                &group,
-                &ImageWorker::input_topics(&s.bus),
-                StartFrom::Earliest,
-            )?;
             let handler = ImageWorker::new(
                 config.image_worker.clone(),
                 s.store.clone(),
                 s.db.clone(),
                 &s.bus,
             )?;
-            mediaflow_runtime::run_stage(
+            consume(
                 name,
-                consumer,
+                &ImageWorker::input_topics(&s.bus),
                 handler,
-                retry,
-                s.metrics.clone(),
+                config,
+                s,
                 shutdown,
             )
-            .await?;
+            .await
         }
         other => bail!("unknown stage `{other}`; stages: {}", STAGES.join(", ")),
     }
+}
+
+/// Runs `handler` as stage `name` over `inputs` on the stage runtime.
+async fn consume<H: Handler>(
+    name: &str,
+    inputs: &[String],
+    handler: H,
+    config: &MediaflowConfig,
+    s: &Services,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    // The consumer group is the stage name under the topic prefix, so test runs never share one.
+    let group = format!("{}{name}", config.bus.topic_prefix);
+    let consumer = s.bus.consumer(&group, inputs, StartFrom::Earliest)?;
+    let retry = config.retry.policy();
+    mediaflow_runtime::run_stage(name, consumer, handler, retry, s.metrics.clone(), shutdown)
+        .await?;
     Ok(())
 }
 
