@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use cloudevents::AttributesReader;
-use mediaflow_events::{EventData, MediaThumbnailed};
+use mediaflow_events::{EventData, MediaThumbnailed, MediaUploaded};
 use mediaflow_gateway::{Accepted, MediaView};
+use sha2::Digest;
 use support::{Backend, TestPlatform, fixtures, python};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
@@ -115,6 +116,28 @@ async fn scenario(backend: Backend) -> Result<()> {
         (b.kind.as_str(), b.content_type.as_str()),
         ("image", "image/png")
     );
+
+    // The upload facts and the work items the router made of them match their schema.
+    for (topic, source) in [
+        ("media.uploaded", "/mediaflow/gateway"),
+        ("jobs.image", "/mediaflow/router"),
+    ] {
+        let mut seen = Vec::new();
+        for event in tp.read_events(topic, 2, TIMEOUT).await? {
+            assert_eq!(event.ty(), MediaUploaded::TYPE);
+            assert_eq!(event.source().to_string(), source);
+            let data = mediaflow_events::data_json(&event)?;
+            mediaflow_events::schema::validate(MediaUploaded::TYPE, &data)
+                .map_err(anyhow::Error::msg)?;
+            let upload: MediaUploaded = mediaflow_events::decode(&event)?;
+            assert_eq!(event.id(), upload.id());
+            seen.push(upload.media_id);
+        }
+        seen.sort();
+        let mut want = vec![a.id.clone(), b.id.clone()];
+        want.sort();
+        assert_eq!(seen, want, "{topic}");
+    }
 
     // rdkafka: both result events, valid against their schema, with lineage.
     let events = tp.read_events("media.thumbnailed", 2, TIMEOUT).await?;
@@ -287,11 +310,105 @@ async fn state_survives_a_restart() -> Result<()> {
         ids.contains(&first.id) && ids.contains(&second.id),
         "{ids:?}"
     );
+    // Once both stages have committed everything they were given, the result topic must hold
+    // exactly the two results: the first upload was not processed again after the restart.
+    tp.wait_caught_up("router", "media.uploaded").await?;
+    tp.wait_caught_up("image-worker", "jobs.image").await?;
     let topic = format!("{}media.thumbnailed", tp.config.bus.topic_prefix);
     assert_eq!(
         tp.bus.message_count(&topic).await?,
         2,
         "the first upload was processed again"
+    );
+    tp.stop().await
+}
+
+/// While S3 is down the image stage retries with backoff and acknowledges nothing; when S3 comes
+/// back the same message completes. Nothing is marked failed, nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn object_store_outage_is_retried_until_it_heals() -> Result<()> {
+    let mut tp =
+        TestPlatform::start_with(Backend::Postgres, |c| c.retry.max_backoff_ms = 400).await?;
+
+    // An upload as the gateway records it, stored while S3 is up.
+    let bytes = std::fs::read(fixtures().join("rocket.jpg"))?;
+    let id = uuid::Uuid::now_v7().to_string();
+    let object = mediaflow_events::ObjectRef {
+        bucket: tp.config.store.bucket.clone(),
+        key: format!("uploads/{id}/original.jpg"),
+        size: bytes.len() as u64,
+        sha256: format!("{:x}", sha2::Sha256::digest(&bytes)),
+        content_type: "image/jpeg".into(),
+    };
+    tp.s3_client()
+        .put_object()
+        .bucket(&object.bucket)
+        .key(&object.key)
+        .body(bytes.into())
+        .send()
+        .await?;
+    let db = mediaflow_db::Db::connect(&tp.config.database_url(), 1).await?;
+    db.insert_media(&mediaflow_db::MediaRow {
+        id: id.clone(),
+        kind: "image".into(),
+        content_type: object.content_type.clone(),
+        filename: None,
+        bucket: object.bucket.clone(),
+        object_key: object.key.clone(),
+        size_bytes: object.size as i64,
+        sha256: object.sha256.clone(),
+        status: mediaflow_db::MediaStatus::Queued,
+        error: None,
+        created_at_ms: mediaflow_db::Db::now_ms(),
+        updated_at_ms: mediaflow_db::Db::now_ms(),
+    })
+    .await?;
+
+    tp.stop_s3();
+    let event = MediaUploaded {
+        media_id: id.clone(),
+        kind: mediaflow_events::MediaKind::Image,
+        object,
+        filename: None,
+        uploaded_at: "2026-11-24T00:00:00Z".into(),
+    };
+    let topic = format!("{}media.uploaded", tp.config.bus.topic_prefix);
+    tp.bus.publisher("/test")?.publish(&topic, &event).await?;
+
+    // The worker keeps failing transiently and keeps the item queued; readiness reports S3.
+    let retries = "mediaflow_stage_errors_total{stage=\"image-worker\",outcome=\"retry\"}";
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while tp.metric(retries).await? < 3.0 {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the worker never retried"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let view: MediaView = reqwest::get(format!("{}/v1/media/{id}", tp.base))
+        .await?
+        .json()
+        .await?;
+    assert_eq!(view.status, mediaflow_db::MediaStatus::Queued);
+    let ready = reqwest::get(format!("{}/readyz", tp.base)).await?;
+    assert_eq!(ready.status(), 503);
+    let ready: serde_json::Value = ready.json().await?;
+    assert_ne!(ready["object_store"], "ok");
+    assert_eq!(ready["kafka"], "ok");
+
+    tp.start_s3().await?;
+    let events = tp.read_events("media.thumbnailed", 1, TIMEOUT).await?;
+    let done: MediaThumbnailed = mediaflow_events::decode(&events[0])?;
+    assert_eq!(done.media_id, id);
+    let view: MediaView = reqwest::get(format!("{}/v1/media/{id}", tp.base))
+        .await?
+        .json()
+        .await?;
+    assert_eq!(view.status, mediaflow_db::MediaStatus::Done);
+    assert_eq!(
+        tp.metric("mediaflow_stage_messages_total{stage=\"image-worker\",outcome=\"ok\"}")
+            .await?,
+        1.0
     );
     tp.stop().await
 }

@@ -21,10 +21,13 @@ pub enum Backend {
     Postgres,
 }
 
-/// Kafka and S3 started by the test as external services, the way an operator runs them.
+/// Kafka and S3 started by the test as external services, the way an operator runs them; the
+/// test can take S3 down and bring it back on the same address and data.
 struct External {
     _kafka: mediaflow_embedded::EmbeddedKafka,
-    _s3: mediaflow_embedded::EmbeddedS3,
+    s3: Option<mediaflow_embedded::EmbeddedS3>,
+    s3_addr: SocketAddr,
+    s3_root: PathBuf,
 }
 
 /// A platform started for one test.
@@ -144,7 +147,9 @@ impl TestPlatform {
                 config.store.endpoint = s3.endpoint();
                 Some(External {
                     _kafka: kafka,
-                    _s3: s3,
+                    s3_addr: s3.addr(),
+                    s3: Some(s3),
+                    s3_root: dir.path().join("s3-service"),
                 })
             }
         };
@@ -238,6 +243,56 @@ impl TestPlatform {
         }
         consumer.close()?;
         Ok(events)
+    }
+
+    /// Stops the external S3 server (production-like platforms only).
+    pub fn stop_s3(&mut self) {
+        let external = self.external.as_mut().expect("an external S3 server");
+        drop(external.s3.take());
+    }
+
+    /// Starts the external S3 server again on the same address and data.
+    pub async fn start_s3(&mut self) -> Result<()> {
+        let external = self.external.as_mut().expect("an external S3 server");
+        let s3 = mediaflow_embedded::EmbeddedS3::start(
+            &external.s3_root,
+            external.s3_addr,
+            &self.config.store.access_key,
+            &self.config.store.secret_key,
+        )
+        .await?;
+        external.s3 = Some(s3);
+        Ok(())
+    }
+
+    /// The value of a metric line on the gateway's `/metrics`, 0 if absent.
+    pub async fn metric(&self, series: &str) -> Result<f64> {
+        let text = reqwest::get(format!("{}/metrics", self.base))
+            .await?
+            .text()
+            .await?;
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0.0))
+    }
+
+    /// Waits until stage `stage` has committed every message of `topic` (names without prefix).
+    pub async fn wait_caught_up(&self, stage: &str, topic: &str) -> Result<()> {
+        let prefix = &self.config.bus.topic_prefix;
+        let (group, topic) = (format!("{prefix}{stage}"), format!("{prefix}{topic}"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let lag = self.bus.group_lag(&group, &topic).await?;
+            if lag == 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{group} still lags {lag} messages behind on {topic}");
+            }
+            // Polling committed offsets; auto-commit runs every second.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Stops the platform and drops its scratch database, if it had one.

@@ -23,6 +23,8 @@ pub enum ApiError {
     NotFound {
         what: String,
     },
+    /// Too many uploads in progress.
+    Busy,
     /// A dependency (object store, database, broker) failed; retrying later can succeed.
     Unavailable {
         dependency: &'static str,
@@ -96,6 +98,12 @@ impl ApiError {
                 "Not found",
                 format!("{what} does not exist"),
             ),
+            ApiError::Busy => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "Too many uploads",
+                "too many uploads are in progress; retry shortly".into(),
+            ),
             ApiError::Unavailable { dependency, .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -142,7 +150,7 @@ impl IntoResponse for ApiError {
             axum::http::header::CONTENT_TYPE,
             axum::http::HeaderValue::from_static("application/problem+json"),
         );
-        if matches!(self, ApiError::Unavailable { .. }) {
+        if matches!(self, ApiError::Unavailable { .. } | ApiError::Busy) {
             response.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
                 axum::http::HeaderValue::from_static("5"),

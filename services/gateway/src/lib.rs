@@ -39,6 +39,9 @@ pub struct GatewayConfig {
     pub spool_dir: Option<PathBuf>,
     /// Lifetime of presigned download URLs in API responses, in seconds.
     pub presign_ttl_secs: u64,
+    /// Uploads received at once; more get `503` with `Retry-After`. Bounds spool disk use to
+    /// about this many times `max_upload_bytes`.
+    pub max_concurrent_uploads: usize,
 }
 
 impl Default for GatewayConfig {
@@ -48,6 +51,7 @@ impl Default for GatewayConfig {
             max_upload_bytes: 256 * 1024 * 1024,
             spool_dir: None,
             presign_ttl_secs: 3600,
+            max_concurrent_uploads: 16,
         }
     }
 }
@@ -60,6 +64,8 @@ pub struct Gateway {
 
 struct Inner {
     config: GatewayConfig,
+    uploads: Arc<tokio::sync::Semaphore>,
+    readiness: tokio::sync::Mutex<Option<(std::time::Instant, Readiness)>>,
     spool_dir: PathBuf,
     store: ObjectStore,
     db: Db,
@@ -81,9 +87,14 @@ impl Gateway {
     ) -> Result<Self, mediaflow_bus::BusError> {
         let publisher = bus.publisher(SOURCE)?;
         let spool_dir = config.spool_dir.clone().unwrap_or_else(std::env::temp_dir);
+        let uploads = Arc::new(tokio::sync::Semaphore::new(
+            config.max_concurrent_uploads.max(1),
+        ));
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
+                uploads,
+                readiness: tokio::sync::Mutex::new(None),
                 spool_dir,
                 store,
                 db,
@@ -96,6 +107,8 @@ impl Gateway {
 
     /// The HTTP routes.
     pub fn router(self) -> Router {
+        let body_limit = usize::try_from(self.inner.config.max_upload_bytes + MULTIPART_FRAMING)
+            .unwrap_or(usize::MAX);
         Router::new()
             .route("/v1/media", post(upload))
             .route("/v1/media/{id}", get(media_status))
@@ -103,8 +116,9 @@ impl Gateway {
             .route("/healthz", get(|| async { "ok" }))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics))
-            // The upload handler enforces its own streaming limit.
-            .layer(DefaultBodyLimit::disable())
+            // Raw bodies are limited while they stream (`spool`); this bounds what the multipart
+            // parser reads, part headers included.
+            .layer(DefaultBodyLimit::max(body_limit))
             .with_state(self)
     }
 }
@@ -149,7 +163,16 @@ fn safe_filename(raw: &str) -> Option<String> {
     (!clean.is_empty()).then_some(clean)
 }
 
+/// Room for multipart boundaries and part headers around the file.
+const MULTIPART_FRAMING: u64 = 64 * 1024;
+
 async fn accept_upload(gw: &Gateway, request: Request) -> Result<Accepted, ApiError> {
+    let _permit = gw
+        .inner
+        .uploads
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::Busy)?;
     let limit = gw.inner.config.max_upload_bytes;
     let headers = request.headers().clone();
     let declared = headers
@@ -168,8 +191,7 @@ async fn accept_upload(gw: &Gateway, request: Request) -> Result<Accepted, ApiEr
         .and_then(|v| v.parse::<u64>().ok());
 
     let is_multipart = declared.as_deref() == Some("multipart/form-data");
-    // Multipart framing adds boundaries and part headers around the file.
-    let framing = if is_multipart { 64 * 1024 } else { 0 };
+    let framing = if is_multipart { MULTIPART_FRAMING } else { 0 };
     if declared_len.is_some_and(|n| n > limit + framing) {
         return Err(ApiError::TooLarge { limit });
     }
@@ -181,8 +203,14 @@ async fn accept_upload(gw: &Gateway, request: Request) -> Result<Accepted, ApiEr
                 .map_err(|e| ApiError::BadRequest {
                     detail: e.body_text(),
                 })?;
-        let bad = |e: axum::extract::multipart::MultipartError| ApiError::BadRequest {
-            detail: format!("malformed multipart body: {}", e.body_text()),
+        let bad = |e: axum::extract::multipart::MultipartError| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::TooLarge { limit }
+            } else {
+                ApiError::BadRequest {
+                    detail: format!("malformed multipart body: {}", e.body_text()),
+                }
+            }
         };
         let mut found = None;
         while let Some(field) = form.next_field().await.map_err(bad)? {
@@ -227,6 +255,23 @@ async fn accept_upload(gw: &Gateway, request: Request) -> Result<Accepted, ApiEr
         }
     };
 
+    // From here on the upload is committed as one unit: a client that disconnects must not stop
+    // it between the row and the event.
+    let gw = gw.clone();
+    tokio::spawn(async move { commit_upload(&gw, spooled, format, filename).await })
+        .await
+        .map_err(|e| ApiError::Internal {
+            internal: format!("upload task: {e}"),
+        })?
+}
+
+/// Stores a received upload, records it and announces it; answers what the client is told.
+async fn commit_upload(
+    gw: &Gateway,
+    spooled: spool::Spooled,
+    format: Sniffed,
+    filename: Option<String>,
+) -> Result<Accepted, ApiError> {
     let id = uuid::Uuid::now_v7().to_string();
     let key = format!("uploads/{id}/original.{}", format.extension);
     gw.inner
@@ -406,9 +451,6 @@ async fn media_status(
     }))
 }
 
-/// Largest result the gateway proxies; results are thumbnails and previews.
-const MAX_RESULT_BYTES: u64 = 64 * 1024 * 1024;
-
 async fn download_result(
     State(gw): State<Gateway>,
     Path((id, name)): Path<(String, String)>,
@@ -421,26 +463,27 @@ async fn download_result(
         .ok_or_else(|| ApiError::NotFound {
             what: format!("result `{name}` of media `{id}`"),
         })?;
-    let object = gw
-        .inner
-        .store
-        .get(&result.object_key, MAX_RESULT_BYTES)
-        .await?;
-    Ok((
-        [
-            (header::CONTENT_TYPE, result.content_type),
-            (header::ETAG, format!("\"{}\"", result.sha256)),
-            (
-                header::CACHE_CONTROL,
-                "public, max-age=31536000, immutable".to_owned(),
-            ),
-        ],
-        Body::from(object.bytes),
-    )
-        .into_response())
+    let object = gw.inner.store.get_stream(&result.object_key).await?;
+    let mut response = Body::from_stream(object.body).into_response();
+    let headers = response.headers_mut();
+    let value = |v: String| axum::http::HeaderValue::try_from(v).ok();
+    if let Some(v) = value(result.content_type) {
+        headers.insert(header::CONTENT_TYPE, v);
+    }
+    if let Some(v) = value(format!("\"{}\"", result.sha256)) {
+        headers.insert(header::ETAG, v);
+    }
+    if let Some(len) = object.size.and_then(|n| value(n.to_string())) {
+        headers.insert(header::CONTENT_LENGTH, len);
+    }
+    headers.insert(
+        header::CACHE_CONTROL,
+        axum::http::HeaderValue::from_static("public, max-age=31536000, immutable"),
+    );
+    Ok(response)
 }
 
-#[derive(Serialize)]
+#[derive(Clone, Serialize)]
 struct Readiness {
     ready: bool,
     kafka: String,
@@ -448,33 +491,54 @@ struct Readiness {
     database: String,
 }
 
-async fn readyz(State(gw): State<Gateway>) -> Response {
+/// How long a readiness verdict is reused: probes and floods of `/readyz` cost one check a second.
+const READINESS_TTL: Duration = Duration::from_secs(1);
+
+async fn check_dependencies(gw: &Gateway) -> Readiness {
     let timeout = Duration::from_secs(2);
     let verdict = |r: Result<(), String>| r.map_or_else(|e| e, |()| "ok".to_owned());
+    let timed = |r: Result<Result<(), String>, tokio::time::error::Elapsed>| {
+        verdict(r.unwrap_or_else(|_| Err("timed out".into())))
+    };
     let (kafka, s3, db) = tokio::join!(
         gw.inner.bus.ping(timeout),
-        tokio::time::timeout(timeout, gw.inner.store.ping()),
-        tokio::time::timeout(timeout, gw.inner.db.ping()),
+        tokio::time::timeout(timeout, async {
+            gw.inner.store.ping().await.map_err(|e| e.to_string())
+        }),
+        tokio::time::timeout(timeout, async {
+            gw.inner.db.ping().await.map_err(|e| e.to_string())
+        }),
     );
-    let body = Readiness {
-        kafka: verdict(kafka.map_err(|e| e.to_string())),
-        object_store: verdict(match s3 {
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(_) => Err("timed out".into()),
-        }),
-        database: verdict(match db {
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(_) => Err("timed out".into()),
-        }),
-        ready: false,
+    let kafka = verdict(kafka.map_err(|e| e.to_string()));
+    let (object_store, database) = (timed(s3), timed(db));
+    let ready = kafka == "ok" && object_store == "ok" && database == "ok";
+    Readiness {
+        ready,
+        kafka,
+        object_store,
+        database,
+    }
+}
+
+async fn readyz(State(gw): State<Gateway>) -> Response {
+    let readiness = {
+        // Holding the lock while checking makes concurrent probes share one check.
+        let mut cached = gw.inner.readiness.lock().await;
+        match &*cached {
+            Some((at, r)) if at.elapsed() < READINESS_TTL => r.clone(),
+            _ => {
+                let r = check_dependencies(&gw).await;
+                *cached = Some((std::time::Instant::now(), r.clone()));
+                r
+            }
+        }
     };
-    let ready = body.kafka == "ok" && body.object_store == "ok" && body.database == "ok";
-    let status = if ready {
+    let status = if readiness.ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(Readiness { ready, ..body })).into_response()
+    (status, Json(readiness)).into_response()
 }
 
 async fn metrics(State(gw): State<Gateway>) -> impl IntoResponse {

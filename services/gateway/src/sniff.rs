@@ -34,6 +34,13 @@ const fn video(content_type: &'static str, extension: &'static str) -> Sniffed {
     }
 }
 
+/// Major brands of ISO base media files that hold video.
+const MP4_VIDEO_BRANDS: &[&[u8]] = &[
+    b"isom", b"iso2", b"iso3", b"iso4", b"iso5", b"iso6", b"iso8", b"iso9", b"mp41", b"mp42",
+    b"avc1", b"M4V ", b"M4VH", b"M4VP", b"3gp4", b"3gp5", b"3gp6", b"3gp7", b"3g2a", b"3g2b",
+    b"dash", b"f4v ", b"mmp4", b"MSNV", b"XAVC",
+];
+
 /// Identifies the format from the first bytes of a file (at least `SNIFF_LEN` when available).
 pub fn sniff(head: &[u8]) -> Option<Sniffed> {
     let at = |offset: usize, magic: &[u8]| head.get(offset..offset + magic.len()) == Some(magic);
@@ -70,7 +77,9 @@ pub fn sniff(head: &[u8]) -> Option<Sniffed> {
                 image("image/heic", "heic", false)
             }
             b"qt  " => video("video/quicktime", "mov"),
-            _ => video("video/mp4", "mp4"),
+            brand if MP4_VIDEO_BRANDS.contains(&brand) => video("video/mp4", "mp4"),
+            // Other ISO media: audio (M4A), JPEG 2000, camera raw...
+            _ => return None,
         });
     }
     if at(0, &[0x1A, 0x45, 0xDF, 0xA3]) {
@@ -109,6 +118,12 @@ mod tests {
                 "{bytes:?}"
             );
         }
+    }
+
+    #[test]
+    fn iso_media_that_is_not_video_is_refused() {
+        assert_eq!(sniff(b"\0\0\0\x20ftypM4A \0\0\0\0"), None);
+        assert_eq!(sniff(b"\0\0\0\x14ftypcrx \0\0\0\0"), None);
     }
 
     #[test]

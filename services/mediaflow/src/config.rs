@@ -74,12 +74,11 @@ impl Default for EmbeddedConfig {
     }
 }
 
-/// Retry policy of every stage.
+/// Backoff of every stage between attempts at a transiently failing message. Transient failures
+/// (a dependency down) are retried until they heal; nothing is acknowledged meanwhile.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetryConfig {
-    /// Attempts before a transiently failing message is given up on.
-    pub max_attempts: u32,
     /// First backoff, in milliseconds; doubles per attempt.
     pub initial_backoff_ms: u64,
     /// Longest backoff, in milliseconds.
@@ -90,7 +89,6 @@ impl Default for RetryConfig {
     fn default() -> Self {
         let p = mediaflow_runtime::RetryPolicy::default();
         Self {
-            max_attempts: p.max_attempts,
             initial_backoff_ms: p.initial_backoff.as_millis() as u64,
             max_backoff_ms: p.max_backoff.as_millis() as u64,
         }
@@ -100,7 +98,6 @@ impl Default for RetryConfig {
 impl RetryConfig {
     pub fn policy(&self) -> mediaflow_runtime::RetryPolicy {
         mediaflow_runtime::RetryPolicy {
-            max_attempts: self.max_attempts.max(1),
             initial_backoff: std::time::Duration::from_millis(self.initial_backoff_ms),
             max_backoff: std::time::Duration::from_millis(self.max_backoff_ms),
         }

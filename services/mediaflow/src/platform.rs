@@ -56,6 +56,7 @@ pub struct Platform {
     pub gateway_addr: SocketAddr,
     config: MediaflowConfig,
     shutdown: CancellationToken,
+    failure: Failure,
     tasks: TaskTracker,
     // Held for their lifetime: dropping them stops the embedded services.
     kafka: Option<EmbeddedKafka>,
@@ -249,6 +250,39 @@ async fn consume<H: Handler>(
     Ok(())
 }
 
+/// The first failure of a part of the platform; recording it stops the platform.
+#[derive(Clone)]
+struct Failure {
+    first: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    shutdown: CancellationToken,
+}
+
+impl Failure {
+    fn new(shutdown: CancellationToken) -> Self {
+        Self {
+            first: Default::default(),
+            shutdown,
+        }
+    }
+
+    fn record(&self, what: String) {
+        tracing::error!(error = %what, "stopping the platform");
+        let mut first = self
+            .first
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        first.get_or_insert(what);
+        self.shutdown.cancel();
+    }
+
+    fn take(&self) -> Option<String> {
+        self.first
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+}
+
 impl Platform {
     /// Starts everything `config` asks for: embedded infrastructure, the gateway and every stage.
     pub async fn start(mut config: MediaflowConfig) -> Result<Self> {
@@ -259,27 +293,39 @@ impl Platform {
         let gateway_addr = listener.local_addr()?;
 
         let shutdown = CancellationToken::new();
+        let failure = Failure::new(shutdown.clone());
         let tasks = TaskTracker::new();
         {
             let (services, config, token) = (services.clone(), config.clone(), shutdown.clone());
+            let failure = failure.clone();
             tasks.spawn(async move {
-                if let Err(e) = serve_gateway(&config, &services, listener, token.clone()).await {
-                    tracing::error!(error = format!("{e:#}"), "gateway failed");
-                    token.cancel();
+                if let Err(e) = serve_gateway(&config, &services, listener, token).await {
+                    failure.record(format!("gateway failed: {e:#}"));
                 }
             });
         }
         for stage in STAGES {
             let (services, config, token) = (services.clone(), config.clone(), shutdown.clone());
+            let failure = failure.clone();
             tasks.spawn(async move {
-                if let Err(e) = run_stage_with(stage, &config, &services, token.clone()).await {
+                if let Err(e) = run_stage_with(stage, &config, &services, token).await {
                     // A stage that cannot run takes the platform down rather than limping on.
-                    tracing::error!(stage, error = format!("{e:#}"), "stage failed");
-                    token.cancel();
+                    failure.record(format!("stage {stage} failed: {e:#}"));
                 }
             });
         }
         tasks.close();
+        if let Some(kafka) = &kafka {
+            // The broker is supervised: if it dies, the platform stops with an error.
+            let (exited, failure, token) = (kafka.exited(), failure.clone(), shutdown.clone());
+            let log = kafka.log_path().display().to_string();
+            tokio::spawn(async move {
+                tokio::select! {
+                    status = exited => failure.record(format!("the embedded Kafka broker {status}; see {log}")),
+                    () = token.cancelled() => {}
+                }
+            });
+        }
 
         let endpoints = Endpoints {
             gateway: format!("http://{gateway_addr}"),
@@ -299,6 +345,7 @@ impl Platform {
             gateway_addr,
             config,
             shutdown,
+            failure,
             tasks,
             kafka,
             _s3: s3,
@@ -315,7 +362,8 @@ impl Platform {
     }
 
     /// Stops intake, lets stages finish their current message and commit, then stops the
-    /// embedded services. Gives up waiting after `deadline`.
+    /// embedded services. Gives up waiting after `deadline`. Fails if any part of the platform
+    /// failed while it ran.
     pub async fn stop(self, deadline: Duration) -> Result<()> {
         self.shutdown.cancel();
         let drained = tokio::time::timeout(deadline, self.tasks.wait())
@@ -323,6 +371,9 @@ impl Platform {
             .is_ok();
         if let Some(kafka) = self.kafka {
             kafka.stop().await;
+        }
+        if let Some(failure) = self.failure.take() {
+            bail!("{failure}");
         }
         if !drained {
             bail!("stages did not drain within {deadline:?}");

@@ -13,6 +13,7 @@ pub use consumer::{Consumer, Delivery, StartFrom};
 pub use error::BusError;
 pub use publisher::{Published, Publisher};
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mediaflow_events::{TopicSpec, Topics};
@@ -20,14 +21,27 @@ use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 
 /// A handle to the Kafka cluster mediaflow runs on.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Bus {
     config: BusConfig,
+    /// One client for health checks, created on first use and reused.
+    probe: Arc<Mutex<Option<Arc<BaseConsumer>>>>,
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Bus {
     pub fn new(config: BusConfig) -> Self {
-        Self { config }
+        Self {
+            config,
+            probe: Arc::default(),
+        }
     }
 
     pub fn config(&self) -> &BusConfig {
@@ -102,12 +116,63 @@ impl Bus {
         .map_err(|e| BusError::Internal(e.to_string()))?
     }
 
-    /// Checks that the cluster answers a metadata request within `timeout`.
-    pub async fn ping(&self, timeout: Duration) -> Result<(), BusError> {
-        let cfg = self.client_config();
+    /// How many messages of `topic` consumer group `group` has not committed yet, summed over
+    /// partitions (a partition without a committed offset counts whole).
+    pub async fn group_lag(&self, group: &str, topic: &str) -> Result<i64, BusError> {
+        let mut cfg = self.client_config();
+        cfg.set("group.id", group)
+            .set("enable.auto.commit", "false");
+        let timeout = self.config.request_timeout();
+        let topic = topic.to_owned();
         tokio::task::spawn_blocking(move || {
             let consumer: BaseConsumer = cfg.create().map_err(BusError::Client)?;
-            consumer
+            let md = consumer
+                .fetch_metadata(Some(&topic), timeout)
+                .map_err(BusError::Client)?;
+            let mut tpl = rdkafka::TopicPartitionList::new();
+            for t in md.topics() {
+                for p in t.partitions() {
+                    tpl.add_partition(&topic, p.id());
+                }
+            }
+            let committed = consumer
+                .committed_offsets(tpl, timeout)
+                .map_err(BusError::Client)?;
+            let mut lag = 0;
+            for element in committed.elements() {
+                let (low, high) = consumer
+                    .fetch_watermarks(&topic, element.partition(), timeout)
+                    .map_err(BusError::Client)?;
+                lag += match element.offset() {
+                    rdkafka::Offset::Offset(at) => high - at,
+                    _ => high - low,
+                };
+            }
+            Ok(lag)
+        })
+        .await
+        .map_err(|e| BusError::Internal(e.to_string()))?
+    }
+
+    /// Checks that the cluster answers a metadata request within `timeout`.
+    pub async fn ping(&self, timeout: Duration) -> Result<(), BusError> {
+        let probe = {
+            let mut probe = self
+                .probe
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match &*probe {
+                Some(client) => client.clone(),
+                None => {
+                    let client: Arc<BaseConsumer> =
+                        Arc::new(self.client_config().create().map_err(BusError::Client)?);
+                    *probe = Some(client.clone());
+                    client
+                }
+            }
+        };
+        tokio::task::spawn_blocking(move || {
+            probe
                 .fetch_metadata(None, timeout)
                 .map_err(BusError::Client)?;
             Ok(())

@@ -7,15 +7,19 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
+use tokio::sync::{oneshot, watch};
 
 use crate::EmbeddedError;
 
-/// A running embedded broker. Dropping it kills the broker.
+/// A running embedded broker, watched by a task that owns the child process. Dropping it kills
+/// the broker.
 #[derive(Debug)]
 pub struct EmbeddedKafka {
-    child: Child,
     addr: String,
     log: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    exit: watch::Receiver<Option<String>>,
+    watcher: tokio::task::JoinHandle<()>,
 }
 
 /// Looks for the `tansu` binary: `explicit` if given, else `$PATH`, else `~/.cargo/bin`.
@@ -92,38 +96,79 @@ impl EmbeddedKafka {
                 what: "kafka (tansu)",
                 source,
             })?;
-        let mut kafka = Self { child, addr, log };
-        kafka.wait_ready(Duration::from_secs(60)).await?;
-        tracing::info!(addr = %kafka.addr, "embedded kafka broker ready");
-        Ok(kafka)
+        let mut child = child;
+        wait_ready(&mut child, &addr, &log, Duration::from_secs(60)).await?;
+        tracing::info!(%addr, "embedded kafka broker ready");
+
+        let (stop, stop_rx) = oneshot::channel();
+        let (exit_tx, exit) = watch::channel(None);
+        let watcher = tokio::spawn(async move {
+            let status = tokio::select! {
+                status = child.wait() => match status {
+                    Ok(s) => format!("exited ({s})"),
+                    Err(e) => format!("could not be watched: {e}"),
+                },
+                // Stopped on purpose, or the handle was dropped.
+                _ = stop_rx => {
+                    let _ = child.kill().await;
+                    "stopped".to_owned()
+                }
+            };
+            let _ = exit_tx.send(Some(status));
+        });
+        Ok(Self {
+            addr,
+            log,
+            stop: Some(stop),
+            exit,
+            watcher,
+        })
     }
 
-    async fn wait_ready(&mut self, limit: Duration) -> Result<(), EmbeddedError> {
-        let started = Instant::now();
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(EmbeddedError::Exited {
-                    what: "kafka (tansu)",
-                    status: status.to_string(),
-                    log: self.log.display().to_string(),
-                });
+    /// Resolves when the broker process has ended, with how it ended.
+    pub fn exited(&self) -> impl Future<Output = String> + Send + 'static {
+        let mut exit = self.exit.clone();
+        async move {
+            match exit.wait_for(Option::is_some).await {
+                Ok(status) => status.clone().unwrap_or_default(),
+                Err(_) => "watcher gone".to_owned(),
             }
-            if tokio::net::TcpStream::connect(&self.addr).await.is_ok() {
-                return Ok(());
-            }
-            if started.elapsed() > limit {
-                return Err(EmbeddedError::NotReady {
-                    what: "kafka (tansu)",
-                    addr: self.addr.clone(),
-                    waited_s: limit.as_secs(),
-                    log: self.log.display().to_string(),
-                });
-            }
-            // Polling a port that is not open yet; the connect attempt itself is immediate.
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
 
+async fn wait_ready(
+    child: &mut Child,
+    addr: &str,
+    log: &Path,
+    limit: Duration,
+) -> Result<(), EmbeddedError> {
+    let started = Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(EmbeddedError::Exited {
+                what: "kafka (tansu)",
+                status: status.to_string(),
+                log: log.display().to_string(),
+            });
+        }
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if started.elapsed() > limit {
+            return Err(EmbeddedError::NotReady {
+                what: "kafka (tansu)",
+                addr: addr.to_owned(),
+                waited_s: limit.as_secs(),
+                log: log.display().to_string(),
+            });
+        }
+        // Polling a port that is not open yet; the connect attempt itself is immediate.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl EmbeddedKafka {
     /// `host:port` for `bootstrap.servers`.
     pub fn bootstrap(&self) -> &str {
         &self.addr
@@ -136,6 +181,9 @@ impl EmbeddedKafka {
 
     /// Stops the broker (SIGKILL; its SQLite storage is crash-safe) and waits for it to exit.
     pub async fn stop(mut self) {
-        let _ = self.child.kill().await;
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.watcher).await;
     }
 }

@@ -14,7 +14,7 @@ pub enum EmbeddedError {
     #[error(
         "the tansu broker binary was not found (looked in {looked}); install it with \
          `cargo install tansu --version 0.6.0 --features libsql --locked` (./x setup does), or \
-         point kafka.embedded.tansu_bin at it"
+         set embedded.tansu_bin to its path"
     )]
     TansuMissing { looked: String },
     #[error("could not start {what}: {source}")]
@@ -35,6 +35,15 @@ pub enum EmbeddedError {
         what: &'static str,
         status: String,
         log: String,
+    },
+    #[error(
+        "cannot start {what} on {addr}: the port is taken ({source}); is another mediaflow running?"
+    )]
+    PortInUse {
+        what: &'static str,
+        addr: String,
+        #[source]
+        source: std::io::Error,
     },
     #[error("S3 server: {0}")]
     S3(String),

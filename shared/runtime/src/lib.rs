@@ -1,7 +1,11 @@
 //! The stage runtime. A stage supplies a `Handler`; the runtime owns the consume loop: it takes a
-//! message, runs the handler, retries transient failures with exponential backoff, hands failures
-//! that will not heal to the handler's `give_up`, and only then acknowledges the message, in
-//! order within each partition.
+//! message, runs the handler, retries transient failures with exponential backoff until they
+//! heal, hands failures that will not heal to the handler's `give_up`, and only then acknowledges
+//! the message, in order within each partition.
+
+mod offsets;
+
+pub use offsets::OffsetTracker;
 
 use std::future::Future;
 use std::time::Duration;
@@ -76,10 +80,9 @@ pub trait Handler: Send + Sync {
     ) -> impl Future<Output = Result<(), StageError>> + Send;
 }
 
-/// How a stage retries transient failures.
+/// How a stage backs off between attempts at a transiently failing message.
 #[derive(Clone, Copy, Debug)]
 pub struct RetryPolicy {
-    pub max_attempts: u32,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
 }
@@ -87,7 +90,6 @@ pub struct RetryPolicy {
 impl Default for RetryPolicy {
     fn default() -> Self {
         Self {
-            max_attempts: 5,
             initial_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(10),
         }
@@ -139,7 +141,12 @@ pub async fn run_stage<H: Handler>(
         match outcome {
             Outcome::Done(result) => {
                 metrics.stage_processed(stage, result, started.elapsed());
-                consumer.ack(&delivery)?;
+                if let Err(e) = consumer.ack(&delivery) {
+                    // The offset could not be stored (the partition was revoked meanwhile): the
+                    // message will be redelivered, and its effects are idempotent.
+                    tracing::warn!(stage, error = %e, "could not store offset");
+                    metrics.stage_error(stage, "ack");
+                }
             }
             // Shutting down mid-retry: leave the message unacknowledged; it is redelivered.
             Outcome::Interrupted => break,
@@ -155,6 +162,10 @@ enum Outcome {
     Interrupted,
 }
 
+/// Runs the handler until the message succeeds or fails for good. Transient failures are retried
+/// with backoff for as long as they last: a message is never acknowledged because a dependency
+/// was down. A failure for good is handed to `give_up`, and acknowledged only once that
+/// succeeded.
 async fn process<H: Handler>(
     stage: &str,
     delivery: &Delivery,
@@ -171,35 +182,61 @@ async fn process<H: Handler>(
                 delivery.topic, delivery.partition, delivery.offset
             ));
             tracing::warn!(stage, error = %err, "malformed message");
-            give_up(stage, handler, None, &err).await;
-            return Outcome::Done("bad_input");
+            return give_up(stage, handler, None, err, retry, metrics, shutdown).await;
         }
     };
     let mut attempt = 0;
     loop {
-        attempt += 1;
         let err = match handler.handle(event).await {
             Ok(()) => return Outcome::Done("ok"),
             Err(err) => err,
         };
-        if err.class == ErrorClass::Transient && attempt < retry.max_attempts {
-            let wait = retry.backoff(attempt - 1);
-            tracing::warn!(stage, id = event.id(), attempt, error = %err, ?wait, "retrying");
-            metrics.stage_error(stage, "retry");
-            tokio::select! {
-                () = shutdown.cancelled() => return Outcome::Interrupted,
-                () = tokio::time::sleep(wait) => continue,
-            }
+        if err.class != ErrorClass::Transient {
+            tracing::warn!(stage, id = event.id(), error = %err, "giving up");
+            return give_up(stage, handler, Some(event), err, retry, metrics, shutdown).await;
         }
-        tracing::warn!(stage, id = event.id(), attempt, error = %err, "giving up");
-        give_up(stage, handler, Some(event), &err).await;
-        return Outcome::Done(err.class.as_str());
+        let wait = retry.backoff(attempt);
+        attempt += 1;
+        tracing::warn!(stage, id = event.id(), attempt, error = %err, ?wait, "retrying");
+        metrics.stage_error(stage, "retry");
+        if !backoff(wait, shutdown).await {
+            return Outcome::Interrupted;
+        }
     }
 }
 
-async fn give_up<H: Handler>(stage: &str, handler: &H, event: Option<&Event>, err: &StageError) {
-    if let Err(e) = handler.give_up(event, err).await {
-        tracing::error!(stage, error = %e, "could not record a failure");
+/// Records a failure for good through the handler, retrying while recording itself fails.
+async fn give_up<H: Handler>(
+    stage: &str,
+    handler: &H,
+    event: Option<&Event>,
+    err: StageError,
+    retry: RetryPolicy,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Outcome {
+    let mut attempt = 0;
+    loop {
+        match handler.give_up(event, &err).await {
+            Ok(()) => return Outcome::Done(err.class.as_str()),
+            Err(e) => {
+                let wait = retry.backoff(attempt);
+                attempt += 1;
+                tracing::error!(stage, error = %e, attempt, ?wait, "could not record a failure");
+                metrics.stage_error(stage, "give_up");
+                if !backoff(wait, shutdown).await {
+                    return Outcome::Interrupted;
+                }
+            }
+        }
+    }
+}
+
+/// Waits `wait`; false if shutdown came first.
+async fn backoff(wait: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        () = shutdown.cancelled() => false,
+        () = tokio::time::sleep(wait) => true,
     }
 }
 
@@ -212,7 +249,6 @@ mod tests {
     #[test]
     fn backoff_grows_and_is_capped() {
         let p = RetryPolicy {
-            max_attempts: 10,
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(1),
         };

@@ -115,6 +115,20 @@ pub struct Object {
     pub content_type: Option<String>,
 }
 
+/// An object being read: its size, if the server declared it, and its bytes as a stream.
+pub struct ObjectStream {
+    pub size: Option<u64>,
+    pub body: std::pin::Pin<Box<dyn futures::Stream<Item = Result<Bytes, std::io::Error>> + Send>>,
+}
+
+impl std::fmt::Debug for ObjectStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectStream")
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
 /// One bucket of an S3-compatible store.
 #[derive(Clone, Debug)]
 pub struct ObjectStore {
@@ -250,24 +264,69 @@ impl ObjectStore {
             }
             Err(e) => return Err(request_error("GetObject", key, &e)),
         };
-        let size = out.content_length().unwrap_or(0).max(0) as u64;
-        if size > limit {
-            return Err(StoreError::TooLarge {
-                key: key.to_owned(),
-                size,
-                limit,
-            });
+        let too_large = |size| StoreError::TooLarge {
+            key: key.to_owned(),
+            size,
+            limit,
+        };
+        let declared = out.content_length().map_or(0, |n| n.max(0) as u64);
+        if declared > limit {
+            return Err(too_large(declared));
         }
         let content_type = out.content_type().map(str::to_owned);
-        let bytes = out.body.collect().await.map_err(|e| StoreError::Request {
+        // The declared length may be missing or wrong: count while reading.
+        let mut body = out.body;
+        let mut bytes = bytes::BytesMut::with_capacity(declared as usize);
+        while let Some(chunk) = body.try_next().await.map_err(|e| StoreError::Request {
             op: "GetObject",
             key: key.to_owned(),
             message: e.to_string(),
             transient: true,
-        })?;
+        })? {
+            if (bytes.len() + chunk.len()) as u64 > limit {
+                return Err(too_large((bytes.len() + chunk.len()) as u64));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
         Ok(Object {
-            bytes: bytes.into_bytes(),
+            bytes: bytes.freeze(),
             content_type,
+        })
+    }
+
+    /// Opens `key` for streaming, without reading it into memory.
+    pub async fn get_stream(&self, key: &str) -> Result<ObjectStream, StoreError> {
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(SdkError::ServiceError(e)) if e.err().is_no_such_key() => {
+                return Err(StoreError::NotFound {
+                    key: key.to_owned(),
+                });
+            }
+            Err(e) => return Err(request_error("GetObject", key, &e)),
+        };
+        let size = out.content_length().and_then(|n| u64::try_from(n).ok());
+        let key = key.to_owned();
+        let body = futures::stream::try_unfold(out.body, move |mut body| {
+            let key = key.clone();
+            async move {
+                match body.try_next().await {
+                    Ok(Some(chunk)) => Ok(Some((chunk, body))),
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(std::io::Error::other(format!("reading `{key}`: {e}"))),
+                }
+            }
+        });
+        Ok(ObjectStream {
+            size,
+            body: Box::pin(body),
         })
     }
 
