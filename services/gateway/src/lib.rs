@@ -2,6 +2,7 @@
 //! object storage, records them in the database and announces them on `media.uploaded`; serves
 //! status, results and result downloads, plus `/healthz`, `/readyz` and `/metrics`.
 
+pub mod admin;
 mod error;
 mod sniff;
 mod spool;
@@ -65,7 +66,6 @@ pub struct Gateway {
 struct Inner {
     config: GatewayConfig,
     uploads: Arc<tokio::sync::Semaphore>,
-    readiness: tokio::sync::Mutex<Option<(std::time::Instant, Readiness)>>,
     spool_dir: PathBuf,
     store: ObjectStore,
     db: Db,
@@ -94,7 +94,6 @@ impl Gateway {
             inner: Arc::new(Inner {
                 config,
                 uploads,
-                readiness: tokio::sync::Mutex::new(None),
                 spool_dir,
                 store,
                 db,
@@ -109,17 +108,21 @@ impl Gateway {
     pub fn router(self) -> Router {
         let body_limit = usize::try_from(self.inner.config.max_upload_bytes + MULTIPART_FRAMING)
             .unwrap_or(usize::MAX);
+        let admin = admin::router(
+            self.inner.bus.clone(),
+            self.inner.store.clone(),
+            self.inner.db.clone(),
+            self.inner.metrics.clone(),
+        );
         Router::new()
             .route("/v1/media", post(upload))
             .route("/v1/media/{id}", get(media_status))
             .route("/v1/media/{id}/results/{name}", get(download_result))
-            .route("/healthz", get(|| async { "ok" }))
-            .route("/readyz", get(readyz))
-            .route("/metrics", get(metrics))
             // Raw bodies are limited while they stream (`spool`); this bounds what the multipart
             // parser reads, part headers included.
             .layer(DefaultBodyLimit::max(body_limit))
             .with_state(self)
+            .merge(admin)
     }
 }
 
@@ -481,74 +484,6 @@ async fn download_result(
         axum::http::HeaderValue::from_static("public, max-age=31536000, immutable"),
     );
     Ok(response)
-}
-
-#[derive(Clone, Serialize)]
-struct Readiness {
-    ready: bool,
-    kafka: String,
-    object_store: String,
-    database: String,
-}
-
-/// How long a readiness verdict is reused: probes and floods of `/readyz` cost one check a second.
-const READINESS_TTL: Duration = Duration::from_secs(1);
-
-async fn check_dependencies(gw: &Gateway) -> Readiness {
-    let timeout = Duration::from_secs(2);
-    let verdict = |r: Result<(), String>| r.map_or_else(|e| e, |()| "ok".to_owned());
-    let timed = |r: Result<Result<(), String>, tokio::time::error::Elapsed>| {
-        verdict(r.unwrap_or_else(|_| Err("timed out".into())))
-    };
-    let (kafka, s3, db) = tokio::join!(
-        gw.inner.bus.ping(timeout),
-        tokio::time::timeout(timeout, async {
-            gw.inner.store.ping().await.map_err(|e| e.to_string())
-        }),
-        tokio::time::timeout(timeout, async {
-            gw.inner.db.ping().await.map_err(|e| e.to_string())
-        }),
-    );
-    let kafka = verdict(kafka.map_err(|e| e.to_string()));
-    let (object_store, database) = (timed(s3), timed(db));
-    let ready = kafka == "ok" && object_store == "ok" && database == "ok";
-    Readiness {
-        ready,
-        kafka,
-        object_store,
-        database,
-    }
-}
-
-async fn readyz(State(gw): State<Gateway>) -> Response {
-    let readiness = {
-        // Holding the lock while checking makes concurrent probes share one check.
-        let mut cached = gw.inner.readiness.lock().await;
-        match &*cached {
-            Some((at, r)) if at.elapsed() < READINESS_TTL => r.clone(),
-            _ => {
-                let r = check_dependencies(&gw).await;
-                *cached = Some((std::time::Instant::now(), r.clone()));
-                r
-            }
-        }
-    };
-    let status = if readiness.ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, Json(readiness)).into_response()
-}
-
-async fn metrics(State(gw): State<Gateway>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        gw.inner.metrics.render(),
-    )
 }
 
 #[cfg(test)]

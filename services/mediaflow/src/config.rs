@@ -31,6 +31,9 @@ pub struct MediaflowConfig {
     pub database: DbConfig,
     /// The REST gateway.
     pub gateway: GatewayConfig,
+    /// The admin endpoints (`/healthz`, `/readyz`, `/metrics`) of `mediaflow run <stage>`; under
+    /// `mediaflow up` and `run gateway` the gateway serves them.
+    pub admin: AdminConfig,
     /// The image stage.
     pub image_worker: ImageWorkerConfig,
     /// How stages retry transient failures.
@@ -43,6 +46,22 @@ pub enum LogFormat {
     #[default]
     Pretty,
     Json,
+}
+
+/// Where a stage process serves its admin endpoints.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin HTTP server.
+    pub listen: std::net::SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
 }
 
 /// Embedded infrastructure switches. With a switch off, the matching section (`bus`, `store`)

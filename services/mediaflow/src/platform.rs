@@ -154,7 +154,25 @@ pub async fn run_stage(
         tracing::info!(addr = %listener.local_addr()?, "gateway listening");
         return serve_gateway(config, &services, listener, shutdown).await;
     }
-    run_stage_with(name, config, &services, shutdown).await
+    let admin = tokio::net::TcpListener::bind(config.admin.listen)
+        .await
+        .with_context(|| format!("binding the admin endpoints to {}", config.admin.listen))?;
+    tracing::info!(addr = %admin.local_addr()?, "admin endpoints listening");
+    let router = mediaflow_gateway::admin::router(
+        services.bus.clone(),
+        services.store.clone(),
+        services.db.clone(),
+        services.metrics.clone(),
+    );
+    let admin = tokio::spawn(
+        axum::serve(admin, router)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .into_future(),
+    );
+    let result = run_stage_with(name, config, &services, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = admin.await;
+    result
 }
 
 async fn bind_gateway(config: &MediaflowConfig) -> Result<tokio::net::TcpListener> {
