@@ -3,6 +3,7 @@
 mod support;
 
 use anyhow::Result;
+use mediaflow_events::EventData;
 use support::{Backend, TestPlatform, fixtures};
 
 const LIMIT: u64 = 64 * 1024;
@@ -210,5 +211,33 @@ async fn malformed_events_do_not_wedge_a_stage() -> Result<()> {
         ),
         "{metrics}"
     );
+    // Each went to the dead-letter topic with its reason, as it arrived.
+    let letters = tp
+        .bus
+        .read_to_end(&format!("{}dead-letters", tp.config.bus.topic_prefix))
+        .await?;
+    assert_eq!(letters.len(), 3);
+    for delivery in &letters {
+        let event = delivery
+            .event
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let data = mediaflow_events::data_json(event)?;
+        mediaflow_events::schema::validate(mediaflow_events::DeadLetter::TYPE, &data)
+            .map_err(anyhow::Error::msg)?;
+        let letter: mediaflow_events::DeadLetter = mediaflow_events::decode(event)?;
+        assert_eq!(
+            (letter.stage.as_str(), letter.error_class.as_str()),
+            ("image-worker", "bad_input")
+        );
+        assert_eq!(letter.attempts, 1);
+    }
+    let first: mediaflow_events::DeadLetter =
+        mediaflow_events::decode(letters[0].event.as_ref().unwrap())?;
+    assert_eq!(
+        first.raw.as_ref().map(|r| r.value.as_str()),
+        Some("this is not an event")
+    );
+    assert!(first.error.contains("not a CloudEvent"), "{}", first.error);
     tp.stop().await
 }

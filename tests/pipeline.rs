@@ -327,8 +327,12 @@ async fn state_survives_a_restart() -> Result<()> {
 /// back the same message completes. Nothing is marked failed, nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn object_store_outage_is_retried_until_it_heals() -> Result<()> {
-    let mut tp =
-        TestPlatform::start_with(Backend::Postgres, |c| c.retry.max_backoff_ms = 400).await?;
+    let mut tp = TestPlatform::start_with(Backend::Postgres, |c| {
+        c.stages.max_backoff_ms = 400;
+        // Outlast the outage: this test is about retrying, not dead-lettering.
+        c.stages.max_attempts = 10_000;
+    })
+    .await?;
 
     // An upload as the gateway records it, stored while S3 is up.
     let bytes = std::fs::read(fixtures().join("rocket.jpg"))?;

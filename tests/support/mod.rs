@@ -121,7 +121,7 @@ impl TestPlatform {
         config.gateway.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         config.bus.topic_prefix = format!("{}.", unique("t"));
         config.store.bucket = unique("mf-");
-        config.retry.initial_backoff_ms = 50;
+        config.stages.initial_backoff_ms = 50;
         let external = match backend {
             Backend::Sqlite => None,
             Backend::Postgres => {

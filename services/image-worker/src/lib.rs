@@ -47,6 +47,9 @@ impl Default for ImageWorkerConfig {
 #[derive(Debug)]
 pub struct ImageWorker {
     config: ImageWorkerConfig,
+    /// Bounds the decodes running at once to the cores there are, however many messages the
+    /// runtime has in flight.
+    cpu: std::sync::Arc<tokio::sync::Semaphore>,
     store: ObjectStore,
     db: Db,
     publisher: Publisher,
@@ -60,8 +63,10 @@ impl ImageWorker {
         db: Db,
         bus: &Bus,
     ) -> Result<Self, BusError> {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         Ok(Self {
             config,
+            cpu: std::sync::Arc::new(tokio::sync::Semaphore::new(cores)),
             store,
             db,
             publisher: bus.publisher("/mediaflow/image-worker")?,
@@ -131,14 +136,19 @@ impl Handler for ImageWorker {
         let size = self.config.thumbnail_size;
         let limits = self.limits();
         let bytes = input.bytes;
-        let thumb = tokio::task::spawn_blocking(move || {
-            mediaflow_imaging::thumbnail(&bytes, size, &limits)
-        })
-        .await
-        .map_err(|e| StageError::permanent(format!("thumbnail task failed: {e}")))?
-        .map_err(|e: ImagingError| {
-            StageError::bad_input(format!("image {}: {e}", upload.media_id))
-        })?;
+        let thumb = {
+            let _core = self
+                .cpu
+                .acquire()
+                .await
+                .map_err(|e| StageError::permanent(e.to_string()))?;
+            tokio::task::spawn_blocking(move || mediaflow_imaging::thumbnail(&bytes, size, &limits))
+                .await
+                .map_err(|e| StageError::permanent(format!("thumbnail task failed: {e}")))?
+                .map_err(|e: ImagingError| {
+                    StageError::bad_input(format!("image {}: {e}", upload.media_id))
+                })?
+        };
 
         let key = thumbnail_key(&upload.media_id, size, thumb.format.extension());
         let content_type = thumb.format.content_type();

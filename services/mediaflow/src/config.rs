@@ -36,8 +36,8 @@ pub struct MediaflowConfig {
     pub admin: AdminConfig,
     /// The image stage.
     pub image_worker: ImageWorkerConfig,
-    /// How stages retry transient failures.
-    pub retry: RetryConfig,
+    /// How every stage runs: concurrency, retries, dead letters, draining.
+    pub stages: StagesConfig,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,32 +93,47 @@ impl Default for EmbeddedConfig {
     }
 }
 
-/// Backoff of every stage between attempts at a transiently failing message. Transient failures
-/// (a dependency down) are retried until they heal; nothing is acknowledged meanwhile.
+/// How every stage runs: concurrency, retries, dead letters, draining.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct RetryConfig {
-    /// First backoff, in milliseconds; doubles per attempt.
+pub struct StagesConfig {
+    /// Messages each stage instance has in flight at once.
+    pub concurrency: usize,
+    /// Attempts at a message that keeps failing transiently (a dependency down) before it goes
+    /// to the dead-letter topic. Permanent failures and bad input go there at once.
+    pub max_attempts: u32,
+    /// First backoff between attempts, in milliseconds; doubles per attempt, with jitter.
     pub initial_backoff_ms: u64,
     /// Longest backoff, in milliseconds.
     pub max_backoff_ms: u64,
+    /// On shutdown, seconds messages being handled may take to finish before they are handed
+    /// back uncommitted.
+    pub drain_deadline_secs: u64,
 }
 
-impl Default for RetryConfig {
+impl Default for StagesConfig {
     fn default() -> Self {
-        let p = mediaflow_runtime::RetryPolicy::default();
+        let o = mediaflow_runtime::StageOptions::default();
         Self {
-            initial_backoff_ms: p.initial_backoff.as_millis() as u64,
-            max_backoff_ms: p.max_backoff.as_millis() as u64,
+            concurrency: o.concurrency,
+            max_attempts: o.max_attempts,
+            initial_backoff_ms: o.retry.initial_backoff.as_millis() as u64,
+            max_backoff_ms: o.retry.max_backoff.as_millis() as u64,
+            drain_deadline_secs: o.drain_deadline.as_secs(),
         }
     }
 }
 
-impl RetryConfig {
-    pub fn policy(&self) -> mediaflow_runtime::RetryPolicy {
-        mediaflow_runtime::RetryPolicy {
-            initial_backoff: std::time::Duration::from_millis(self.initial_backoff_ms),
-            max_backoff: std::time::Duration::from_millis(self.max_backoff_ms),
+impl StagesConfig {
+    pub fn options(&self) -> mediaflow_runtime::StageOptions {
+        mediaflow_runtime::StageOptions {
+            concurrency: self.concurrency.max(1),
+            max_attempts: self.max_attempts.max(1),
+            retry: mediaflow_runtime::RetryPolicy {
+                initial_backoff: std::time::Duration::from_millis(self.initial_backoff_ms),
+                max_backoff: std::time::Duration::from_millis(self.max_backoff_ms),
+            },
+            drain_deadline: std::time::Duration::from_secs(self.drain_deadline_secs),
         }
     }
 }

@@ -8,4 +8,5 @@ pub mod samples;
 pub mod tail;
 
 pub use config::MediaflowConfig;
+pub use mediaflow_runtime::Stopped;
 pub use platform::{Endpoints, Platform, RUNNABLE, STAGES, run_stage};

@@ -79,7 +79,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli.command, config)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("mediaflow: {e:#}");
             ExitCode::FAILURE
@@ -106,7 +106,10 @@ fn cancel_on_signals(token: CancellationToken) -> Result<()> {
 
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
-async fn run(command: Command, config: MediaflowConfig) -> Result<()> {
+/// Exit status of `run` when the drain deadline passed with messages unfinished.
+const HANDED_BACK: u8 = 3;
+
+async fn run(command: Command, config: MediaflowConfig) -> Result<ExitCode> {
     match command {
         Command::Up {
             samples,
@@ -139,12 +142,14 @@ async fn run(command: Command, config: MediaflowConfig) -> Result<()> {
                     }
                 }
                 if exit_after_samples {
-                    return platform.stop(DRAIN_DEADLINE).await;
+                    platform.stop(DRAIN_DEADLINE).await?;
+                    return Ok(ExitCode::SUCCESS);
                 }
             }
             println!("\nserving until Ctrl-C");
             platform.stopped().await;
-            platform.stop(DRAIN_DEADLINE).await
+            platform.stop(DRAIN_DEADLINE).await?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Run { stage } => {
             let token = CancellationToken::new();
@@ -153,7 +158,17 @@ async fn run(command: Command, config: MediaflowConfig) -> Result<()> {
             if config.embedded.kafka || config.embedded.s3 {
                 adopt_running_platform(&mut config)?;
             }
-            mediaflow::run_stage(&stage, &config, token, mediaflow_telemetry::Metrics::new()).await
+            let metrics = mediaflow_telemetry::Metrics::new();
+            match mediaflow::run_stage(&stage, &config, token, metrics).await? {
+                mediaflow::Stopped::Drained => Ok(ExitCode::SUCCESS),
+                mediaflow::Stopped::HandedBack { messages } => {
+                    eprintln!(
+                        "mediaflow: {messages} message(s) were not finished by the drain deadline \
+                         and were handed back uncommitted"
+                    );
+                    Ok(ExitCode::from(HANDED_BACK))
+                }
+            }
         }
         Command::Tail {
             topic,
@@ -176,11 +191,11 @@ async fn run(command: Command, config: MediaflowConfig) -> Result<()> {
             cancel_on_signals(token.clone())?;
             let mut out = std::io::stdout();
             mediaflow::tail::tail(&bus, &topic, from_beginning, max, token, &mut out).await?;
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Config => {
             print!("{}", toml::to_string_pretty(&config)?);
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -12,10 +12,11 @@ use mediaflow_embedded::{EmbeddedKafka, EmbeddedS3};
 use mediaflow_gateway::Gateway;
 use mediaflow_image_worker::ImageWorker;
 use mediaflow_router::Router;
-use mediaflow_runtime::Handler;
+use mediaflow_runtime::{DeadLetters, Handler, Stopped};
 use mediaflow_store::ObjectStore;
 use mediaflow_telemetry::Metrics;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -144,7 +145,7 @@ pub async fn run_stage(
     config: &MediaflowConfig,
     shutdown: CancellationToken,
     metrics: Metrics,
-) -> Result<()> {
+) -> Result<Stopped> {
     if !RUNNABLE.contains(&name) {
         bail!("unknown stage `{name}`; runnable: {}", RUNNABLE.join(", "));
     }
@@ -152,7 +153,8 @@ pub async fn run_stage(
     if name == GATEWAY {
         let listener = bind_gateway(config).await?;
         tracing::info!(addr = %listener.local_addr()?, "gateway listening");
-        return serve_gateway(config, &services, listener, shutdown).await;
+        serve_gateway(config, &services, listener, shutdown).await?;
+        return Ok(Stopped::Drained);
     }
     let admin = tokio::net::TcpListener::bind(config.admin.listen)
         .await
@@ -215,7 +217,7 @@ async fn run_stage_with(
     config: &MediaflowConfig,
     s: &Services,
     shutdown: CancellationToken,
-) -> Result<()> {
+) -> Result<Stopped> {
     match name {
         mediaflow_router::STAGE => {
             let handler = Router::new(&s.bus)?;
@@ -258,20 +260,31 @@ async fn consume<H: Handler>(
     config: &MediaflowConfig,
     s: &Services,
     shutdown: CancellationToken,
-) -> Result<()> {
+) -> Result<Stopped> {
     // The consumer group is the stage name under the topic prefix, so test runs never share one.
     let group = format!("{}{name}", config.bus.topic_prefix);
     let consumer = s.bus.consumer(&group, inputs, StartFrom::Earliest)?;
-    let retry = config.retry.policy();
-    mediaflow_runtime::run_stage(name, consumer, handler, retry, s.metrics.clone(), shutdown)
-        .await?;
-    Ok(())
+    let dead_letters = DeadLetters {
+        publisher: s.bus.publisher(&format!("/mediaflow/{name}"))?,
+        topic: s.bus.topics().dead_letters(),
+    };
+    let stopped = mediaflow_runtime::run_stage(
+        name,
+        consumer,
+        Arc::new(handler),
+        dead_letters,
+        config.stages.options(),
+        s.metrics.clone(),
+        shutdown,
+    )
+    .await?;
+    Ok(stopped)
 }
 
 /// The first failure of a part of the platform; recording it stops the platform.
 #[derive(Clone)]
 struct Failure {
-    first: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    first: Arc<std::sync::Mutex<Option<String>>>,
     shutdown: CancellationToken,
 }
 
@@ -305,7 +318,7 @@ impl Platform {
     /// Starts everything `config` asks for: embedded infrastructure, the gateway and every stage.
     pub async fn start(mut config: MediaflowConfig) -> Result<Self> {
         let (kafka, s3) = start_infrastructure(&mut config).await?;
-        let services = std::sync::Arc::new(connect(&config, Metrics::new()).await?);
+        let services = Arc::new(connect(&config, Metrics::new()).await?);
 
         let listener = bind_gateway(&config).await?;
         let gateway_addr = listener.local_addr()?;
@@ -326,9 +339,13 @@ impl Platform {
             let (services, config, token) = (services.clone(), config.clone(), shutdown.clone());
             let failure = failure.clone();
             tasks.spawn(async move {
-                if let Err(e) = run_stage_with(stage, &config, &services, token).await {
+                match run_stage_with(stage, &config, &services, token).await {
+                    Ok(Stopped::Drained) => {}
+                    Ok(Stopped::HandedBack { messages }) => {
+                        tracing::warn!(stage, messages, "handed back unfinished messages");
+                    }
                     // A stage that cannot run takes the platform down rather than limping on.
-                    failure.record(format!("stage {stage} failed: {e:#}"));
+                    Err(e) => failure.record(format!("stage {stage} failed: {e:#}")),
                 }
             });
         }

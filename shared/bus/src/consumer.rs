@@ -4,6 +4,7 @@
 
 use cloudevents::Event;
 use cloudevents::binding::rdkafka::MessageExt;
+use mediaflow_events::RawMessage;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -27,6 +28,32 @@ pub struct Delivery {
     /// The decoded CloudEvent, or why the message is not one. A malformed message is still
     /// delivered so that the stage can record it and move past it.
     pub event: Result<Event, String>,
+    /// The message as received, kept only when it is not a CloudEvent.
+    pub raw: Option<RawMessage>,
+}
+
+/// Longest message value kept in a dead letter.
+const RAW_KEEP: usize = 64 * 1024;
+
+fn raw_message(msg: &impl Message) -> RawMessage {
+    use rdkafka::message::Headers;
+    let value = msg.payload().unwrap_or_default();
+    let headers = msg
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| {
+                    let v = h.value.map(String::from_utf8_lossy).unwrap_or_default();
+                    (h.key.to_owned(), v.into_owned())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    RawMessage {
+        value: String::from_utf8_lossy(&value[..value.len().min(RAW_KEEP)]).into_owned(),
+        value_len: value.len() as u64,
+        headers,
+    }
 }
 
 /// A member of a consumer group.
@@ -72,6 +99,26 @@ impl Consumer {
         })
     }
 
+    /// A consumer outside any group, reading `partitions` of `topic` from their beginning.
+    pub(crate) fn reader(
+        mut cfg: ClientConfig,
+        topic: &str,
+        partitions: &[i32],
+    ) -> Result<Self, BusError> {
+        let group = format!("mediaflow-reader-{}", uuid::Uuid::new_v4());
+        cfg.set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest");
+        let inner: StreamConsumer = cfg.create().map_err(BusError::Client)?;
+        let mut tpl = TopicPartitionList::new();
+        for &p in partitions {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .map_err(BusError::Client)?;
+        }
+        inner.assign(&tpl).map_err(BusError::Client)?;
+        Ok(Self { inner, group })
+    }
+
     pub fn group(&self) -> &str {
         &self.group
     }
@@ -81,13 +128,24 @@ impl Consumer {
         let msg = self.inner.recv().await.map_err(BusError::Client)?;
         let key = msg.key().map(|k| String::from_utf8_lossy(k).into_owned());
         let event = msg.to_event().map_err(|e| e.to_string());
+        let raw = event.is_err().then(|| raw_message(&msg));
         Ok(Delivery {
             topic: msg.topic().to_owned(),
             partition: msg.partition(),
             offset: msg.offset(),
             key,
             event,
+            raw,
         })
+    }
+
+    /// Stores `next` (one past the last finished offset) as the position of `topic`/`partition`;
+    /// it is committed with the next commit.
+    pub fn store(&self, topic: &str, partition: i32, next: i64) -> Result<(), BusError> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(next))
+            .map_err(BusError::Client)?;
+        self.inner.store_offsets(&tpl).map_err(BusError::Client)
     }
 
     /// Marks `delivery` done: its offset is stored and committed with the next commit.
@@ -100,6 +158,19 @@ impl Consumer {
         )
         .map_err(BusError::Client)?;
         self.inner.store_offsets(&tpl).map_err(BusError::Client)
+    }
+
+    /// Stops fetching from every assigned partition; `recv` keeps the group membership alive
+    /// meanwhile. Messages fetched before the pause are discarded and fetched again on resume.
+    pub fn pause_all(&self) -> Result<(), BusError> {
+        let assignment = self.inner.assignment().map_err(BusError::Client)?;
+        self.inner.pause(&assignment).map_err(BusError::Client)
+    }
+
+    /// Resumes fetching from every assigned partition.
+    pub fn resume_all(&self) -> Result<(), BusError> {
+        let assignment = self.inner.assignment().map_err(BusError::Client)?;
+        self.inner.resume(&assignment).map_err(BusError::Client)
     }
 
     /// Commits every stored offset now and leaves the group.

@@ -90,6 +90,58 @@ impl Bus {
         Consumer::new(self.client_config(), group, topics, start, &self.config)
     }
 
+    /// Every message retained on `topic` at the time of the call, in partition order.
+    pub async fn read_to_end(&self, topic: &str) -> Result<Vec<Delivery>, BusError> {
+        let cfg = self.client_config();
+        let timeout = self.config.request_timeout();
+        let name = topic.to_owned();
+        // The end of each partition now; messages published later are not waited for.
+        let ends: Vec<(i32, i64, i64)> = tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = cfg.create().map_err(BusError::Client)?;
+            let md = consumer
+                .fetch_metadata(Some(&name), timeout)
+                .map_err(BusError::Client)?;
+            let mut ends = Vec::new();
+            for t in md.topics() {
+                for p in t.partitions() {
+                    let (low, high) = consumer
+                        .fetch_watermarks(&name, p.id(), timeout)
+                        .map_err(BusError::Client)?;
+                    ends.push((p.id(), low, high));
+                }
+            }
+            Ok::<_, BusError>(ends)
+        })
+        .await
+        .map_err(|e| BusError::Internal(e.to_string()))??;
+        let mut pending: std::collections::HashMap<i32, i64> = ends
+            .iter()
+            .filter(|(_, low, high)| high > low)
+            .map(|&(p, _, high)| (p, high))
+            .collect();
+        let mut out = Vec::new();
+        if pending.is_empty() {
+            return Ok(out);
+        }
+        let partitions: Vec<i32> = pending.keys().copied().collect();
+        let reader = Consumer::reader(self.client_config(), topic, &partitions)?;
+        while !pending.is_empty() {
+            let delivery = tokio::time::timeout(timeout, reader.recv())
+                .await
+                .map_err(|_| BusError::Internal(format!("reading {topic} timed out")))??;
+            if let Some(&end) = pending.get(&delivery.partition) {
+                if delivery.offset + 1 >= end {
+                    pending.remove(&delivery.partition);
+                }
+                if delivery.offset < end {
+                    out.push(delivery);
+                }
+            }
+        }
+        out.sort_by_key(|d| (d.partition, d.offset));
+        Ok(out)
+    }
+
     /// Number of messages retained on `topic`: the sum over its partitions of high minus low
     /// watermark.
     pub async fn message_count(&self, topic: &str) -> Result<i64, BusError> {

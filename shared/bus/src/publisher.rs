@@ -58,13 +58,22 @@ impl Publisher {
         data: &T,
     ) -> Result<Published, BusError> {
         let event = mediaflow_events::encode(data, &self.source)?;
-        let key = data.subject();
+        self.publish_event(topic, &data.subject(), event).await
+    }
+
+    /// Publishes an already built event (a replay) on `topic` with partition key `key`.
+    pub async fn publish_event(
+        &self,
+        topic: &str,
+        key: &str,
+        event: cloudevents::Event,
+    ) -> Result<Published, BusError> {
         let record =
             MessageRecord::from_event(event).map_err(|e| BusError::Encode(e.to_string()))?;
         let delivery = self
             .producer
             .send(
-                FutureRecord::to(topic).key(&key).message_record(&record),
+                FutureRecord::to(topic).key(key).message_record(&record),
                 self.timeout,
             )
             .await;

@@ -1,12 +1,14 @@
 //! The vocabulary every mediaflow stage shares: event payloads, the topics they travel on, and
 //! their CloudEvents 1.0 envelope. Pure data: no I/O, no Kafka client.
 
+mod dead_letter;
 mod envelope;
 pub mod media;
 #[cfg(any(test, feature = "validate"))]
 pub mod schema;
 pub mod topics;
 
+pub use dead_letter::{DeadLetter, MessageSource, RawMessage};
 pub use envelope::{EventData, EventError, data_json, decode, encode};
 pub use media::{MediaKind, MediaThumbnailed, MediaUploaded, ObjectRef, Thumbnail};
 pub use topics::{TopicSpec, Topics};

@@ -8,7 +8,7 @@ use crate::EventData;
 /// Namespace for deterministic event ids (UUID v5 over the event's identity).
 const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6d65_6469_6166_6c6f_7700_0000_0000_0001);
 
-fn deterministic_id(parts: &[&str]) -> String {
+pub(crate) fn deterministic_id(parts: &[&str]) -> String {
     Uuid::new_v5(&ID_NAMESPACE, parts.join("\u{1f}").as_bytes()).to_string()
 }
 

@@ -11,12 +11,19 @@ pub fn document(event_type: &str) -> Option<&'static str> {
         "mediaflow.media.thumbnailed" => Some(include_str!(
             "../../../schemas/mediaflow.media.thumbnailed.json"
         )),
+        "mediaflow.dead-letter" => {
+            Some(include_str!("../../../schemas/mediaflow.dead-letter.json"))
+        }
         _ => None,
     }
 }
 
 /// Every event type that has a schema.
-pub const EVENT_TYPES: &[&str] = &["mediaflow.media.uploaded", "mediaflow.media.thumbnailed"];
+pub const EVENT_TYPES: &[&str] = &[
+    "mediaflow.media.uploaded",
+    "mediaflow.media.thumbnailed",
+    "mediaflow.dead-letter",
+];
 
 /// Checks `data` against the schema of `event_type`; the error lists every violation.
 pub fn validate(event_type: &str, data: &Value) -> Result<(), String> {
@@ -72,6 +79,15 @@ mod tests {
             &sample(&crate::media::tests::thumbnailed()),
         )
         .unwrap();
+        let mut dead = crate::dead_letter::tests::dead_letter();
+        validate(crate::DeadLetter::TYPE, &sample(&dead)).unwrap();
+        dead.event = None;
+        dead.raw = Some(crate::RawMessage {
+            value: "not json".into(),
+            value_len: 8,
+            headers: vec![("h".into(), "v".into())],
+        });
+        validate(crate::DeadLetter::TYPE, &sample(&dead)).unwrap();
     }
 
     #[test]

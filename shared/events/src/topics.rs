@@ -52,6 +52,11 @@ impl Topics {
         self.name("media.thumbnailed")
     }
 
+    /// Messages stages gave up on, from every stage (`mediaflow.dead-letter`).
+    pub fn dead_letters(&self) -> String {
+        self.name("dead-letters")
+    }
+
     /// Every topic the platform needs, with `partitions` partitions each.
     pub fn declared(&self, partitions: i32) -> Vec<TopicSpec> {
         let spec = |name: String, retention| TopicSpec {
@@ -63,6 +68,7 @@ impl Topics {
             spec(self.media_uploaded(), 7 * DAY),
             spec(self.jobs_image(), 7 * DAY),
             spec(self.jobs_video(), 7 * DAY),
+            spec(self.dead_letters(), 30 * DAY),
             spec(self.media_thumbnailed(), 30 * DAY),
         ]
     }
@@ -76,7 +82,7 @@ mod tests {
     fn prefix_applies_to_every_declared_topic() {
         let topics = Topics::new("t1.");
         let declared = topics.declared(3);
-        assert_eq!(declared.len(), 4);
+        assert_eq!(declared.len(), 5);
         assert!(
             declared
                 .iter()

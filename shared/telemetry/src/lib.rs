@@ -7,6 +7,7 @@ use std::time::Duration;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -58,6 +59,8 @@ pub struct Metrics {
     stage_messages: Family<StageLabels, Counter>,
     stage_errors: Family<StageLabels, Counter>,
     stage_seconds: Family<StageOnly, Histogram>,
+    stage_in_flight: Family<StageOnly, Gauge>,
+    dead_letters: Family<StageLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -103,8 +106,22 @@ impl Metrics {
             "Time from taking a message to acknowledging it",
             stage_seconds.clone(),
         );
+        let stage_in_flight = Family::<StageOnly, Gauge>::default();
+        registry.register(
+            "stage_in_flight",
+            "Messages a stage has taken and not finished",
+            stage_in_flight.clone(),
+        );
+        let dead_letters = Family::<StageLabels, Counter>::default();
+        registry.register(
+            "dead_letters",
+            "Messages a stage gave up on and sent to the dead-letter topic, by error class",
+            dead_letters.clone(),
+        );
         Self {
             registry: Arc::new(Mutex::new(registry)),
+            stage_in_flight,
+            dead_letters,
             uploads,
             upload_bytes,
             stage_messages,
@@ -146,6 +163,25 @@ impl Metrics {
             .get_or_create(&StageLabels {
                 stage: stage.to_owned(),
                 outcome: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    /// How many messages a stage has in flight now.
+    pub fn stage_in_flight(&self, stage: &str, n: usize) {
+        self.stage_in_flight
+            .get_or_create(&StageOnly {
+                stage: stage.to_owned(),
+            })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// A stage sent a message to the dead-letter topic.
+    pub fn dead_lettered(&self, stage: &str, class: &str) {
+        self.dead_letters
+            .get_or_create(&StageLabels {
+                stage: stage.to_owned(),
+                outcome: class.to_owned(),
             })
             .inc();
     }

@@ -1,0 +1,422 @@
+//! The consume loop of one stage instance, and the life of one message in it.
+//!
+//! The loop keeps polling the consumer so that long jobs never cost the group membership: when
+//! it has as many messages in flight as allowed, it pauses fetching instead of stopping to poll.
+//! Each message runs as its own task; messages with the same key run one after another, in
+//! order. A finished message moves its partition's commit position only as far as every earlier
+//! message of that partition is finished too (`OffsetTracker`).
+
+use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cloudevents::{AttributesReader, Event};
+use futures::FutureExt;
+use mediaflow_bus::{BusError, Consumer, Delivery, Publisher};
+use mediaflow_events::{DeadLetter, MessageSource};
+use mediaflow_telemetry::Metrics;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::{ErrorClass, Handler, OffsetTracker, RetryPolicy, StageError};
+
+/// How a stage instance runs.
+#[derive(Clone, Copy, Debug)]
+pub struct StageOptions {
+    /// Messages in flight at once (being handled, waiting for a retry, or queued behind a
+    /// message with the same key).
+    pub concurrency: usize,
+    /// Attempts at a message that keeps failing transiently before it is dead-lettered.
+    pub max_attempts: u32,
+    pub retry: RetryPolicy,
+    /// On shutdown, how long messages being handled may take to finish before they are handed
+    /// back (left uncommitted, to be redelivered).
+    pub drain_deadline: Duration,
+}
+
+impl Default for StageOptions {
+    fn default() -> Self {
+        Self {
+            concurrency: 4,
+            max_attempts: 10,
+            retry: RetryPolicy::default(),
+            drain_deadline: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Where a stage sends the messages it gives up on.
+#[derive(Clone, Debug)]
+pub struct DeadLetters {
+    pub publisher: Publisher,
+    pub topic: String,
+}
+
+/// How a stage instance ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// Every message taken was finished and its offset committed.
+    Drained,
+    /// Some messages were not finished by the deadline; they stay uncommitted and will be
+    /// delivered again (to this stage's next instance).
+    HandedBack { messages: usize },
+}
+
+/// What a stage task reports when it ends.
+struct Finished {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    key: Option<String>,
+    started: Instant,
+    outcome: Outcome,
+}
+
+enum Outcome {
+    /// Finished: succeeded (`ok`) or dead-lettered (the error class).
+    Done(&'static str),
+    /// Shutdown came first; the message stays uncommitted.
+    HandedBack,
+}
+
+struct Context<H> {
+    stage: String,
+    handler: Arc<H>,
+    dead_letters: DeadLetters,
+    options: StageOptions,
+    metrics: Metrics,
+    /// Cancelled when the stage stops taking work: waits between attempts end at once.
+    hand_back: CancellationToken,
+}
+
+/// The mutable state of the loop.
+struct Loop<H> {
+    ctx: Arc<Context<H>>,
+    consumer: Consumer,
+    tasks: JoinSet<Finished>,
+    offsets: OffsetTracker,
+    /// Keys with a message in flight, and the messages of that key waiting behind it.
+    keys: HashMap<String, VecDeque<Delivery>>,
+    /// Messages received while at capacity (fetching is paused meanwhile).
+    overflow: VecDeque<Delivery>,
+    paused: bool,
+}
+
+/// Runs stage `stage` over `consumer` until `shutdown` is cancelled, then drains: stops taking
+/// messages, lets the ones being handled finish within the drain deadline, commits, and leaves
+/// the group.
+pub async fn run_stage<H: Handler>(
+    stage: &str,
+    consumer: Consumer,
+    handler: Arc<H>,
+    dead_letters: DeadLetters,
+    options: StageOptions,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> Result<Stopped, BusError> {
+    tracing::info!(
+        stage,
+        group = consumer.group(),
+        concurrency = options.concurrency,
+        "stage started"
+    );
+    let ctx = Arc::new(Context {
+        stage: stage.to_owned(),
+        handler,
+        dead_letters,
+        options: StageOptions {
+            concurrency: options.concurrency.max(1),
+            ..options
+        },
+        metrics,
+        hand_back: CancellationToken::new(),
+    });
+    let mut l = Loop {
+        ctx,
+        consumer,
+        tasks: JoinSet::new(),
+        offsets: OffsetTracker::default(),
+        keys: HashMap::new(),
+        overflow: VecDeque::new(),
+        paused: false,
+    };
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            Some(joined) = l.tasks.join_next(), if !l.tasks.is_empty() => {
+                l.finished(joined);
+                l.refill();
+            }
+            delivery = l.consumer.recv() => match delivery {
+                Ok(d) => l.received(d),
+                Err(e) => {
+                    // The broker briefly unreachable, a rebalance: librdkafka recovers.
+                    tracing::warn!(stage, error = %e, "consumer error");
+                    l.ctx.metrics.stage_error(stage, "consumer");
+                }
+            },
+        }
+        l.ctx.metrics.stage_in_flight(stage, l.offsets.in_flight());
+    }
+    let stopped = l.drain().await;
+    l.ctx.metrics.stage_in_flight(stage, 0);
+    l.consumer.close()?;
+    tracing::info!(stage, ?stopped, "stage stopped");
+    Ok(stopped)
+}
+
+impl<H: Handler> Loop<H> {
+    fn at_capacity(&self) -> bool {
+        self.offsets.in_flight() >= self.ctx.options.concurrency
+    }
+
+    fn received(&mut self, delivery: Delivery) {
+        if self.at_capacity() || !self.overflow.is_empty() {
+            self.overflow.push_back(delivery);
+            if !self.paused {
+                match self.consumer.pause_all() {
+                    Ok(()) => self.paused = true,
+                    Err(e) => {
+                        tracing::warn!(stage = %self.ctx.stage, error = %e, "could not pause")
+                    }
+                }
+            }
+        } else {
+            self.take(delivery);
+        }
+    }
+
+    /// Takes messages from the overflow while there is room; resumes fetching once it is empty.
+    fn refill(&mut self) {
+        while !self.at_capacity() {
+            let Some(d) = self.overflow.pop_front() else {
+                break;
+            };
+            self.take(d);
+        }
+        if self.paused && self.overflow.is_empty() && !self.at_capacity() {
+            match self.consumer.resume_all() {
+                Ok(()) => self.paused = false,
+                Err(e) => tracing::warn!(stage = %self.ctx.stage, error = %e, "could not resume"),
+            }
+        }
+    }
+
+    fn take(&mut self, delivery: Delivery) {
+        self.offsets
+            .take(&delivery.topic, delivery.partition, delivery.offset);
+        match &delivery.key {
+            Some(key) => match self.keys.get_mut(key) {
+                // The same key is in flight: keep the per-key order.
+                Some(waiting) => waiting.push_back(delivery),
+                None => {
+                    self.keys.insert(key.clone(), VecDeque::new());
+                    self.spawn(delivery);
+                }
+            },
+            None => self.spawn(delivery),
+        }
+    }
+
+    fn spawn(&mut self, delivery: Delivery) {
+        self.tasks.spawn(work(self.ctx.clone(), delivery));
+    }
+
+    fn finished(&mut self, joined: Result<Finished, tokio::task::JoinError>) {
+        let f = match joined {
+            Ok(f) => f,
+            // Only an aborted task ends this way (panics are caught inside); it stays uncommitted.
+            Err(e) => {
+                tracing::warn!(stage = %self.ctx.stage, error = %e, "stage task ended early");
+                return;
+            }
+        };
+        if let Outcome::Done(outcome) = f.outcome {
+            self.ctx
+                .metrics
+                .stage_processed(&self.ctx.stage, outcome, f.started.elapsed());
+            if let Some(next) = self.offsets.finish(&f.topic, f.partition, f.offset)
+                && let Err(e) = self.consumer.store(&f.topic, f.partition, next)
+            {
+                // The partition was revoked meanwhile: its new owner gets the message again,
+                // and effects are idempotent.
+                tracing::warn!(stage = %self.ctx.stage, error = %e, "could not store offset");
+                self.ctx.metrics.stage_error(&self.ctx.stage, "ack");
+            }
+        }
+        if let Some(key) = f.key {
+            let next = self.keys.get_mut(&key).and_then(VecDeque::pop_front);
+            match next {
+                Some(d) if !self.ctx.hand_back.is_cancelled() => self.spawn(d),
+                Some(_) => {} // shutting down: handed back, uncommitted
+                None => {
+                    self.keys.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Stops taking messages; waits for the ones being handled up to the drain deadline.
+    async fn drain(&mut self) -> Stopped {
+        self.ctx.hand_back.cancel();
+        self.overflow.clear();
+        let deadline = tokio::time::sleep(self.ctx.options.drain_deadline);
+        tokio::pin!(deadline);
+        while !self.tasks.is_empty() {
+            tokio::select! {
+                Some(joined) = self.tasks.join_next() => self.finished(joined),
+                () = &mut deadline => {
+                    tracing::warn!(stage = %self.ctx.stage, left = self.tasks.len(), "drain deadline passed; handing back");
+                    self.tasks.abort_all();
+                    while self.tasks.join_next().await.is_some() {}
+                }
+            }
+        }
+        match self.offsets.in_flight() {
+            0 => Stopped::Drained,
+            messages => Stopped::HandedBack { messages },
+        }
+    }
+}
+
+/// The life of one message: attempts, backoff between transient failures, and on giving up the
+/// handler's `give_up` and a dead letter. Ends `Done` only when the message's fate is
+/// acknowledged.
+async fn work<H: Handler>(ctx: Arc<Context<H>>, delivery: Delivery) -> Finished {
+    let started = Instant::now();
+    let outcome = match &delivery.event {
+        Ok(event) => attempts(&ctx, &delivery, event).await,
+        Err(why) => {
+            let err = StageError::bad_input(format!(
+                "message {}/{}@{} is not a CloudEvent: {why}",
+                delivery.topic, delivery.partition, delivery.offset
+            ));
+            tracing::warn!(stage = %ctx.stage, error = %err, "malformed message");
+            give_up(&ctx, &delivery, None, &err, 1).await
+        }
+    };
+    Finished {
+        topic: delivery.topic,
+        partition: delivery.partition,
+        offset: delivery.offset,
+        key: delivery.key,
+        started,
+        outcome,
+    }
+}
+
+async fn attempts<H: Handler>(ctx: &Context<H>, delivery: &Delivery, event: &Event) -> Outcome {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let result = AssertUnwindSafe(ctx.handler.handle(event))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                Err(StageError::permanent(format!(
+                    "the stage panicked: {}",
+                    panic_text(&panic)
+                )))
+            });
+        let err = match result {
+            Ok(()) => return Outcome::Done("ok"),
+            Err(err) => err,
+        };
+        if err.class == ErrorClass::Transient && attempt < ctx.options.max_attempts {
+            let wait = ctx.options.retry.backoff(attempt - 1);
+            tracing::warn!(stage = %ctx.stage, id = event.id(), attempt, error = %err, ?wait, "retrying");
+            ctx.metrics.stage_error(&ctx.stage, "retry");
+            if !pause(wait, &ctx.hand_back).await {
+                return Outcome::HandedBack;
+            }
+            continue;
+        }
+        tracing::warn!(stage = %ctx.stage, id = event.id(), attempt, error = %err, "giving up");
+        return give_up(ctx, delivery, Some(event), &err, attempt).await;
+    }
+}
+
+/// Records the failure through the handler, then publishes the dead letter; each step is retried
+/// until it succeeds, since the message may not be committed before both are acknowledged.
+async fn give_up<H: Handler>(
+    ctx: &Context<H>,
+    delivery: &Delivery,
+    event: Option<&Event>,
+    err: &StageError,
+    attempts: u32,
+) -> Outcome {
+    let mut tries = 0;
+    loop {
+        match AssertUnwindSafe(ctx.handler.give_up(event, err))
+            .catch_unwind()
+            .await
+        {
+            Ok(Ok(())) => break,
+            Ok(Err(e)) => {
+                tracing::error!(stage = %ctx.stage, error = %e, "could not record a failure")
+            }
+            Err(panic) => {
+                tracing::error!(stage = %ctx.stage, panic = panic_text(&panic), "recording a failure panicked")
+            }
+        }
+        ctx.metrics.stage_error(&ctx.stage, "give_up");
+        if !pause(ctx.options.retry.backoff(tries), &ctx.hand_back).await {
+            return Outcome::HandedBack;
+        }
+        tries += 1;
+    }
+    let letter = DeadLetter {
+        stage: ctx.stage.clone(),
+        error_class: err.class.as_str().to_owned(),
+        error: err.message.clone(),
+        attempts,
+        failed_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        source: MessageSource {
+            topic: delivery.topic.clone(),
+            partition: delivery.partition,
+            offset: delivery.offset,
+            key: delivery.key.clone(),
+        },
+        event: event.and_then(|e| serde_json::to_value(e).ok()),
+        raw: delivery.raw.clone(),
+    };
+    let mut tries = 0;
+    loop {
+        match ctx
+            .dead_letters
+            .publisher
+            .publish(&ctx.dead_letters.topic, &letter)
+            .await
+        {
+            Ok(_) => break,
+            Err(e) => {
+                tracing::error!(stage = %ctx.stage, error = %e, "could not publish a dead letter")
+            }
+        }
+        ctx.metrics.stage_error(&ctx.stage, "dead_letter");
+        if !pause(ctx.options.retry.backoff(tries), &ctx.hand_back).await {
+            return Outcome::HandedBack;
+        }
+        tries += 1;
+    }
+    ctx.metrics.dead_lettered(&ctx.stage, err.class.as_str());
+    Outcome::Done(err.class.as_str())
+}
+
+/// Waits `wait`; false if the stage is handing work back first.
+async fn pause(wait: Duration, hand_back: &CancellationToken) -> bool {
+    tokio::select! {
+        () = hand_back.cancelled() => false,
+        () = tokio::time::sleep(wait) => true,
+    }
+}
+
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned())
+}
