@@ -3,6 +3,7 @@
 //! `Platform::start`, so tests exercise exactly what users run.
 
 pub mod config;
+pub mod dlq;
 mod platform;
 pub mod samples;
 pub mod tail;

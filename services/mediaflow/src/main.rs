@@ -54,8 +54,38 @@ enum Command {
         #[arg(long, short = 'n')]
         max: Option<u64>,
     },
+    /// List or replay dead letters: messages stages gave up on.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Print the effective configuration as TOML.
     Config,
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List the dead letters on the dead-letter topic.
+    List {
+        #[command(flatten)]
+        filter: DlqFilter,
+    },
+    /// Publish matching dead letters again on the topic they came from, once each. Fix the
+    /// cause first.
+    Replay {
+        #[command(flatten)]
+        filter: DlqFilter,
+    },
+}
+
+#[derive(clap::Args)]
+struct DlqFilter {
+    /// Only dead letters of this stage (router, image-worker).
+    #[arg(long)]
+    stage: Option<String>,
+    /// Only dead letters of this error class (transient, permanent, bad_input).
+    #[arg(long, value_parser = ["transient", "permanent", "bad_input"])]
+    class: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -191,6 +221,36 @@ async fn run(command: Command, config: MediaflowConfig) -> Result<ExitCode> {
             cancel_on_signals(token.clone())?;
             let mut out = std::io::stdout();
             mediaflow::tail::tail(&bus, &topic, from_beginning, max, token, &mut out).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dlq { command } => {
+            let mut config = config;
+            if config.embedded.kafka {
+                adopt_running_platform(&mut config)?;
+            }
+            let bus = Bus::new(config.bus.clone());
+            let db = mediaflow_db::Db::connect(&config.database_url(), 2).await?;
+            match command {
+                DlqCommand::List { filter } => {
+                    let filter = mediaflow::dlq::Filter {
+                        stage: filter.stage,
+                        class: filter.class,
+                    };
+                    let entries = mediaflow::dlq::list(&bus, &db, &filter).await?;
+                    mediaflow::dlq::print(&entries, &mut std::io::stdout())?;
+                }
+                DlqCommand::Replay { filter } => {
+                    let filter = mediaflow::dlq::Filter {
+                        stage: filter.stage,
+                        class: filter.class,
+                    };
+                    let r = mediaflow::dlq::replay(&bus, &db, &filter).await?;
+                    println!(
+                        "replayed {}, already replayed {}, not replayable (not CloudEvents) {}",
+                        r.replayed, r.already, r.unreplayable
+                    );
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Config => {

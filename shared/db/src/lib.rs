@@ -331,6 +331,32 @@ impl Db {
             .collect()
     }
 
+    /// Ids of the dead letters replayed so far.
+    pub async fn replayed_dead_letters(
+        &self,
+    ) -> Result<std::collections::HashSet<String>, DbError> {
+        let rows = sqlx::query("SELECT dead_letter_id FROM dead_letter_replays")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter()
+            .map(|r| Ok(r.try_get("dead_letter_id")?))
+            .collect()
+    }
+
+    /// Records that a dead letter was replayed. Recording it twice is not an error.
+    pub async fn record_replay(&self, dead_letter_id: &str, stage: &str) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO dead_letter_replays (dead_letter_id, stage, replayed_at_ms) \
+             VALUES ($1, $2, $3) ON CONFLICT (dead_letter_id) DO NOTHING",
+        )
+        .bind(dead_letter_id)
+        .bind(stage)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Number of media rows (for tests and metrics).
     pub async fn media_count(&self) -> Result<i64, DbError> {
         Ok(sqlx::query("SELECT COUNT(*) AS n FROM media")
