@@ -97,6 +97,9 @@ impl Default for EmbeddedConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StagesConfig {
+    /// The stages `mediaflow up` runs beside the gateway; all of them when unset. Stages left
+    /// out can run as their own processes (`mediaflow run <stage>`).
+    pub enabled: Option<Vec<String>>,
     /// Messages each stage instance has in flight at once.
     pub concurrency: usize,
     /// Attempts at a message that keeps failing transiently (a dependency down) before it goes
@@ -115,6 +118,7 @@ impl Default for StagesConfig {
     fn default() -> Self {
         let o = mediaflow_runtime::StageOptions::default();
         Self {
+            enabled: None,
             concurrency: o.concurrency,
             max_attempts: o.max_attempts,
             initial_backoff_ms: o.retry.initial_backoff.as_millis() as u64,

@@ -317,6 +317,17 @@ impl Failure {
 impl Platform {
     /// Starts everything `config` asks for: embedded infrastructure, the gateway and every stage.
     pub async fn start(mut config: MediaflowConfig) -> Result<Self> {
+        let enabled = config.stages.enabled.clone();
+        if let Some(unknown) = enabled
+            .iter()
+            .flatten()
+            .find(|s| !STAGES.contains(&s.as_str()))
+        {
+            bail!(
+                "stages.enabled names unknown stage `{unknown}`; stages: {}",
+                STAGES.join(", ")
+            );
+        }
         let (kafka, s3) = start_infrastructure(&mut config).await?;
         let services = Arc::new(connect(&config, Metrics::new()).await?);
 
@@ -335,7 +346,10 @@ impl Platform {
                 }
             });
         }
-        for stage in STAGES {
+        let stages = STAGES
+            .iter()
+            .filter(|s| enabled.as_ref().is_none_or(|e| e.iter().any(|n| n == *s)));
+        for stage in stages {
             let (services, config, token) = (services.clone(), config.clone(), shutdown.clone());
             let failure = failure.clone();
             tasks.spawn(async move {

@@ -22,6 +22,14 @@ pub struct BusConfig {
     pub request_timeout_ms: u64,
     /// Consumer session timeout in milliseconds.
     pub session_timeout_ms: u64,
+    /// Longest time between two polls of a consumer before it leaves its group, in
+    /// milliseconds; also how long a rebalance waits for members to rejoin. Stages keep polling
+    /// while they work, so this does not limit job length.
+    pub max_poll_interval_ms: u64,
+    /// Static group membership (`group.instance.id`): a stable name for this process, such as a
+    /// StatefulSet pod name. A restarted process with the same name takes over its partitions
+    /// at once instead of waiting for the group to notice the old one is gone.
+    pub group_instance_id: Option<String>,
     /// Extra librdkafka properties applied to every client (e.g. `security.protocol`).
     pub librdkafka: BTreeMap<String, String>,
 }
@@ -35,6 +43,8 @@ impl Default for BusConfig {
             client_id: "mediaflow".into(),
             request_timeout_ms: 30_000,
             session_timeout_ms: 30_000,
+            max_poll_interval_ms: 300_000,
+            group_instance_id: None,
             librdkafka: BTreeMap::new(),
         }
     }

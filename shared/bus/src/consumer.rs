@@ -83,6 +83,7 @@ impl Consumer {
             .set("auto.commit.interval.ms", "1000")
             .set("enable.auto.offset.store", "false")
             .set("session.timeout.ms", bus.session_timeout_ms.to_string())
+            .set("max.poll.interval.ms", bus.max_poll_interval_ms.to_string())
             .set(
                 "auto.offset.reset",
                 match start {
@@ -90,6 +91,11 @@ impl Consumer {
                     StartFrom::Latest => "latest",
                 },
             );
+        if let Some(instance) = &bus.group_instance_id {
+            // One name per group: the stage's group is part of it, so one process can run
+            // several stages.
+            cfg.set("group.instance.id", format!("{instance}.{group}"));
+        }
         let inner: StreamConsumer = cfg.create().map_err(BusError::Client)?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         inner.subscribe(&names).map_err(BusError::Client)?;

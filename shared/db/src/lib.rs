@@ -357,6 +357,28 @@ impl Db {
         Ok(())
     }
 
+    /// Number of result rows of `stage`.
+    pub async fn result_count(&self, stage: &str) -> Result<i64, DbError> {
+        Ok(
+            sqlx::query("SELECT COUNT(*) AS n FROM results WHERE stage = $1")
+                .bind(stage)
+                .fetch_one(&self.pool)
+                .await?
+                .try_get("n")?,
+        )
+    }
+
+    /// Number of media rows with `status`.
+    pub async fn media_count_with(&self, status: MediaStatus) -> Result<i64, DbError> {
+        Ok(
+            sqlx::query("SELECT COUNT(*) AS n FROM media WHERE status = $1")
+                .bind(status.as_str())
+                .fetch_one(&self.pool)
+                .await?
+                .try_get("n")?,
+        )
+    }
+
     /// Number of media rows (for tests and metrics).
     pub async fn media_count(&self) -> Result<i64, DbError> {
         Ok(sqlx::query("SELECT COUNT(*) AS n FROM media")

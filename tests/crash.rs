@@ -1,0 +1,253 @@
+//! At-least-once in, effectively-once out, under fire: 500 items flow through two image-worker
+//! processes while one of them is killed with SIGKILL at random moments and restarted each time,
+//! as an orchestrator would. Every item ends with exactly one result row and one thumbnail object,
+//! and the result topic holds exactly one distinct event id per item.
+
+mod support;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use cloudevents::AttributesReader;
+use futures::StreamExt;
+use mediaflow_events::{EventData, MediaThumbnailed};
+use support::{Backend, TestPlatform, fixtures};
+
+const ITEMS: usize = 500;
+const KILLS: usize = 12;
+
+/// The `mediaflow` binary cargo built beside this test.
+fn mediaflow_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target directory");
+    let bin = dir.join("mediaflow");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it with `cargo build -p mediaflow`",
+        bin.display()
+    );
+    bin
+}
+
+/// A `mediaflow run image-worker` process against the test platform's services.
+fn spawn_worker(
+    tp: &TestPlatform,
+    n: usize,
+    log_dir: &std::path::Path,
+) -> Result<tokio::process::Child> {
+    let c = &tp.config;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_dir.join(format!("worker-{n}.log")))?;
+    let child = tokio::process::Command::new(mediaflow_bin())
+        .args(["run", "image-worker"])
+        .env("MEDIAFLOW__EMBEDDED__KAFKA", "false")
+        .env("MEDIAFLOW__EMBEDDED__S3", "false")
+        .env("MEDIAFLOW__BUS__BROKERS", &c.bus.brokers)
+        .env("MEDIAFLOW__BUS__TOPIC_PREFIX", &c.bus.topic_prefix)
+        .env("MEDIAFLOW__BUS__PARTITIONS", c.bus.partitions.to_string())
+        .env("MEDIAFLOW__STORE__ENDPOINT", &c.store.endpoint)
+        .env("MEDIAFLOW__STORE__BUCKET", &c.store.bucket)
+        .env("MEDIAFLOW__ADMIN__LISTEN", "127.0.0.1:0")
+        // Static membership: a restarted worker takes over its killed predecessor's partitions
+        // (the embedded broker does not evict a killed member by itself).
+        .env("MEDIAFLOW__BUS__GROUP_INSTANCE_ID", format!("worker-{n}"))
+        .env("MEDIAFLOW__DATA_DIR", log_dir)
+        .env("MEDIAFLOW__STAGES__INITIAL_BACKOFF_MS", "50")
+        .env("DATABASE_URL", c.database_url())
+        .env("RUST_LOG", "info,librdkafka=warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting a worker process")?;
+    Ok(child)
+}
+
+/// A small deterministic generator (xorshift), seeded from the clock and printed, so a failing
+/// schedule can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn items_survive_workers_killed_at_random() -> Result<()> {
+    let tp = TestPlatform::start_with(Backend::Postgres, |c| {
+        // The gateway and router run here; the image stage runs only in the two processes.
+        c.stages.enabled = Some(vec!["router".into()]);
+    })
+    .await?;
+    let db = mediaflow_db::Db::connect(&tp.config.database_url(), 2).await?;
+    let logs = tempfile::tempdir()?;
+    let mut workers = vec![
+        spawn_worker(&tp, 0, logs.path())?,
+        spawn_worker(&tp, 1, logs.path())?,
+    ];
+
+    let seed = std::env::var("MEDIAFLOW_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            u64::from(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .subsec_nanos(),
+            ) | 1
+        });
+    eprintln!("crash test seed: {seed} (MEDIAFLOW_CRASH_SEED={seed} replays this schedule)");
+    let mut rng = Rng(seed);
+
+    // Upload the items, eight at a time, while the killing goes on.
+    let png = std::fs::read(fixtures().join("chessboard_RGB.png"))?;
+    let base = tp.base.clone();
+    let uploads = tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        futures::stream::iter(0..ITEMS)
+            .map(|_| {
+                let (http, base, png) = (http.clone(), base.clone(), png.clone());
+                async move {
+                    let r = http
+                        .post(format!("{base}/v1/media"))
+                        .body(png)
+                        .send()
+                        .await?;
+                    anyhow::ensure!(r.status() == 202, "upload refused: {}", r.status());
+                    Ok(())
+                }
+            })
+            .buffer_unordered(8)
+            .collect::<Vec<Result<()>>>()
+            .await
+            .into_iter()
+            .collect::<Result<Vec<()>>>()
+    });
+
+    let started = Instant::now();
+    let mut kills = 0;
+    while kills < KILLS {
+        tokio::time::sleep(Duration::from_millis(500 + rng.below(5000))).await;
+        let victim = rng.below(2) as usize;
+        workers[victim].start_kill()?; // SIGKILL
+        workers[victim].wait().await?;
+        kills += 1;
+        workers[victim] = spawn_worker(&tp, victim, logs.path())?;
+    }
+    uploads.await??;
+
+    // Wait for every item to be done; the workers keep running.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let done = db.media_count_with(mediaflow_db::MediaStatus::Done).await?;
+        if done == ITEMS as i64 {
+            break;
+        }
+        for (n, w) in workers.iter_mut().enumerate() {
+            if let Some(status) = w.try_wait()? {
+                bail!(
+                    "worker {n} exited on its own ({status}); see {}",
+                    logs.path().display()
+                );
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "only {done} of {ITEMS} items done after {:?}; logs in {}",
+                started.elapsed(),
+                logs.keep().display()
+            );
+        }
+        // Polling the database for progress.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    let results = db.result_count("image-worker").await?;
+    let failed = db
+        .media_count_with(mediaflow_db::MediaStatus::Failed)
+        .await?;
+    let objects = list_keys(&tp, "derived/").await?;
+    let events = tp
+        .bus
+        .read_to_end(&format!("{}media.thumbnailed", tp.config.bus.topic_prefix))
+        .await?;
+    let mut ids = HashSet::new();
+    let mut media = HashSet::new();
+    for d in &events {
+        let event = d.event.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let result: MediaThumbnailed = mediaflow_events::decode(event)?;
+        assert_eq!(
+            event.id(),
+            result.id().as_str(),
+            "event ids are deterministic"
+        );
+        ids.insert(result.id());
+        media.insert(result.media_id);
+    }
+    let dead = tp
+        .bus
+        .message_count(&format!("{}dead-letters", tp.config.bus.topic_prefix))
+        .await?;
+    eprintln!(
+        "crash test: items {ITEMS}, kills {kills}, took {:.1?}; results {results}, thumbnail objects {}, \
+         result events {} ({} distinct ids, {} redelivered duplicates), failed {failed}, dead letters {dead}, \
+         duplicates found {}, lost {}",
+        started.elapsed(),
+        objects.len(),
+        events.len(),
+        ids.len(),
+        events.len() - ids.len(),
+        results - ITEMS as i64,
+        ITEMS - media.len(),
+    );
+    assert_eq!(results, ITEMS as i64, "one result row per item");
+    assert_eq!(objects.len(), ITEMS, "one thumbnail object per item");
+    assert_eq!(ids.len(), ITEMS, "one distinct result event id per item");
+    assert_eq!(media.len(), ITEMS, "every item has a result event");
+    assert_eq!((failed, dead), (0, 0));
+
+    for w in &mut workers {
+        w.start_kill()?;
+        w.wait().await?;
+    }
+    tp.stop().await
+}
+
+async fn list_keys(tp: &TestPlatform, prefix: &str) -> Result<Vec<String>> {
+    let s3 = tp.s3_client();
+    let mut keys = Vec::new();
+    let mut token = None;
+    loop {
+        let page = s3
+            .list_objects_v2()
+            .bucket(&tp.config.store.bucket)
+            .prefix(prefix)
+            .set_continuation_token(token)
+            .send()
+            .await?;
+        keys.extend(
+            page.contents()
+                .iter()
+                .filter_map(|o| o.key().map(str::to_owned)),
+        );
+        token = page.next_continuation_token().map(str::to_owned);
+        if token.is_none() {
+            break;
+        }
+    }
+    Ok(keys)
+}
