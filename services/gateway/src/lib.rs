@@ -357,8 +357,9 @@ pub struct ResultView {
     pub content_type: String,
     pub size: i64,
     pub sha256: String,
-    pub width: i64,
-    pub height: i64,
+    /// Pixel size, for image results.
+    pub width: Option<i64>,
+    pub height: Option<i64>,
     /// Download through the gateway.
     pub download_url: String,
     /// Direct download from object storage, valid for a limited time.

@@ -170,8 +170,8 @@ impl Handler for ImageWorker {
             content_type: content_type.into(),
             size_bytes: thumb_size as i64,
             sha256: sha256.clone(),
-            width: i64::from(thumb.width),
-            height: i64::from(thumb.height),
+            width: Some(i64::from(thumb.width)),
+            height: Some(i64::from(thumb.height)),
         };
         self.db
             .record_results(&upload.media_id, &[row])

@@ -36,6 +36,8 @@ pub struct MediaflowConfig {
     pub admin: AdminConfig,
     /// The image stage.
     pub image_worker: ImageWorkerConfig,
+    /// Exec stages: any command run per item (`[[exec]]` tables).
+    pub exec: Vec<mediaflow_exec_worker::ExecWorkerConfig>,
     /// How every stage runs: concurrency, retries, dead letters, draining.
     pub stages: StagesConfig,
 }

@@ -10,4 +10,4 @@ pub mod tail;
 
 pub use config::MediaflowConfig;
 pub use mediaflow_runtime::Stopped;
-pub use platform::{Endpoints, Platform, RUNNABLE, STAGES, run_stage};
+pub use platform::{Endpoints, Platform, STAGES, run_stage, stages};

@@ -22,17 +22,42 @@ use tokio_util::task::TaskTracker;
 
 use crate::MediaflowConfig;
 
-/// The stages `mediaflow up` runs beside the gateway.
+/// The built-in stages; configured exec stages come on top (`stages`).
 pub const STAGES: &[&str] = &[mediaflow_router::STAGE, mediaflow_image_worker::STAGE];
 
-/// What `mediaflow run` can run on its own: the gateway or one stage.
-pub const RUNNABLE: &[&str] = &[
-    GATEWAY,
-    mediaflow_router::STAGE,
-    mediaflow_image_worker::STAGE,
-];
-
 const GATEWAY: &str = "gateway";
+
+/// Every stage `config` defines: the built-in ones, then its exec stages.
+pub fn stages(config: &MediaflowConfig) -> Vec<String> {
+    STAGES
+        .iter()
+        .map(|s| (*s).to_owned())
+        .chain(config.exec.iter().map(|e| e.name.clone()))
+        .collect()
+}
+
+/// Checks the stage definitions: exec names are unique and do not shadow anything.
+fn check_stages(config: &MediaflowConfig) -> Result<()> {
+    let mut seen = std::collections::HashSet::from([GATEWAY.to_owned()]);
+    for name in stages(config) {
+        if !seen.insert(name.clone()) {
+            bail!("stage name `{name}` is used twice (exec stages need names of their own)");
+        }
+    }
+    if let Some(unknown) = config
+        .stages
+        .enabled
+        .iter()
+        .flatten()
+        .find(|s| !stages(config).contains(s))
+    {
+        bail!(
+            "stages.enabled names unknown stage `{unknown}`; stages: {}",
+            stages(config).join(", ")
+        );
+    }
+    Ok(())
+}
 
 /// Where a running platform can be reached; written to `<data_dir>/endpoints.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -146,8 +171,12 @@ pub async fn run_stage(
     shutdown: CancellationToken,
     metrics: Metrics,
 ) -> Result<Stopped> {
-    if !RUNNABLE.contains(&name) {
-        bail!("unknown stage `{name}`; runnable: {}", RUNNABLE.join(", "));
+    check_stages(config)?;
+    if name != GATEWAY && !stages(config).iter().any(|s| s == name) {
+        bail!(
+            "unknown stage `{name}`; runnable: gateway, {}",
+            stages(config).join(", ")
+        );
     }
     let services = connect(config, metrics).await?;
     if name == GATEWAY {
@@ -248,7 +277,23 @@ async fn run_stage_with(
             )
             .await
         }
-        other => bail!("unknown stage `{other}`; stages: {}", STAGES.join(", ")),
+        other => {
+            let exec = config
+                .exec
+                .iter()
+                .find(|e| e.name == other)
+                .with_context(|| format!("unknown stage `{other}`"))?;
+            let work_dir = config.data_dir.join("exec");
+            let handler = mediaflow_exec_worker::ExecWorker::new(
+                exec.clone(),
+                work_dir,
+                s.store.clone(),
+                s.db.clone(),
+                &s.bus,
+            )?;
+            let inputs = handler.input_topics();
+            consume(name, &inputs, handler, config, s, shutdown).await
+        }
     }
 }
 
@@ -317,17 +362,8 @@ impl Failure {
 impl Platform {
     /// Starts everything `config` asks for: embedded infrastructure, the gateway and every stage.
     pub async fn start(mut config: MediaflowConfig) -> Result<Self> {
+        check_stages(&config)?;
         let enabled = config.stages.enabled.clone();
-        if let Some(unknown) = enabled
-            .iter()
-            .flatten()
-            .find(|s| !STAGES.contains(&s.as_str()))
-        {
-            bail!(
-                "stages.enabled names unknown stage `{unknown}`; stages: {}",
-                STAGES.join(", ")
-            );
-        }
         let (kafka, s3) = start_infrastructure(&mut config).await?;
         let services = Arc::new(connect(&config, Metrics::new()).await?);
 
@@ -346,13 +382,14 @@ impl Platform {
                 }
             });
         }
-        let stages = STAGES
-            .iter()
-            .filter(|s| enabled.as_ref().is_none_or(|e| e.iter().any(|n| n == *s)));
-        for stage in stages {
+        let running = stages(&config)
+            .into_iter()
+            .filter(|s| enabled.as_ref().is_none_or(|e| e.contains(s)));
+        for stage in running {
             let (services, config, token) = (services.clone(), config.clone(), shutdown.clone());
             let failure = failure.clone();
             tasks.spawn(async move {
+                let stage = stage.as_str();
                 match run_stage_with(stage, &config, &services, token).await {
                     Ok(Stopped::Drained) => {}
                     Ok(Stopped::HandedBack { messages }) => {

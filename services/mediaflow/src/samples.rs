@@ -101,22 +101,15 @@ pub fn print_results(base: &str, results: &[SampleResult]) {
         match r.media.status {
             mediaflow_db::MediaStatus::Done => {
                 for t in &r.media.results {
+                    let size = match (t.width, t.height) {
+                        (Some(w), Some(h)) => format!(" {w}x{h}"),
+                        _ => String::new(),
+                    };
+                    let stem = name.rsplit_once('.').map_or(name, |(stem, _)| stem);
+                    let file = format!("{stem}.{}", t.key.rsplit('/').next().unwrap_or(&t.name));
                     println!(
-                        "{name}: {} {}x{} {} ({} bytes)\n    s3://{}/{}\n    curl -o {}.{} {base}{}",
-                        t.name,
-                        t.width,
-                        t.height,
-                        t.content_type,
-                        t.size,
-                        t.bucket,
-                        t.key,
-                        name.rsplit_once('.').map_or(name, |(stem, _)| stem),
-                        if t.content_type == "image/png" {
-                            "thumb.png"
-                        } else {
-                            "thumb.jpg"
-                        },
-                        t.download_url
+                        "{name}: {}{size} {} ({} bytes)\n    s3://{}/{}\n    curl -o {file} {base}{}",
+                        t.name, t.content_type, t.size, t.bucket, t.key, t.download_url
                     );
                 }
             }

@@ -122,8 +122,9 @@ pub struct ResultRow {
     pub content_type: String,
     pub size_bytes: i64,
     pub sha256: String,
-    pub width: i64,
-    pub height: i64,
+    /// Pixel size, for image outputs.
+    pub width: Option<i64>,
+    pub height: Option<i64>,
 }
 
 fn now_ms() -> i64 {

@@ -10,5 +10,7 @@ pub mod topics;
 
 pub use dead_letter::{DeadLetter, MessageSource, RawMessage};
 pub use envelope::{EventData, EventError, data_json, decode, encode};
-pub use media::{MediaKind, MediaThumbnailed, MediaUploaded, ObjectRef, Thumbnail};
+pub use media::{
+    MediaKind, MediaProcessed, MediaThumbnailed, MediaUploaded, ObjectRef, Output, Thumbnail,
+};
 pub use topics::{TopicSpec, Topics};

@@ -120,6 +120,38 @@ impl EventData for MediaThumbnailed {
     }
 }
 
+/// One file a stage produced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Output {
+    /// File name, unique per media and stage.
+    pub name: String,
+    pub object: ObjectRef,
+}
+
+/// `mediaflow.media.processed`: a generic stage (such as an exec worker) produced outputs for a
+/// media item (a result event).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaProcessed {
+    pub media_id: String,
+    /// Lineage: the stage, its version, and the input it read.
+    pub stage: String,
+    pub stage_version: String,
+    pub input: ObjectRef,
+    pub outputs: Vec<Output>,
+}
+
+impl EventData for MediaProcessed {
+    const TYPE: &'static str = "mediaflow.media.processed";
+
+    fn subject(&self) -> String {
+        self.media_id.clone()
+    }
+
+    fn id(&self) -> String {
+        deterministic_id(&[Self::TYPE, &self.media_id, &self.stage, &self.stage_version])
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -142,6 +174,19 @@ pub(crate) mod tests {
             object: object("uploads/0190c0de-0000-7000-8000-000000000001/original.jpg"),
             filename: Some("cat.jpg".into()),
             uploaded_at: "2026-11-23T12:00:00Z".into(),
+        }
+    }
+
+    pub(crate) fn processed() -> MediaProcessed {
+        MediaProcessed {
+            media_id: "0190c0de-0000-7000-8000-000000000001".into(),
+            stage: "exif".into(),
+            stage_version: "1".into(),
+            input: object("uploads/0190c0de-0000-7000-8000-000000000001/original.jpg"),
+            outputs: vec![Output {
+                name: "size.txt".into(),
+                object: object("derived/x/exif/v1/size.txt"),
+            }],
         }
     }
 

@@ -11,6 +11,9 @@ pub fn document(event_type: &str) -> Option<&'static str> {
         "mediaflow.media.thumbnailed" => Some(include_str!(
             "../../../schemas/mediaflow.media.thumbnailed.json"
         )),
+        "mediaflow.media.processed" => Some(include_str!(
+            "../../../schemas/mediaflow.media.processed.json"
+        )),
         "mediaflow.dead-letter" => {
             Some(include_str!("../../../schemas/mediaflow.dead-letter.json"))
         }
@@ -77,6 +80,11 @@ mod tests {
         validate(
             MediaThumbnailed::TYPE,
             &sample(&crate::media::tests::thumbnailed()),
+        )
+        .unwrap();
+        validate(
+            crate::MediaProcessed::TYPE,
+            &sample(&crate::media::tests::processed()),
         )
         .unwrap();
         let mut dead = crate::dead_letter::tests::dead_letter();

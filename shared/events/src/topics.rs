@@ -28,7 +28,8 @@ impl Topics {
         }
     }
 
-    fn name(&self, base: &str) -> String {
+    /// Topic `base` under the prefix.
+    pub fn name(&self, base: &str) -> String {
         format!("{}{base}", self.prefix)
     }
 
@@ -52,6 +53,11 @@ impl Topics {
         self.name("media.thumbnailed")
     }
 
+    /// Result topic of generic stages such as exec workers (`mediaflow.media.processed`).
+    pub fn media_processed(&self) -> String {
+        self.name("media.processed")
+    }
+
     /// Messages stages gave up on, from every stage (`mediaflow.dead-letter`).
     pub fn dead_letters(&self) -> String {
         self.name("dead-letters")
@@ -68,6 +74,7 @@ impl Topics {
             spec(self.media_uploaded(), 7 * DAY),
             spec(self.jobs_image(), 7 * DAY),
             spec(self.jobs_video(), 7 * DAY),
+            spec(self.media_processed(), 30 * DAY),
             spec(self.dead_letters(), 30 * DAY),
             spec(self.media_thumbnailed(), 30 * DAY),
         ]
@@ -82,7 +89,7 @@ mod tests {
     fn prefix_applies_to_every_declared_topic() {
         let topics = Topics::new("t1.");
         let declared = topics.declared(3);
-        assert_eq!(declared.len(), 5);
+        assert_eq!(declared.len(), 6);
         assert!(
             declared
                 .iter()
