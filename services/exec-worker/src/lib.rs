@@ -146,8 +146,15 @@ impl ExecWorker {
         vec![self.topics.name(&self.config.input_topic)]
     }
 
-    async fn download(&self, key: &str, to: &Path) -> Result<(), StageError> {
-        let object = self.store.get_stream(key).await.map_err(store_error)?;
+    async fn download(&self, object: &ObjectRef, to: &Path) -> Result<(), StageError> {
+        let key = &object.key;
+        // The original may live in another bucket (a backfilled one).
+        let object = self
+            .store
+            .in_bucket(&object.bucket)
+            .get_stream(key)
+            .await
+            .map_err(store_error)?;
         if let Some(size) = object.size
             && size > self.config.max_input_bytes
         {
@@ -339,7 +346,7 @@ impl Handler for ExecWorker {
         tokio::fs::create_dir(&out)
             .await
             .map_err(|e| io_error("creating the output folder", e))?;
-        self.download(&upload.object.key, &input).await?;
+        self.download(&upload.object, &input).await?;
 
         self.run(dir.path(), &item_file, &input, &out, &upload.media_id)
             .await?;

@@ -4,6 +4,7 @@
 
 pub mod admin;
 mod error;
+pub mod ingest;
 mod sniff;
 mod spool;
 
@@ -19,14 +20,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use mediaflow_bus::{Bus, Publisher};
-use mediaflow_db::{Db, MediaRow, MediaStatus};
-use mediaflow_events::{MediaUploaded, ObjectRef};
+use mediaflow_db::{Db, MediaStatus};
+use mediaflow_events::ObjectRef;
 use mediaflow_store::ObjectStore;
 use mediaflow_telemetry::Metrics;
 use serde::{Deserialize, Serialize};
 
 pub use error::ApiError;
-pub use sniff::{Sniffed, sniff};
+pub use sniff::{SNIFF_LEN, Sniffed, sniff};
 
 /// Configuration of the gateway.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -282,46 +283,24 @@ async fn commit_upload(
         .put_file(&key, &spooled.file, format.content_type)
         .await?;
 
-    let now = Db::now_ms();
-    let row = MediaRow {
-        id: id.clone(),
-        kind: format.kind.to_string(),
-        content_type: format.content_type.to_owned(),
-        filename: filename.clone(),
+    let object = ObjectRef {
         bucket: gw.inner.store.bucket().to_owned(),
-        object_key: key.clone(),
-        size_bytes: spooled.size as i64,
+        key,
+        size: spooled.size,
         sha256: spooled.sha256.clone(),
-        status: MediaStatus::Queued,
-        error: None,
-        created_at_ms: now,
-        updated_at_ms: now,
+        content_type: format.content_type.to_owned(),
     };
-    gw.inner.db.insert_media(&row).await?;
-
-    let event = MediaUploaded {
-        media_id: id.clone(),
-        kind: format.kind,
-        object: ObjectRef {
-            bucket: row.bucket.clone(),
-            key,
-            size: spooled.size,
-            sha256: spooled.sha256.clone(),
-            content_type: format.content_type.to_owned(),
-        },
+    let inner = &gw.inner;
+    ingest::record_and_announce(
+        &inner.db,
+        &inner.bus,
+        &inner.publisher,
+        &id,
+        format.kind,
+        object,
         filename,
-        uploaded_at: chrono::DateTime::from_timestamp_millis(now)
-            .unwrap_or_default()
-            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-    };
-    let topic = gw.inner.bus.topics().media_uploaded();
-    if let Err(e) = gw.inner.publisher.publish(&topic, &event).await {
-        // Not announced means not accepted: forget the row so the client's retry starts clean.
-        if let Err(del) = gw.inner.db.delete_media(&id).await {
-            tracing::error!(media_id = %id, error = %del, "could not remove unannounced upload");
-        }
-        return Err(e.into());
-    }
+    )
+    .await?;
     tracing::info!(media_id = %id, kind = %format.kind, size = spooled.size, "upload accepted");
     Ok(Accepted {
         status_url: format!("/v1/media/{id}"),

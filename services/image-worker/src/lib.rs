@@ -127,8 +127,10 @@ impl Handler for ImageWorker {
                 upload.media_id, upload.kind
             )));
         }
+        // The original may live in another bucket (a backfilled one).
         let input = self
             .store
+            .in_bucket(&upload.object.bucket)
             .get(&upload.object.key, self.config.max_input_bytes)
             .await
             .map_err(store_error)?;

@@ -2,6 +2,7 @@
 //! running stages. The `mediaflow` binary and the integration tests both drive it through
 //! `Platform::start`, so tests exercise exactly what users run.
 
+pub mod backfill;
 pub mod config;
 pub mod dlq;
 mod platform;

@@ -54,6 +54,11 @@ enum Command {
         #[arg(long, short = 'n')]
         max: Option<u64>,
     },
+    /// Admit every object under an S3 prefix into the pipeline, once (a source for old media).
+    Backfill {
+        /// s3://bucket/prefix on the configured S3 endpoint.
+        location: String,
+    },
     /// List or replay dead letters: messages stages gave up on.
     Dlq {
         #[command(subcommand)]
@@ -221,6 +226,27 @@ async fn run(command: Command, config: MediaflowConfig) -> Result<ExitCode> {
             cancel_on_signals(token.clone())?;
             let mut out = std::io::stdout();
             mediaflow::tail::tail(&bus, &topic, from_beginning, max, token, &mut out).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Backfill { location } => {
+            let (bucket, prefix) = mediaflow::backfill::parse_location(&location)?;
+            let mut config = config;
+            if config.embedded.kafka || config.embedded.s3 {
+                adopt_running_platform(&mut config)?;
+            }
+            let bus = Bus::new(config.bus.clone());
+            let store = mediaflow_store::ObjectStore::new(&config.store);
+            let db = mediaflow_db::Db::connect(&config.database_url(), 2).await?;
+            let report = mediaflow::backfill::backfill(&store, &bucket, &prefix, &db, &bus).await?;
+            for (key, why) in &report.skipped {
+                println!("skipped s3://{bucket}/{key}: {why}");
+            }
+            println!(
+                "enqueued {}, enqueued before {}, skipped {}",
+                report.enqueued,
+                report.already,
+                report.skipped.len()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Dlq { command } => {

@@ -330,6 +330,40 @@ impl ObjectStore {
         })
     }
 
+    /// The same store, on another bucket of the same endpoint.
+    pub fn in_bucket(&self, bucket: &str) -> Self {
+        Self {
+            client: self.client.clone(),
+            bucket: bucket.to_owned(),
+        }
+    }
+
+    /// Every object under `prefix`: (key, size), in key order.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut out = Vec::new();
+        let mut token = None;
+        loop {
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(prefix)
+                .set_continuation_token(token)
+                .send()
+                .await
+                .map_err(|e| request_error("ListObjectsV2", prefix, &e))?;
+            for o in page.contents() {
+                if let Some(key) = o.key() {
+                    out.push((key.to_owned(), o.size().map_or(0, |n| n.max(0) as u64)));
+                }
+            }
+            token = page.next_continuation_token().map(str::to_owned);
+            if token.is_none() {
+                return Ok(out);
+            }
+        }
+    }
+
     /// Whether `key` exists.
     pub async fn exists(&self, key: &str) -> Result<bool, StoreError> {
         match self
