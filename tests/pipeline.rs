@@ -394,6 +394,15 @@ async fn object_store_outage_is_retried_until_it_heals() -> Result<()> {
         .json()
         .await?;
     assert_eq!(view.status, mediaflow_db::MediaStatus::Queued);
+    // The stuck message shows as consumer lag.
+    let lag = "mediaflow_consumer_lag{stage=\"image-worker\"}";
+    while tp.metric(lag).await? < 1.0 {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no consumer lag reported"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let ready = reqwest::get(format!("{}/readyz", tp.base)).await?;
     assert_eq!(ready.status(), 503);
     let ready: serde_json::Value = ready.json().await?;

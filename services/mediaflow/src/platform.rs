@@ -313,6 +313,14 @@ async fn consume<H: Handler>(
         publisher: s.bus.publisher(&format!("/mediaflow/{name}"))?,
         topic: s.bus.topics().dead_letters(),
     };
+    let lag = tokio::spawn(report_lag(
+        name.to_owned(),
+        group,
+        inputs.to_vec(),
+        s.bus.clone(),
+        s.metrics.clone(),
+        shutdown.clone(),
+    ));
     let stopped = mediaflow_runtime::run_stage(
         name,
         consumer,
@@ -322,8 +330,42 @@ async fn consume<H: Handler>(
         s.metrics.clone(),
         shutdown,
     )
-    .await?;
-    Ok(stopped)
+    .await;
+    lag.abort();
+    Ok(stopped?)
+}
+
+/// How often a stage's consumer lag is measured.
+const LAG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Publishes the stage's consumer lag (messages on its inputs not yet committed) as a metric,
+/// measured every `LAG_INTERVAL` until `shutdown`.
+async fn report_lag(
+    stage: String,
+    group: String,
+    inputs: Vec<String>,
+    bus: Bus,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(LAG_INTERVAL);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let mut total = 0;
+        for topic in &inputs {
+            match bus.group_lag(&group, topic).await {
+                Ok(lag) => total += lag,
+                Err(e) => {
+                    tracing::debug!(stage, error = %e, "could not measure consumer lag");
+                    continue;
+                }
+            }
+        }
+        metrics.consumer_lag(&stage, total);
+    }
 }
 
 /// The first failure of a part of the platform; recording it stops the platform.

@@ -61,6 +61,7 @@ pub struct Metrics {
     stage_seconds: Family<StageOnly, Histogram>,
     stage_in_flight: Family<StageOnly, Gauge>,
     dead_letters: Family<StageLabels, Counter>,
+    consumer_lag: Family<StageOnly, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -118,8 +119,15 @@ impl Metrics {
             "Messages a stage gave up on and sent to the dead-letter topic, by error class",
             dead_letters.clone(),
         );
+        let consumer_lag = Family::<StageOnly, Gauge>::default();
+        registry.register(
+            "consumer_lag",
+            "Messages on a stage's input topics its consumer group has not committed yet",
+            consumer_lag.clone(),
+        );
         Self {
             registry: Arc::new(Mutex::new(registry)),
+            consumer_lag,
             stage_in_flight,
             dead_letters,
             uploads,
@@ -174,6 +182,15 @@ impl Metrics {
                 stage: stage.to_owned(),
             })
             .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// A stage's consumer lag, as last measured.
+    pub fn consumer_lag(&self, stage: &str, lag: i64) {
+        self.consumer_lag
+            .get_or_create(&StageOnly {
+                stage: stage.to_owned(),
+            })
+            .set(lag);
     }
 
     /// A stage sent a message to the dead-letter topic.
