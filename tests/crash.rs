@@ -251,3 +251,85 @@ async fn list_keys(tp: &TestPlatform, prefix: &str) -> Result<Vec<String>> {
     }
     Ok(keys)
 }
+
+/// The broker goes down mid-stream and comes back on the same data: uploads made meanwhile are
+/// refused with 503 and retried by the client, stages reconnect, and every item completes once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn items_survive_a_broker_restart() -> Result<()> {
+    const N: usize = 30;
+    // Refuse uploads after 5 s without the broker instead of the default 30 s.
+    let mut tp =
+        TestPlatform::start_with(Backend::Postgres, |c| c.bus.request_timeout_ms = 5_000).await?;
+    let db = mediaflow_db::Db::connect(&tp.config.database_url(), 2).await?;
+    let png = std::fs::read(fixtures().join("chessboard_RGB.png"))?;
+    let http = reqwest::Client::new();
+    let mut refused = 0;
+    for i in 0..N {
+        if i == N / 3 {
+            tp.stop_kafka().await;
+        }
+        if i == N / 2 {
+            tp.start_kafka().await?;
+        }
+        // A client retries what the gateway refused while the broker was away.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let r = http
+                .post(format!("{}/v1/media", tp.base))
+                .body(png.clone())
+                .send()
+                .await?;
+            if r.status() == 202 {
+                break;
+            }
+            anyhow::ensure!(r.status() == 503, "unexpected {}", r.status());
+            refused += 1;
+            if i < N / 2 {
+                // While the broker is down every upload is refused: go on to bring it back.
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "uploads still refused after the broker came back"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let accepted = db.media_count().await?;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let done = db.media_count_with(mediaflow_db::MediaStatus::Done).await?;
+        if done == accepted {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {done} of {accepted} accepted items done after the broker restart");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tp.wait_caught_up("image-worker", "jobs.image").await?;
+    let events = tp
+        .bus
+        .read_to_end(&format!("{}media.thumbnailed", tp.config.bus.topic_prefix))
+        .await?;
+    let ids: HashSet<String> = events
+        .iter()
+        .map(|d| {
+            d.event
+                .as_ref()
+                .map(|e| e.id().to_owned())
+                .map_err(|e| anyhow::anyhow!("{e}"))
+        })
+        .collect::<Result<_>>()?;
+    eprintln!(
+        "broker restart: uploads attempted {N}, refused while down {refused}, accepted {accepted}, \
+         result events {} ({} distinct), results {}",
+        events.len(),
+        ids.len(),
+        db.result_count("image-worker").await?
+    );
+    assert!(refused > 0, "the broker outage was not noticed");
+    assert_eq!(ids.len() as i64, accepted, "one result per accepted item");
+    assert_eq!(db.result_count("image-worker").await?, accepted);
+    tp.stop().await
+}

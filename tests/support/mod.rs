@@ -24,7 +24,9 @@ pub enum Backend {
 /// Kafka and S3 started by the test as external services, the way an operator runs them; the
 /// test can take S3 down and bring it back on the same address and data.
 struct External {
-    _kafka: mediaflow_embedded::EmbeddedKafka,
+    kafka: Option<mediaflow_embedded::EmbeddedKafka>,
+    kafka_port: u16,
+    kafka_dir: PathBuf,
     s3: Option<mediaflow_embedded::EmbeddedS3>,
     s3_addr: SocketAddr,
     s3_root: PathBuf,
@@ -146,7 +148,9 @@ impl TestPlatform {
                 config.bus.brokers = kafka.bootstrap().to_owned();
                 config.store.endpoint = s3.endpoint();
                 Some(External {
-                    _kafka: kafka,
+                    kafka_port: port,
+                    kafka: Some(kafka),
+                    kafka_dir: dir.path().join("kafka-service"),
                     s3_addr: s3.addr(),
                     s3: Some(s3),
                     s3_root: dir.path().join("s3-service"),
@@ -243,6 +247,28 @@ impl TestPlatform {
         }
         consumer.close()?;
         Ok(events)
+    }
+
+    /// Stops the external Kafka broker (production-like platforms only).
+    pub async fn stop_kafka(&mut self) {
+        let external = self.external.as_mut().expect("an external broker");
+        if let Some(kafka) = external.kafka.take() {
+            kafka.stop().await;
+        }
+    }
+
+    /// Starts the external broker again on the same port and data.
+    pub async fn start_kafka(&mut self) -> Result<()> {
+        let external = self.external.as_mut().expect("an external broker");
+        let tansu = mediaflow_embedded::find_tansu(None)?;
+        let kafka = mediaflow_embedded::EmbeddedKafka::start(
+            &tansu,
+            &external.kafka_dir,
+            external.kafka_port,
+        )
+        .await?;
+        external.kafka = Some(kafka);
+        Ok(())
     }
 
     /// Stops the external S3 server (production-like platforms only).

@@ -11,6 +11,9 @@ use tokio::io::AsyncWriteExt;
 use crate::error::ApiError;
 use crate::sniff::SNIFF_LEN;
 
+/// How much of an oversized body is read and discarded before answering 413.
+const DRAIN_AFTER_LIMIT: u64 = 8 * 1024 * 1024;
+
 /// A fully received upload on local disk.
 #[derive(Debug)]
 pub struct Spooled {
@@ -46,6 +49,14 @@ where
         })?;
         size += chunk.len() as u64;
         if size > limit {
+            // Read on (discarding) for a while, so that a client still sending can finish and
+            // read the 413 instead of seeing its connection reset; past that, cut it off.
+            while size <= limit + DRAIN_AFTER_LIMIT {
+                match body.next().await {
+                    Some(Ok(chunk)) => size += chunk.len() as u64,
+                    _ => break,
+                }
+            }
             return Err(ApiError::TooLarge { limit });
         }
         if head.len() < SNIFF_LEN {

@@ -39,7 +39,11 @@ impl Publisher {
         source: &str,
         timeout: Duration,
     ) -> Result<Self, BusError> {
-        cfg.set("enable.idempotence", "true")
+        // Not the idempotent producer: its sequence state does not survive a restart of the
+        // embedded broker (every later send fails), and consumers already drop duplicates by
+        // event id. One request in flight keeps retries from reordering a partition.
+        cfg.set("enable.idempotence", "false")
+            .set("max.in.flight.requests.per.connection", "1")
             .set("acks", "all")
             .set("linger.ms", "5")
             .set("message.timeout.ms", timeout.as_millis().to_string());
