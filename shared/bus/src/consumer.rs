@@ -154,18 +154,6 @@ impl Consumer {
         self.inner.store_offsets(&tpl).map_err(BusError::Client)
     }
 
-    /// Marks `delivery` done: its offset is stored and committed with the next commit.
-    pub fn ack(&self, delivery: &Delivery) -> Result<(), BusError> {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(
-            &delivery.topic,
-            delivery.partition,
-            Offset::Offset(delivery.offset + 1),
-        )
-        .map_err(BusError::Client)?;
-        self.inner.store_offsets(&tpl).map_err(BusError::Client)
-    }
-
     /// Stops fetching from every assigned partition; `recv` keeps the group membership alive
     /// meanwhile. Messages fetched before the pause are discarded and fetched again on resume.
     pub fn pause_all(&self) -> Result<(), BusError> {
