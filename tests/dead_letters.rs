@@ -144,3 +144,108 @@ async fn a_poison_message_is_dead_lettered_and_replayed_after_the_fix() -> Resul
     assert!(dlq::list(&tp.bus, &db, &filter).await?[0].replayed);
     tp.stop().await
 }
+
+/// A message that keeps failing transiently is retried `max_attempts` times while the messages
+/// behind it flow, then dead-lettered as `transient`; replayed once the cause is fixed, it
+/// completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transient_poison_is_dead_lettered_after_its_attempts_and_replayed() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir()?;
+    let fix = dir.path().join("license-server-is-back");
+    let script = dir.path().join("flaky.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nset -eu\n\
+             if grep -q '\"filename\": \"poison.jpg\"' \"$WORK_ITEM_FILE\" && [ ! -e '{}' ]; then\n\
+               echo 'license server unreachable' >&2; exit 75\n\
+             fi\n\
+             echo ok > \"$OUTPUT_DIR/ok.txt\"\n",
+            fix.display()
+        ),
+    )?;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
+    let tp = TestPlatform::start_with(Backend::Sqlite, |c| {
+        c.bus.partitions = 1;
+        c.stages.max_attempts = 3;
+        c.stages.enabled = Some(vec!["router".into(), "flaky".into()]);
+        c.exec.push(mediaflow_exec_worker::ExecWorkerConfig {
+            name: "flaky".into(),
+            command: vec![script.display().to_string()],
+            input_topic: "jobs.image".into(),
+            version: "1".into(),
+            timeout_secs: 30,
+            max_input_bytes: 1 << 24,
+            max_outputs: 10,
+            max_output_bytes: 1 << 20,
+        });
+    })
+    .await?;
+    let db = mediaflow_db::Db::connect(&tp.config.database_url(), 1).await?;
+    let http = reqwest::Client::new();
+    let jpeg = std::fs::read(fixtures().join("rocket.jpg"))?;
+    let mut ids = Vec::new();
+    for name in ["poison.jpg", "fine.jpg"] {
+        let r = http
+            .post(format!("{}/v1/media", tp.base))
+            .header("x-filename", name)
+            .body(jpeg.clone())
+            .send()
+            .await?;
+        ids.push(r.json::<mediaflow_gateway::Accepted>().await?.id);
+    }
+
+    // The fine item behind the poison completes.
+    let events = tp.read_events("media.processed", 1, TIMEOUT).await?;
+    let done: mediaflow_events::MediaProcessed = mediaflow_events::decode(&events[0])?;
+    assert_eq!(done.media_id, ids[1]);
+
+    // The poison is dead-lettered after its three attempts, with what the command said.
+    let filter = Filter {
+        stage: Some("flaky".into()),
+        class: Some("transient".into()),
+    };
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let entries = loop {
+        let entries = dlq::list(&tp.bus, &db, &filter).await?;
+        if !entries.is_empty() {
+            break entries;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the poison never reached the dead letters"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].letter.attempts, 3);
+    assert!(
+        entries[0]
+            .letter
+            .error
+            .contains("license server unreachable"),
+        "{}",
+        entries[0].letter.error
+    );
+    assert_eq!(
+        entries[0].letter.source.key.as_deref(),
+        Some(ids[0].as_str())
+    );
+
+    // Fixed and replayed, it completes.
+    std::fs::write(&fix, "")?;
+    assert_eq!(dlq::replay(&tp.bus, &db, &filter).await?.replayed, 1);
+    let events = tp.read_events("media.processed", 2, TIMEOUT).await?;
+    let mut done: Vec<String> = events
+        .iter()
+        .map(|e| {
+            mediaflow_events::decode::<mediaflow_events::MediaProcessed>(e).map(|r| r.media_id)
+        })
+        .collect::<Result<_, _>>()?;
+    done.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(done, want);
+    tp.stop().await
+}
