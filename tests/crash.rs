@@ -333,3 +333,76 @@ async fn items_survive_a_broker_restart() -> Result<()> {
     assert_eq!(db.result_count("image-worker").await?, accepted);
     tp.stop().await
 }
+
+/// S3 goes away for 15 s while a worker has a queue of items: every item is retried through the
+/// outage and completes once; nothing fails, nothing is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn items_survive_a_15s_object_store_outage() -> Result<()> {
+    const N: usize = 20;
+    const OUTAGE: Duration = Duration::from_secs(15);
+    let mut tp = TestPlatform::start_with(Backend::Postgres, |c| {
+        c.stages.enabled = Some(vec!["router".into()]);
+    })
+    .await?;
+    let db = mediaflow_db::Db::connect(&tp.config.database_url(), 2).await?;
+    let png = std::fs::read(fixtures().join("chessboard_RGB.png"))?;
+    let http = reqwest::Client::new();
+    for _ in 0..N {
+        let r = http
+            .post(format!("{}/v1/media", tp.base))
+            .body(png.clone())
+            .send()
+            .await?;
+        anyhow::ensure!(r.status() == 202, "upload refused: {}", r.status());
+    }
+    tp.wait_caught_up("router", "media.uploaded").await?;
+
+    // The queue is full; S3 goes down, and only then does a worker start on it.
+    tp.stop_s3();
+    let logs = tempfile::tempdir()?;
+    let mut worker = spawn_worker(&tp, 0, logs.path())?;
+    let outage_started = Instant::now();
+    // The outage lasts a fixed time: this is the scenario, not a wait for some other event.
+    tokio::time::sleep(OUTAGE).await;
+    let done_during = db.media_count_with(mediaflow_db::MediaStatus::Done).await?;
+    tp.start_s3().await?;
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let done = db.media_count_with(mediaflow_db::MediaStatus::Done).await?;
+        if done == N as i64 {
+            break;
+        }
+        if let Some(status) = worker.try_wait()? {
+            bail!(
+                "the worker exited ({status}); logs in {}",
+                logs.keep().display()
+            );
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {done} of {N} done after S3 came back"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let failed = db
+        .media_count_with(mediaflow_db::MediaStatus::Failed)
+        .await?;
+    let dead = tp
+        .bus
+        .message_count(&format!("{}dead-letters", tp.config.bus.topic_prefix))
+        .await?;
+    let results = db.result_count("image-worker").await?;
+    eprintln!(
+        "object store outage: items {N}, outage {:.1?}, done during the outage {done_during}, \
+         results {results}, failed {failed}, dead letters {dead}, lost {}",
+        OUTAGE,
+        N as i64 - results
+    );
+    assert_eq!(done_during, 0, "nothing can finish without S3");
+    assert_eq!((results, failed, dead), (N as i64, 0, 0));
+    assert!(outage_started.elapsed() >= OUTAGE);
+    worker.start_kill()?;
+    worker.wait().await?;
+    tp.stop().await
+}

@@ -147,12 +147,23 @@ async fn connect(config: &MediaflowConfig, metrics: Metrics) -> Result<Services>
         .await
         .with_context(|| format!("declaring topics on Kafka at {}", config.bus.brokers))?;
     let store = ObjectStore::new(&config.store);
-    store.ensure_bucket().await.with_context(|| {
-        format!(
-            "preparing bucket `{}` at {}",
-            config.store.bucket, config.store.endpoint
-        )
-    })?;
+    match store.ensure_bucket().await {
+        Ok(()) => {}
+        // S3 down at start-up is an outage like any other: stages retry their work, the
+        // gateway answers 503, readiness says why. The bucket is prepared by whichever process
+        // starts while S3 is up.
+        Err(e) if e.is_transient() => {
+            tracing::warn!(error = %e, endpoint = %config.store.endpoint, "object store unreachable at start-up; going on");
+        }
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "preparing bucket `{}` at {}",
+                    config.store.bucket, config.store.endpoint
+                )
+            });
+        }
+    }
     let db = Db::connect(&config.database_url(), config.database.max_connections)
         .await
         .context("connecting to the database")?;
