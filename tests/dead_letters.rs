@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use mediaflow::dlq::{self, Filter};
-use mediaflow_events::{MediaKind, MediaThumbnailed, MediaUploaded, ObjectRef};
+use mediaflow_events::MediaThumbnailed;
 use mediaflow_gateway::MediaView;
-use sha2::Digest;
 use support::{Backend, TestPlatform, fixtures};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
@@ -21,42 +20,9 @@ async fn a_poison_message_is_dead_lettered_and_replayed_after_the_fix() -> Resul
     let db = mediaflow_db::Db::connect(&tp.config.database_url(), 1).await?;
 
     // The poison: an upload whose original is missing from S3 (a permanent failure).
-    let bytes = std::fs::read(fixtures().join("rocket.jpg"))?;
-    let id = uuid::Uuid::now_v7().to_string();
-    let object = ObjectRef {
-        bucket: tp.config.store.bucket.clone(),
-        key: format!("uploads/{id}/original.jpg"),
-        size: bytes.len() as u64,
-        sha256: format!("{:x}", sha2::Sha256::digest(&bytes)),
-        content_type: "image/jpeg".into(),
-    };
-    db.insert_media(&mediaflow_db::MediaRow {
-        id: id.clone(),
-        kind: "image".into(),
-        content_type: object.content_type.clone(),
-        filename: None,
-        bucket: object.bucket.clone(),
-        object_key: object.key.clone(),
-        size_bytes: object.size as i64,
-        sha256: object.sha256.clone(),
-        status: mediaflow_db::MediaStatus::Queued,
-        error: None,
-        created_at_ms: mediaflow_db::Db::now_ms(),
-        updated_at_ms: mediaflow_db::Db::now_ms(),
-    })
-    .await?;
-    let poison = MediaUploaded {
-        media_id: id.clone(),
-        kind: MediaKind::Image,
-        object: object.clone(),
-        filename: None,
-        uploaded_at: "2026-11-24T00:00:00Z".into(),
-    };
-    let uploaded = format!("{}media.uploaded", tp.config.bus.topic_prefix);
-    tp.bus
-        .publisher("/test")?
-        .publish(&uploaded, &poison)
-        .await?;
+    let poison = tp.seed_upload(false).await?;
+    let (id, object) = (poison.media_id.clone(), poison.object.clone());
+    tp.announce(&poison).await?;
 
     // A good upload behind it on the same partition completes.
     let png = std::fs::read(fixtures().join("chelsea.png"))?;
@@ -103,6 +69,7 @@ async fn a_poison_message_is_dead_lettered_and_replayed_after_the_fix() -> Resul
     assert!(dlq::list(&tp.bus, &db, &bad_input).await?.is_empty());
 
     // Fix the cause, replay: the item completes. A second replay does nothing.
+    let bytes = std::fs::read(fixtures().join("rocket.jpg"))?;
     tp.s3_client()
         .put_object()
         .bucket(&object.bucket)
@@ -170,16 +137,7 @@ async fn a_transient_poison_is_dead_lettered_after_its_attempts_and_replayed() -
         c.bus.partitions = 1;
         c.stages.max_attempts = 3;
         c.stages.enabled = Some(vec!["router".into(), "flaky".into()]);
-        c.exec.push(mediaflow_exec_worker::ExecWorkerConfig {
-            name: "flaky".into(),
-            command: vec![script.display().to_string()],
-            input_topic: "jobs.image".into(),
-            version: "1".into(),
-            timeout_secs: 30,
-            max_input_bytes: 1 << 24,
-            max_outputs: 10,
-            max_output_bytes: 1 << 20,
-        });
+        c.exec.push(support::exec_stage("flaky", &script));
     })
     .await?;
     let db = mediaflow_db::Db::connect(&tp.config.database_url(), 1).await?;

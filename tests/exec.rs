@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use anyhow::Result;
 use mediaflow_events::{EventData, MediaProcessed};
-use mediaflow_exec_worker::ExecWorkerConfig;
 use support::{Backend, TestPlatform, fixtures};
 
 const SCRIPT: &str = r#"#!/bin/sh
@@ -30,16 +29,7 @@ async fn a_shell_script_runs_as_a_stage() -> Result<()> {
     std::fs::write(&script, SCRIPT)?;
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
     let tp = TestPlatform::start_with(Backend::Sqlite, |c| {
-        c.exec.push(ExecWorkerConfig {
-            name: "sizer".into(),
-            command: vec![script.display().to_string()],
-            input_topic: "jobs.image".into(),
-            version: "1".into(),
-            timeout_secs: 30,
-            max_input_bytes: 1 << 24,
-            max_outputs: 10,
-            max_output_bytes: 1 << 20,
-        });
+        c.exec.push(support::exec_stage("sizer", &script));
     })
     .await?;
     let http = reqwest::Client::new();

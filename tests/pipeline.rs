@@ -12,7 +12,6 @@ use anyhow::{Context, Result};
 use cloudevents::AttributesReader;
 use mediaflow_events::{EventData, MediaThumbnailed, MediaUploaded};
 use mediaflow_gateway::{Accepted, MediaView};
-use sha2::Digest;
 use support::{Backend, TestPlatform, fixtures, python};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
@@ -335,49 +334,10 @@ async fn object_store_outage_is_retried_until_it_heals() -> Result<()> {
     .await?;
 
     // An upload as the gateway records it, stored while S3 is up.
-    let bytes = std::fs::read(fixtures().join("rocket.jpg"))?;
-    let id = uuid::Uuid::now_v7().to_string();
-    let object = mediaflow_events::ObjectRef {
-        bucket: tp.config.store.bucket.clone(),
-        key: format!("uploads/{id}/original.jpg"),
-        size: bytes.len() as u64,
-        sha256: format!("{:x}", sha2::Sha256::digest(&bytes)),
-        content_type: "image/jpeg".into(),
-    };
-    tp.s3_client()
-        .put_object()
-        .bucket(&object.bucket)
-        .key(&object.key)
-        .body(bytes.into())
-        .send()
-        .await?;
-    let db = mediaflow_db::Db::connect(&tp.config.database_url(), 1).await?;
-    db.insert_media(&mediaflow_db::MediaRow {
-        id: id.clone(),
-        kind: "image".into(),
-        content_type: object.content_type.clone(),
-        filename: None,
-        bucket: object.bucket.clone(),
-        object_key: object.key.clone(),
-        size_bytes: object.size as i64,
-        sha256: object.sha256.clone(),
-        status: mediaflow_db::MediaStatus::Queued,
-        error: None,
-        created_at_ms: mediaflow_db::Db::now_ms(),
-        updated_at_ms: mediaflow_db::Db::now_ms(),
-    })
-    .await?;
-
+    let event = tp.seed_upload(true).await?;
+    let id = event.media_id.clone();
     tp.stop_s3();
-    let event = MediaUploaded {
-        media_id: id.clone(),
-        kind: mediaflow_events::MediaKind::Image,
-        object,
-        filename: None,
-        uploaded_at: "2026-11-24T00:00:00Z".into(),
-    };
-    let topic = format!("{}media.uploaded", tp.config.bus.topic_prefix);
-    tp.bus.publisher("/test")?.publish(&topic, &event).await?;
+    tp.announce(&event).await?;
 
     // The worker keeps failing transiently and keeps the item queued; readiness reports S3.
     let retries = "mediaflow_stage_errors_total{stage=\"image-worker\",outcome=\"retry\"}";

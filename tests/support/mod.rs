@@ -64,6 +64,20 @@ pub fn fixtures() -> PathBuf {
     dir
 }
 
+/// An exec stage named `name` running `script` on `jobs.image`, with test-sized limits.
+pub fn exec_stage(name: &str, script: &std::path::Path) -> mediaflow_exec_worker::ExecWorkerConfig {
+    mediaflow_exec_worker::ExecWorkerConfig {
+        name: name.into(),
+        command: vec![script.display().to_string()],
+        input_topic: "jobs.image".into(),
+        version: "1".into(),
+        timeout_secs: 30,
+        max_input_bytes: 1 << 24,
+        max_outputs: 10,
+        max_output_bytes: 1 << 20,
+    }
+}
+
 /// The Python interpreter that has kafka-python installed (`./x` sets it up).
 pub fn python() -> PathBuf {
     let p = std::env::var_os("MEDIAFLOW_PYTHON")
@@ -247,6 +261,62 @@ impl TestPlatform {
         }
         consumer.close()?;
         Ok(events)
+    }
+
+    /// Records rocket.jpg as a queued upload the way the gateway does, storing its object only
+    /// if `store_object`, and returns the `media.uploaded` event without publishing it: tests
+    /// decide what the world looks like before the pipeline sees it.
+    pub async fn seed_upload(&self, store_object: bool) -> Result<mediaflow_events::MediaUploaded> {
+        use sha2::Digest;
+        let bytes = std::fs::read(fixtures().join("rocket.jpg"))?;
+        let id = uuid::Uuid::now_v7().to_string();
+        let object = mediaflow_events::ObjectRef {
+            bucket: self.config.store.bucket.clone(),
+            key: format!("uploads/{id}/original.jpg"),
+            size: bytes.len() as u64,
+            sha256: format!("{:x}", sha2::Sha256::digest(&bytes)),
+            content_type: "image/jpeg".into(),
+        };
+        if store_object {
+            self.s3_client()
+                .put_object()
+                .bucket(&object.bucket)
+                .key(&object.key)
+                .body(bytes.into())
+                .send()
+                .await?;
+        }
+        let db = mediaflow_db::Db::connect(&self.config.database_url(), 1).await?;
+        let now = mediaflow_db::Db::now_ms();
+        db.insert_media(&mediaflow_db::MediaRow {
+            id: id.clone(),
+            kind: "image".into(),
+            content_type: object.content_type.clone(),
+            filename: None,
+            bucket: object.bucket.clone(),
+            object_key: object.key.clone(),
+            size_bytes: object.size as i64,
+            sha256: object.sha256.clone(),
+            status: mediaflow_db::MediaStatus::Queued,
+            error: None,
+            created_at_ms: now,
+            updated_at_ms: now,
+        })
+        .await?;
+        Ok(mediaflow_events::MediaUploaded {
+            media_id: id,
+            kind: mediaflow_events::MediaKind::Image,
+            object,
+            filename: None,
+            uploaded_at: "2026-11-24T00:00:00Z".into(),
+        })
+    }
+
+    /// Publishes `event` on `media.uploaded` as the gateway would.
+    pub async fn announce(&self, event: &mediaflow_events::MediaUploaded) -> Result<()> {
+        let topic = format!("{}media.uploaded", self.config.bus.topic_prefix);
+        self.bus.publisher("/test")?.publish(&topic, event).await?;
+        Ok(())
     }
 
     /// Stops the external Kafka broker (production-like platforms only).

@@ -95,8 +95,7 @@ pub fn output_key(media_id: &str, stage: &str, version: &str, name: &str) -> Str
 fn store_error(e: StoreError) -> StageError {
     match e {
         StoreError::TooLarge { .. } => StageError::bad_input(e.to_string()),
-        e if e.is_transient() => StageError::transient(e.to_string()),
-        e => StageError::permanent(e.to_string()),
+        e => StageError::dependency(e.is_transient(), e.to_string()),
     }
 }
 
@@ -396,13 +395,7 @@ impl Handler for ExecWorker {
         self.db
             .record_results(&upload.media_id, &rows)
             .await
-            .map_err(|e| {
-                if e.is_transient() {
-                    StageError::transient(e.to_string())
-                } else {
-                    StageError::permanent(e.to_string())
-                }
-            })?;
+            .map_err(|e| StageError::dependency(e.is_transient(), e.to_string()))?;
         let result = MediaProcessed {
             media_id: upload.media_id.clone(),
             stage: stage.clone(),
@@ -425,13 +418,7 @@ impl Handler for ExecWorker {
         self.db
             .mark_failed(&upload.media_id, &error.to_string())
             .await
-            .map_err(|e| {
-                if e.is_transient() {
-                    StageError::transient(e.to_string())
-                } else {
-                    StageError::permanent(e.to_string())
-                }
-            })
+            .map_err(|e| StageError::dependency(e.is_transient(), e.to_string()))
     }
 }
 

@@ -97,17 +97,12 @@ pub fn thumbnail_key(media_id: &str, size: u32, extension: &str) -> String {
 fn store_error(e: StoreError) -> StageError {
     match e {
         StoreError::TooLarge { .. } => StageError::bad_input(e.to_string()),
-        e if e.is_transient() => StageError::transient(e.to_string()),
-        e => StageError::permanent(e.to_string()),
+        e => StageError::dependency(e.is_transient(), e.to_string()),
     }
 }
 
 fn db_error(e: mediaflow_db::DbError) -> StageError {
-    if e.is_transient() {
-        StageError::transient(e.to_string())
-    } else {
-        StageError::permanent(e.to_string())
-    }
+    StageError::dependency(e.is_transient(), e.to_string())
 }
 
 fn hex_sha256(bytes: &[u8]) -> String {

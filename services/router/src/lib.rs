@@ -42,13 +42,10 @@ impl Handler for Router {
         let upload: MediaUploaded =
             mediaflow_events::decode(event).map_err(|e| StageError::bad_input(e.to_string()))?;
         let topic = self.destination(upload.kind);
-        self.publisher.publish(&topic, &upload).await.map_err(|e| {
-            if e.is_transient() {
-                StageError::transient(e.to_string())
-            } else {
-                StageError::permanent(e.to_string())
-            }
-        })?;
+        self.publisher
+            .publish(&topic, &upload)
+            .await
+            .map_err(|e| StageError::dependency(e.is_transient(), e.to_string()))?;
         Ok(())
     }
 

@@ -57,6 +57,15 @@ impl StageError {
             message: message.into(),
         }
     }
+    /// A dependency's failure: transient if the dependency says a retry can succeed, else
+    /// permanent.
+    pub fn dependency(transient: bool, message: impl Into<String>) -> Self {
+        if transient {
+            Self::transient(message)
+        } else {
+            Self::permanent(message)
+        }
+    }
     pub fn bad_input(message: impl Into<String>) -> Self {
         Self {
             class: ErrorClass::BadInput,

@@ -12,6 +12,7 @@ use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 /// How mediaflow reaches object storage.
@@ -118,6 +119,7 @@ pub struct Object {
 /// An object being read: its size, if the server declared it, and its bytes as a stream.
 pub struct ObjectStream {
     pub size: Option<u64>,
+    pub content_type: Option<String>,
     pub body: std::pin::Pin<Box<dyn futures::Stream<Item = Result<Bytes, std::io::Error>> + Send>>,
 }
 
@@ -246,43 +248,28 @@ impl ObjectStore {
         Ok(())
     }
 
-    /// Fetches `key` whole, refusing objects larger than `limit` bytes before reading them.
+    /// Fetches `key` whole, refusing objects larger than `limit` bytes (by their declared size
+    /// before reading, and by counting while reading).
     pub async fn get(&self, key: &str, limit: u64) -> Result<Object, StoreError> {
-        let out = match self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-        {
-            Ok(out) => out,
-            Err(SdkError::ServiceError(e)) if e.err().is_no_such_key() => {
-                return Err(StoreError::NotFound {
-                    key: key.to_owned(),
-                });
-            }
-            Err(e) => return Err(request_error("GetObject", key, &e)),
-        };
         let too_large = |size| StoreError::TooLarge {
             key: key.to_owned(),
             size,
             limit,
         };
-        let declared = out.content_length().map_or(0, |n| n.max(0) as u64);
+        let object = self.get_stream(key).await?;
+        let declared = object.size.unwrap_or(0);
         if declared > limit {
             return Err(too_large(declared));
         }
-        let content_type = out.content_type().map(str::to_owned);
-        // The declared length may be missing or wrong: count while reading.
-        let mut body = out.body;
+        let mut body = object.body;
         let mut bytes = bytes::BytesMut::with_capacity(declared as usize);
-        while let Some(chunk) = body.try_next().await.map_err(|e| StoreError::Request {
-            op: "GetObject",
-            key: key.to_owned(),
-            message: e.to_string(),
-            transient: true,
-        })? {
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| StoreError::Request {
+                op: "GetObject",
+                key: key.to_owned(),
+                message: e.to_string(),
+                transient: true,
+            })?;
             if (bytes.len() + chunk.len()) as u64 > limit {
                 return Err(too_large((bytes.len() + chunk.len()) as u64));
             }
@@ -290,7 +277,7 @@ impl ObjectStore {
         }
         Ok(Object {
             bytes: bytes.freeze(),
-            content_type,
+            content_type: object.content_type,
         })
     }
 
@@ -313,6 +300,7 @@ impl ObjectStore {
             Err(e) => return Err(request_error("GetObject", key, &e)),
         };
         let size = out.content_length().and_then(|n| u64::try_from(n).ok());
+        let content_type = out.content_type().map(str::to_owned);
         let key = key.to_owned();
         let body = futures::stream::try_unfold(out.body, move |mut body| {
             let key = key.clone();
@@ -326,6 +314,7 @@ impl ObjectStore {
         });
         Ok(ObjectStream {
             size,
+            content_type,
             body: Box::pin(body),
         })
     }
