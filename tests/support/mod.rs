@@ -143,13 +143,17 @@ impl TestPlatform {
             Backend::Postgres => {
                 config.database.url = scratch_postgres().await?;
                 let tansu = mediaflow_embedded::find_tansu(None)?;
-                let port = mediaflow_embedded::free_port()?;
-                let kafka = mediaflow_embedded::EmbeddedKafka::start(
-                    &tansu,
-                    &dir.path().join("kafka-service"),
-                    port,
-                )
-                .await?;
+                // A free port can be taken by a parallel test before the broker binds it.
+                let mut attempts = 0;
+                let (kafka, port) = loop {
+                    let port = mediaflow_embedded::free_port()?;
+                    let kafka_dir = dir.path().join("kafka-service");
+                    match mediaflow_embedded::EmbeddedKafka::start(&tansu, &kafka_dir, port).await {
+                        Ok(kafka) => break (kafka, port),
+                        Err(_) if attempts < 3 => attempts += 1,
+                        Err(e) => return Err(e.into()),
+                    }
+                };
                 let s3 = mediaflow_embedded::EmbeddedS3::start(
                     &dir.path().join("s3-service"),
                     SocketAddr::from(([127, 0, 0, 1], 0)),

@@ -113,11 +113,26 @@ async fn start_infrastructure(
         .with_context(|| format!("creating data folder {}", config.data_dir.display()))?;
     let kafka = if config.embedded.kafka {
         let tansu = mediaflow_embedded::find_tansu(config.embedded.tansu_bin.as_deref())?;
-        let port = match config.embedded.kafka_port {
-            0 => mediaflow_embedded::free_port()?,
-            p => p,
+        let dir = config.data_dir.join("kafka");
+        let kafka = match config.embedded.kafka_port {
+            0 => {
+                // A port found free can be taken by someone else before the broker binds it:
+                // try a few.
+                let mut attempt = 0;
+                loop {
+                    let port = mediaflow_embedded::free_port()?;
+                    match EmbeddedKafka::start(&tansu, &dir, port).await {
+                        Ok(kafka) => break kafka,
+                        Err(e) if attempt < 3 => {
+                            tracing::warn!(port, error = %e, "embedded broker did not start; another port");
+                            attempt += 1;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+            port => EmbeddedKafka::start(&tansu, &dir, port).await?,
         };
-        let kafka = EmbeddedKafka::start(&tansu, &config.data_dir.join("kafka"), port).await?;
         config.bus.brokers = kafka.bootstrap().to_owned();
         Some(kafka)
     } else {

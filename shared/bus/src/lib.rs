@@ -57,7 +57,9 @@ impl Bus {
         let mut cfg = ClientConfig::new();
         cfg.set("bootstrap.servers", &self.config.brokers)
             .set("client.id", &self.config.client_id)
-            .set("socket.keepalive.enable", "true");
+            .set("socket.keepalive.enable", "true")
+            // Warnings and up: every lost connection is otherwise logged at info.
+            .set_log_level(rdkafka::config::RDKafkaLogLevel::Warning);
         for (k, v) in &self.config.librdkafka {
             cfg.set(k, v);
         }
