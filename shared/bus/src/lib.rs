@@ -100,19 +100,7 @@ impl Bus {
         // The end of each partition now; messages published later are not waited for.
         let ends: Vec<(i32, i64, i64)> = tokio::task::spawn_blocking(move || {
             let consumer: BaseConsumer = cfg.create().map_err(BusError::Client)?;
-            let md = consumer
-                .fetch_metadata(Some(&name), timeout)
-                .map_err(BusError::Client)?;
-            let mut ends = Vec::new();
-            for t in md.topics() {
-                for p in t.partitions() {
-                    let (low, high) = consumer
-                        .fetch_watermarks(&name, p.id(), timeout)
-                        .map_err(BusError::Client)?;
-                    ends.push((p.id(), low, high));
-                }
-            }
-            Ok::<_, BusError>(ends)
+            watermarks(&consumer, &name, timeout)
         })
         .await
         .map_err(|e| BusError::Internal(e.to_string()))??;
@@ -152,19 +140,8 @@ impl Bus {
         let topic = topic.to_owned();
         tokio::task::spawn_blocking(move || {
             let consumer: BaseConsumer = cfg.create().map_err(BusError::Client)?;
-            let md = consumer
-                .fetch_metadata(Some(&topic), timeout)
-                .map_err(BusError::Client)?;
-            let mut total = 0;
-            for t in md.topics() {
-                for p in t.partitions() {
-                    let (low, high) = consumer
-                        .fetch_watermarks(&topic, p.id(), timeout)
-                        .map_err(BusError::Client)?;
-                    total += high - low;
-                }
-            }
-            Ok(total)
+            let marks = watermarks(&consumer, &topic, timeout)?;
+            Ok(marks.iter().map(|&(_, low, high)| high - low).sum())
         })
         .await
         .map_err(|e| BusError::Internal(e.to_string()))?
@@ -180,25 +157,21 @@ impl Bus {
         let topic = topic.to_owned();
         tokio::task::spawn_blocking(move || {
             let consumer: BaseConsumer = cfg.create().map_err(BusError::Client)?;
-            let md = consumer
-                .fetch_metadata(Some(&topic), timeout)
-                .map_err(BusError::Client)?;
+            let marks = watermarks(&consumer, &topic, timeout)?;
             let mut tpl = rdkafka::TopicPartitionList::new();
-            for t in md.topics() {
-                for p in t.partitions() {
-                    tpl.add_partition(&topic, p.id());
-                }
+            for &(partition, _, _) in &marks {
+                tpl.add_partition(&topic, partition);
             }
             let committed = consumer
                 .committed_offsets(tpl, timeout)
                 .map_err(BusError::Client)?;
             let mut lag = 0;
-            for element in committed.elements() {
-                let (low, high) = consumer
-                    .fetch_watermarks(&topic, element.partition(), timeout)
-                    .map_err(BusError::Client)?;
-                lag += match element.offset() {
-                    rdkafka::Offset::Offset(at) => high - at,
+            for &(partition, low, high) in &marks {
+                let at = committed
+                    .find_partition(&topic, partition)
+                    .map(|e| e.offset());
+                lag += match at {
+                    Some(rdkafka::Offset::Offset(at)) => high - at,
                     _ => high - low,
                 };
             }
@@ -234,4 +207,25 @@ impl Bus {
         .await
         .map_err(|e| BusError::Internal(e.to_string()))?
     }
+}
+
+/// (partition, low watermark, high watermark) of every partition of `topic`. Blocking.
+fn watermarks(
+    consumer: &BaseConsumer,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<(i32, i64, i64)>, BusError> {
+    let md = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(BusError::Client)?;
+    let mut marks = Vec::new();
+    for t in md.topics() {
+        for p in t.partitions() {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, p.id(), timeout)
+                .map_err(BusError::Client)?;
+            marks.push((p.id(), low, high));
+        }
+    }
+    Ok(marks)
 }
