@@ -97,7 +97,7 @@ impl EmbeddedKafka {
                 source,
             })?;
         let mut child = child;
-        wait_ready(&mut child, &addr, &log, Duration::from_secs(60)).await?;
+        wait_ready(&mut child, port, &log, Duration::from_secs(60)).await?;
         tracing::info!(%addr, "embedded kafka broker ready");
 
         let (stop, stop_rx) = oneshot::channel();
@@ -137,12 +137,17 @@ impl EmbeddedKafka {
     }
 }
 
+/// Waits until the child itself listens on `port`. A connection alone is not proof: the port was
+/// found free before the broker started, and another process (a parallel test's broker, say) may
+/// have bound it meanwhile; the child then fails to bind and exits, and the caller tries another
+/// port.
 async fn wait_ready(
     child: &mut Child,
-    addr: &str,
+    port: u16,
     log: &Path,
     limit: Duration,
 ) -> Result<(), EmbeddedError> {
+    let addr = format!("127.0.0.1:{port}");
     let started = Instant::now();
     loop {
         if let Ok(Some(status)) = child.try_wait() {
@@ -152,19 +157,91 @@ async fn wait_ready(
                 log: log.display().to_string(),
             });
         }
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+        if tokio::net::TcpStream::connect(&addr).await.is_ok()
+            && child.id().is_some_and(|pid| listener::owned_by(pid, port))
+        {
             return Ok(());
         }
         if started.elapsed() > limit {
             return Err(EmbeddedError::NotReady {
                 what: "kafka (tansu)",
-                addr: addr.to_owned(),
+                addr,
                 waited_s: limit.as_secs(),
                 log: log.display().to_string(),
             });
         }
         // Polling a port that is not open yet; the connect attempt itself is immediate.
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+mod listener {
+    //! Which process listens on a TCP port, from Linux's `/proc`: the listening socket's inode in
+    //! `/proc/net/tcp{,6}` must be among the process's open file descriptors.
+
+    use std::collections::HashSet;
+
+    /// Whether process `pid` holds the socket listening on `port`. Where `/proc` is not there
+    /// (not Linux), there is no way to tell and the connection is taken as proof.
+    pub fn owned_by(pid: u32, port: u16) -> bool {
+        let tables: Vec<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
+            .iter()
+            .filter_map(|path| std::fs::read_to_string(path).ok())
+            .collect();
+        if tables.is_empty() {
+            return true;
+        }
+        let listening: HashSet<u64> = tables
+            .iter()
+            .flat_map(|table| listening_inodes(table, port))
+            .collect();
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            return false;
+        };
+        fds.filter_map(Result::ok)
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .filter_map(|target| socket_inode(&target.to_string_lossy()))
+            .any(|inode| listening.contains(&inode))
+    }
+
+    /// Inodes of the sockets in LISTEN state (`0A`) on `port` in a `/proc/net/tcp` table.
+    pub fn listening_inodes(table: &str, port: u16) -> impl Iterator<Item = u64> + '_ {
+        table.lines().skip(1).filter_map(move |line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = fields.get(1)?.rsplit_once(':')?.1;
+            let listening = u16::from_str_radix(local_port, 16).ok()? == port
+                && *fields.get(3)? == "0A";
+            listening.then(|| fields.get(9)?.parse().ok()).flatten()
+        })
+    }
+
+    /// `socket:[12345]` → 12345.
+    fn socket_inode(link: &str) -> Option<u64> {
+        link.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn reads_listening_sockets_of_a_port() {
+            let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:9F91 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:9F91 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 4343 1 0000000000000000 20 4 30 10 -1
+   2: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4444 1 0000000000000000 100 0 0 10 0";
+            let found: Vec<u64> = listening_inodes(table, 0x9F91).collect();
+            assert_eq!(found, vec![4242]);
+        }
+
+        #[test]
+        fn this_process_owns_its_listener_and_not_another_port() {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = listener.local_addr().unwrap().port();
+            assert!(owned_by(std::process::id(), port));
+            drop(listener);
+            assert!(!owned_by(std::process::id(), port));
+        }
     }
 }
 
