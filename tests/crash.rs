@@ -6,71 +6,19 @@
 mod support;
 
 use std::collections::HashSet;
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use cloudevents::AttributesReader;
 use futures::StreamExt;
-use mediaflow_events::{EventData, MediaThumbnailed};
+use mediaflow_events::{EventData, ImageProcessed};
 use support::{Backend, TestPlatform, fixtures};
+
+/// Outputs the image stage records per item: the `thumb-256` rendition and the `tags`.
+const OUTPUTS: i64 = 2;
 
 const ITEMS: usize = 500;
 const KILLS: usize = 12;
-
-/// The `mediaflow` binary cargo built beside this test.
-fn mediaflow_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target directory");
-    let bin = dir.join("mediaflow");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it with `cargo build -p mediaflow`",
-        bin.display()
-    );
-    bin
-}
-
-/// A `mediaflow run image-worker` process against the test platform's services.
-fn spawn_worker(
-    tp: &TestPlatform,
-    n: usize,
-    log_dir: &std::path::Path,
-) -> Result<tokio::process::Child> {
-    let c = &tp.config;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log_dir.join(format!("worker-{n}.log")))?;
-    let child = tokio::process::Command::new(mediaflow_bin())
-        .args(["run", "image-worker"])
-        .env("MEDIAFLOW__EMBEDDED__KAFKA", "false")
-        .env("MEDIAFLOW__EMBEDDED__S3", "false")
-        .env("MEDIAFLOW__BUS__BROKERS", &c.bus.brokers)
-        .env("MEDIAFLOW__BUS__TOPIC_PREFIX", &c.bus.topic_prefix)
-        .env("MEDIAFLOW__BUS__PARTITIONS", c.bus.partitions.to_string())
-        .env("MEDIAFLOW__STORE__ENDPOINT", &c.store.endpoint)
-        .env("MEDIAFLOW__STORE__BUCKET", &c.store.bucket)
-        .env("MEDIAFLOW__ADMIN__LISTEN", "127.0.0.1:0")
-        // Static membership: a restarted worker takes over its killed predecessor's partitions
-        // (the embedded broker does not evict a killed member by itself).
-        .env("MEDIAFLOW__BUS__GROUP_INSTANCE_ID", format!("worker-{n}"))
-        .env("MEDIAFLOW__DATA_DIR", log_dir)
-        .env("MEDIAFLOW__STAGES__INITIAL_BACKOFF_MS", "50")
-        .env("DATABASE_URL", c.database_url())
-        .env("RUST_LOG", "info,librdkafka=warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting a worker process")?;
-    Ok(child)
-}
 
 /// A small deterministic generator (xorshift), seeded from the clock and printed, so a failing
 /// schedule can be replayed.
@@ -95,8 +43,8 @@ async fn items_survive_workers_killed_at_random() -> Result<()> {
     let db = mediaflow_db::Db::connect(&tp.config.database_url(), 2).await?;
     let logs = tempfile::tempdir()?;
     let mut workers = vec![
-        spawn_worker(&tp, 0, logs.path())?,
-        spawn_worker(&tp, 1, logs.path())?,
+        tp.spawn_image_worker(0, logs.path())?,
+        tp.spawn_image_worker(1, logs.path())?,
     ];
 
     let seed = std::env::var("MEDIAFLOW_CRASH_SEED")
@@ -146,7 +94,7 @@ async fn items_survive_workers_killed_at_random() -> Result<()> {
         workers[victim].start_kill()?; // SIGKILL
         workers[victim].wait().await?;
         kills += 1;
-        workers[victim] = spawn_worker(&tp, victim, logs.path())?;
+        workers[victim] = tp.spawn_image_worker(victim, logs.path())?;
     }
     uploads.await??;
 
@@ -181,15 +129,11 @@ async fn items_survive_workers_killed_at_random() -> Result<()> {
         .media_count_with(mediaflow_db::MediaStatus::Failed)
         .await?;
     let objects = list_keys(&tp, "derived/").await?;
-    let events = tp
-        .bus
-        .read_to_end(&format!("{}media.thumbnailed", tp.config.bus.topic_prefix))
-        .await?;
+    let events = tp.events("images.processed").await?;
     let mut ids = HashSet::new();
     let mut media = HashSet::new();
-    for d in &events {
-        let event = d.event.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
-        let result: MediaThumbnailed = mediaflow_events::decode(event)?;
+    for event in &events {
+        let result: ImageProcessed = mediaflow_events::decode(event)?;
         assert_eq!(
             event.id(),
             result.id().as_str(),
@@ -203,7 +147,8 @@ async fn items_survive_workers_killed_at_random() -> Result<()> {
         .message_count(&format!("{}dead-letters", tp.config.bus.topic_prefix))
         .await?;
     eprintln!(
-        "crash test: items {ITEMS}, kills {kills}, took {:.1?}; results {results}, thumbnail objects {}, \
+        "crash test: items {ITEMS}, kills {kills}, took {:.1?}; result rows {results} and objects {} \
+         ({OUTPUTS} per item), \
          result events {} ({} distinct ids, {} redelivered duplicates), failed {failed}, dead letters {dead}, \
          duplicates found {}, lost {}",
         started.elapsed(),
@@ -211,11 +156,19 @@ async fn items_survive_workers_killed_at_random() -> Result<()> {
         events.len(),
         ids.len(),
         events.len() - ids.len(),
-        results - ITEMS as i64,
+        results - OUTPUTS * ITEMS as i64,
         ITEMS - media.len(),
     );
-    assert_eq!(results, ITEMS as i64, "one result row per item");
-    assert_eq!(objects.len(), ITEMS, "one thumbnail object per item");
+    assert_eq!(
+        results,
+        OUTPUTS * ITEMS as i64,
+        "one set of result rows per item"
+    );
+    assert_eq!(
+        objects.len() as i64,
+        OUTPUTS * ITEMS as i64,
+        "one set of output objects per item"
+    );
     assert_eq!(ids.len(), ITEMS, "one distinct result event id per item");
     assert_eq!(media.len(), ITEMS, "every item has a result event");
     assert_eq!((failed, dead), (0, 0));
@@ -308,19 +261,8 @@ async fn items_survive_a_broker_restart() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     tp.wait_caught_up("image-worker", "jobs.image").await?;
-    let events = tp
-        .bus
-        .read_to_end(&format!("{}media.thumbnailed", tp.config.bus.topic_prefix))
-        .await?;
-    let ids: HashSet<String> = events
-        .iter()
-        .map(|d| {
-            d.event
-                .as_ref()
-                .map(|e| e.id().to_owned())
-                .map_err(|e| anyhow::anyhow!("{e}"))
-        })
-        .collect::<Result<_>>()?;
+    let events = tp.events("images.processed").await?;
+    let ids: HashSet<&str> = events.iter().map(|e| e.id()).collect();
     eprintln!(
         "broker restart: uploads attempted {N}, refused while down {refused}, accepted {accepted}, \
          result events {} ({} distinct), results {}",
@@ -330,7 +272,7 @@ async fn items_survive_a_broker_restart() -> Result<()> {
     );
     assert!(refused > 0, "the broker outage was not noticed");
     assert_eq!(ids.len() as i64, accepted, "one result per accepted item");
-    assert_eq!(db.result_count("image-worker").await?, accepted);
+    assert_eq!(db.result_count("image-worker").await?, OUTPUTS * accepted);
     tp.stop().await
 }
 
@@ -360,7 +302,7 @@ async fn items_survive_a_15s_object_store_outage() -> Result<()> {
     // The queue is full; S3 goes down, and only then does a worker start on it.
     tp.stop_s3();
     let logs = tempfile::tempdir()?;
-    let mut worker = spawn_worker(&tp, 0, logs.path())?;
+    let mut worker = tp.spawn_image_worker(0, logs.path())?;
     let outage_started = Instant::now();
     // The outage lasts a fixed time: this is the scenario, not a wait for some other event.
     tokio::time::sleep(OUTAGE).await;
@@ -395,12 +337,12 @@ async fn items_survive_a_15s_object_store_outage() -> Result<()> {
     let results = db.result_count("image-worker").await?;
     eprintln!(
         "object store outage: items {N}, outage {:.1?}, done during the outage {done_during}, \
-         results {results}, failed {failed}, dead letters {dead}, lost {}",
+         result rows {results} ({OUTPUTS} per item), failed {failed}, dead letters {dead}, lost {}",
         OUTAGE,
-        N as i64 - results
+        N as i64 - results / OUTPUTS
     );
     assert_eq!(done_during, 0, "nothing can finish without S3");
-    assert_eq!((results, failed, dead), (N as i64, 0, 0));
+    assert_eq!((results, failed, dead), (OUTPUTS * N as i64, 0, 0));
     assert!(outage_started.elapsed() >= OUTAGE);
     worker.start_kill()?;
     worker.wait().await?;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use mediaflow::dlq::{self, Filter};
-use mediaflow_events::MediaThumbnailed;
+use mediaflow_events::ImageProcessed;
 use mediaflow_gateway::MediaView;
 use support::{Backend, TestPlatform, fixtures};
 
@@ -32,8 +32,8 @@ async fn a_poison_message_is_dead_lettered_and_replayed_after_the_fix() -> Resul
         .send()
         .await?;
     assert_eq!(response.status(), 202);
-    let events = tp.read_events("media.thumbnailed", 1, TIMEOUT).await?;
-    let good: MediaThumbnailed = mediaflow_events::decode(&events[0])?;
+    let events = tp.read_events("images.processed", 1, TIMEOUT).await?;
+    let good: ImageProcessed = mediaflow_events::decode(&events[0])?;
     assert_ne!(good.media_id, id);
 
     // The poison is dead-lettered with its reason and shown as failed.
@@ -86,10 +86,10 @@ async fn a_poison_message_is_dead_lettered_and_replayed_after_the_fix() -> Resul
             unreplayable: 0
         }
     );
-    let events = tp.read_events("media.thumbnailed", 2, TIMEOUT).await?;
+    let events = tp.read_events("images.processed", 2, TIMEOUT).await?;
     let ids: Vec<String> = events
         .iter()
-        .map(|e| mediaflow_events::decode::<MediaThumbnailed>(e).map(|r| r.media_id))
+        .map(|e| mediaflow_events::decode::<ImageProcessed>(e).map(|r| r.media_id))
         .collect::<Result<_, _>>()?;
     assert!(ids.contains(&id), "{ids:?}");
     let view: MediaView = reqwest::get(format!("{}/v1/media/{id}", tp.base))

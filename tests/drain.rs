@@ -1,32 +1,26 @@
 //! SIGTERM during a long job: a stage process either finishes the job within its drain deadline
 //! and commits it (exit 0), or hands it back uncommitted (exit 3) for the next instance. Either
-//! way the job is neither lost nor done twice.
+//! way the job is neither lost nor done twice. The same holds when a rebalance takes the job's
+//! partition away: the job finishes and is committed before the partition moves.
 
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use mediaflow_events::MediaProcessed;
-use support::{Backend, TestPlatform, fixtures};
+use support::{Backend, TestPlatform, fixtures, mediaflow_bin};
 
 const SCRIPT: &str = r#"#!/bin/sh
 set -eu
+echo "$MEDIA_ID" >> "$MARKER_DIR/runs.log"
 touch "$MARKER_DIR/started-$MEDIA_ID"
 sleep "$JOB_SECONDS"
 echo finished > "$OUTPUT_DIR/done.txt"
 "#;
-
-fn mediaflow_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(|d| d.parent())
-        .expect("target directory")
-        .join("mediaflow")
-}
 
 /// A `mediaflow run slow` process: an exec stage whose jobs take `job_seconds`.
 fn spawn_stage(
@@ -118,10 +112,8 @@ async fn sigterm(child: &mut tokio::process::Child) -> Result<i32> {
 
 /// Result events for `media_id` on `media.processed`.
 async fn results_for(tp: &TestPlatform, media_id: &str) -> Result<usize> {
-    let topic = format!("{}media.processed", tp.config.bus.topic_prefix);
     let mut n = 0;
-    for d in tp.bus.read_to_end(&topic).await? {
-        let event = d.event.map_err(anyhow::Error::msg)?;
+    for event in tp.events("media.processed").await? {
         if mediaflow_events::decode::<MediaProcessed>(&event)?.media_id == media_id {
             n += 1;
         }
@@ -190,5 +182,54 @@ async fn sigterm_hands_back_a_job_that_outlasts_the_deadline() -> Result<()> {
     tp.wait_caught_up("slow", "jobs.image").await?;
     assert_eq!(results_for(&tp, &id).await?, 1);
     assert_eq!(sigterm(&mut next).await?, 0);
+    tp.stop().await
+}
+
+/// How many times the slow stage started the job of `media_id`.
+fn runs_of(dir: &Path, media_id: &str) -> Result<usize> {
+    let log = std::fs::read_to_string(dir.join("runs.log"))?;
+    Ok(log.lines().filter(|l| *l == media_id).count())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebalance_lets_the_running_job_finish_instead_of_redoing_it() -> Result<()> {
+    let tp = TestPlatform::start_with(Backend::Postgres, production_without_stages).await?;
+    let dir = tempfile::tempdir()?;
+    let mut first = spawn_stage(&tp, dir.path(), 8, 30)?;
+    let id = upload(&tp).await?;
+    wait_for_file(&dir.path().join(format!("started-{id}"))).await?;
+
+    // A second instance joins mid-job: the group rebalances and the first instance's partitions
+    // are revoked while the job runs.
+    let mut second = spawn_stage(&tp, dir.path(), 8, 30)?;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while results_for(&tp, &id).await? == 0 {
+        anyhow::ensure!(Instant::now() < deadline, "the job never finished");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tp.wait_caught_up("slow", "jobs.image").await?;
+    // Both instances are in the group and idle: another item is taken by one of them, once.
+    let next = upload(&tp).await?;
+    wait_for_file(&dir.path().join(format!("started-{next}"))).await?;
+    while results_for(&tp, &next).await? == 0 {
+        anyhow::ensure!(Instant::now() < deadline, "the second job never finished");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tp.wait_caught_up("slow", "jobs.image").await?;
+    let log = std::fs::read_to_string(dir.path().join("stage.log"))?;
+    println!(
+        "rebalance mid-job: runs of the job {}, result events {}",
+        runs_of(dir.path(), &id)?,
+        results_for(&tp, &id).await?
+    );
+    assert!(
+        log.contains("partitions revoked; letting their messages finish"),
+        "the rebalance did not happen while the job ran:\n{log}"
+    );
+    assert_eq!(runs_of(dir.path(), &id)?, 1, "the job was redone:\n{log}");
+    assert_eq!(results_for(&tp, &id).await?, 1);
+    assert_eq!(runs_of(dir.path(), &next)?, 1);
+    assert_eq!(sigterm(&mut second).await?, 0);
+    assert_eq!(sigterm(&mut first).await?, 0);
     tp.stop().await
 }

@@ -1,6 +1,6 @@
 //! The book's worker interface: a shell script run as a stage. It reads `WORK_ITEM_FILE` and
 //! `INPUT_FILE`, writes into `OUTPUT_DIR`; its outputs are stored, recorded and announced, and its
-//! exit status decides the error class.
+//! exit status decides the error class. What it leaves running ends with the job.
 
 mod support;
 
@@ -16,6 +16,9 @@ set -eu
 case "$INPUT_FILE" in
   *.png) echo "sizer takes no PNGs" >&2; exit 65 ;;
 esac
+# Left running in the background: it must not hold the job open or outlive it.
+sleep 300 &
+echo $! > "$(dirname "$0")/background.pid"
 media=$(sed -n 's/.*"media_id": *"\([^"]*\)".*/\1/p' "$WORK_ITEM_FILE")
 [ "$media" = "$MEDIA_ID" ] || { echo "item and MEDIA_ID disagree" >&2; exit 1; }
 wc -c < "$INPUT_FILE" | tr -d ' ' > "$OUTPUT_DIR/size.txt"
@@ -86,7 +89,19 @@ async fn a_shell_script_runs_as_a_stage() -> Result<()> {
         format!("derived/{}/sizer/v1/item.json", accepted.id)
     );
 
+    // The job ended when the script did: what it left in the background was stopped with it.
+    let pid = std::fs::read_to_string(scripts.path().join("background.pid"))?;
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
+    let state = stat.rsplit(") ").next().and_then(|r| r.chars().next());
+    assert!(
+        matches!(state, None | Some('Z' | 'X')),
+        "the background process {} still runs: {stat}",
+        pid.trim()
+    );
+
     // The PNG: exit 65 is bad input, dead-lettered once with what the script said.
+    tp.wait_caught_up("router", "media.uploaded").await?;
+    tp.wait_caught_up("sizer", "jobs.image").await?;
     let letters = tp
         .bus
         .read_to_end(&format!("{}dead-letters", tp.config.bus.topic_prefix))

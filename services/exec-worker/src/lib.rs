@@ -1,11 +1,14 @@
-//! The exec worker: the book's one-shot worker interface (ch. 10) as a stage. For each item it
+//! The exec worker: the book's one-shot worker interface (ch. 10) as a stage. It takes uploads
+//! (`mediaflow.media.uploaded`) or work items from a source (`mediaflow.work.item`) and for each
 //! runs a configured command with
 //!
-//! - `WORK_ITEM_FILE`: a file holding the item's JSON (the `mediaflow.media.uploaded` payload),
-//! - `INPUT_FILE`: the item's object, downloaded,
+//! - `WORK_ITEM_FILE`: a file holding the item's JSON: the upload event's payload, or the work
+//!   item's `data` exactly as the source served it,
+//! - `INPUT_FILE` (uploads): the uploaded object, downloaded,
 //! - `OUTPUT_DIR`: an empty folder; every regular file the command leaves there is uploaded under
-//!   a deterministic key, recorded as a result and announced on `media.processed`,
-//! - `MEDIA_ID`, `STAGE`.
+//!   a deterministic key, recorded as a result and announced on `media.processed` (uploads) or
+//!   `items.processed` (work items),
+//! - `STAGE`, and `MEDIA_ID` (uploads) or `ITEM_ID` and `ITEM_NAME` (work items).
 //!
 //! Exit status 0 is success; 75 (`EX_TEMPFAIL`) a transient failure, retried; 65 (`EX_DATAERR`)
 //! bad input; anything else, a signal or the timeout, a permanent failure.
@@ -14,11 +17,14 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use cloudevents::AttributesReader;
 use cloudevents::Event;
 use futures::StreamExt;
 use mediaflow_bus::{Bus, BusError, Publisher};
-use mediaflow_db::{Db, ResultRow};
-use mediaflow_events::{MediaProcessed, MediaUploaded, ObjectRef, Output, Topics};
+use mediaflow_db::{Db, Entity, ResultRow};
+use mediaflow_events::{
+    EventData, ItemProcessed, MediaProcessed, MediaUploaded, ObjectRef, Output, Topics, WorkItem,
+};
 use mediaflow_runtime::{Handler, StageError};
 use mediaflow_store::{ObjectStore, StoreError};
 use serde::{Deserialize, Serialize};
@@ -87,9 +93,65 @@ pub struct ExecWorker {
     topics: Topics,
 }
 
-/// Where output `name` of `media_id` is written by stage `stage` at `version`.
-pub fn output_key(media_id: &str, stage: &str, version: &str, name: &str) -> String {
-    format!("derived/{media_id}/{stage}/v{version}/{name}")
+/// A job's process group: every process in it is killed when this is dropped, so nothing a
+/// command started outlives its job.
+struct ProcessGroup(rustix::process::Pid);
+
+impl ProcessGroup {
+    fn of(leader: u32) -> Option<Self> {
+        rustix::process::Pid::from_raw(i32::try_from(leader).ok()?).map(Self)
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        // Fails with ESRCH when the group is already gone: nothing left to stop.
+        let _ = rustix::process::kill_process_group(self.0, rustix::process::Signal::KILL);
+    }
+}
+
+/// What an exec stage works on.
+enum Job {
+    Media(MediaUploaded),
+    Item(WorkItem),
+}
+
+impl Job {
+    fn from_event(event: &Event) -> Result<Self, StageError> {
+        let bad = |e: mediaflow_events::EventError| StageError::bad_input(e.to_string());
+        match event.ty() {
+            MediaUploaded::TYPE => Ok(Job::Media(mediaflow_events::decode(event).map_err(bad)?)),
+            WorkItem::TYPE => Ok(Job::Item(mediaflow_events::decode(event).map_err(bad)?)),
+            other => Err(StageError::bad_input(format!(
+                "an exec stage takes `{}` or `{}` events, not `{other}`",
+                MediaUploaded::TYPE,
+                WorkItem::TYPE
+            ))),
+        }
+    }
+
+    fn entity(&self) -> Entity<'_> {
+        match self {
+            Job::Media(m) => Entity::Media(&m.media_id),
+            Job::Item(i) => Entity::Item(&i.item_id),
+        }
+    }
+
+    /// What `WORK_ITEM_FILE` holds.
+    fn work_item(&self) -> serde_json::Value {
+        match self {
+            Job::Media(m) => serde_json::to_value(m).unwrap_or_default(),
+            Job::Item(i) => i.data.clone(),
+        }
+    }
+}
+
+/// Where output `name` of `entity` is written by stage `stage` at `version`.
+fn output_key(entity: Entity<'_>, stage: &str, version: &str, name: &str) -> String {
+    match entity {
+        Entity::Media(id) => format!("derived/{id}/{stage}/v{version}/{name}"),
+        Entity::Item(id) => format!("derived/items/{id}/{stage}/v{version}/{name}"),
+    }
 }
 
 fn store_error(e: StoreError) -> StageError {
@@ -189,11 +251,11 @@ impl ExecWorker {
     /// Runs the command; maps its exit to a result.
     async fn run(
         &self,
+        job: &Job,
         dir: &Path,
         item: &Path,
-        input: &Path,
+        input: Option<&Path>,
         out: &Path,
-        media_id: &str,
     ) -> Result<(), StageError> {
         let (program, args) = self.config.command.split_first().ok_or_else(|| {
             StageError::permanent(format!(
@@ -201,45 +263,53 @@ impl ExecWorker {
                 self.config.name
             ))
         })?;
-        let mut child = tokio::process::Command::new(program)
+        let mut command = tokio::process::Command::new(program);
+        command
             .args(args)
             .current_dir(dir)
             .env("WORK_ITEM_FILE", item)
-            .env("INPUT_FILE", input)
             .env("OUTPUT_DIR", out)
-            .env("MEDIA_ID", media_id)
-            .env("STAGE", &self.config.name)
+            .env("STAGE", &self.config.name);
+        if let Some(input) = input {
+            command.env("INPUT_FILE", input);
+        }
+        match job {
+            Job::Media(m) => command.env("MEDIA_ID", &m.media_id),
+            Job::Item(i) => command.env("ITEM_ID", &i.item_id).env("ITEM_NAME", &i.name),
+        };
+        // The command runs in a process group of its own, so whatever it starts ends with it.
+        let mut child = command
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| StageError::permanent(format!("cannot run `{program}`: {e}")))?;
-        let mut stderr = child.stderr.take().expect("stderr is piped");
-        let timeout = Duration::from_secs(self.config.timeout_secs);
-        let waited = tokio::time::timeout(timeout, async {
+        // Kills the whole group when the job ends, times out or is abandoned (drain deadline).
+        let group = child.id().and_then(ProcessGroup::of);
+        let mut pipe = child.stderr.take().expect("stderr is piped");
+        // Read all of stderr (so the child never blocks on a full pipe), keep the end.
+        let reading = tokio::spawn(async move {
             let mut text = Vec::new();
-            // Read all of stderr (so the child never blocks on a full pipe), keep the end.
             let mut buf = [0u8; 8192];
-            loop {
-                let n = stderr.read(&mut buf).await.unwrap_or(0);
-                if n == 0 {
-                    break;
-                }
+            while let Ok(n @ 1..) = pipe.read(&mut buf).await {
                 text.extend_from_slice(&buf[..n]);
                 if text.len() > 16 * 1024 {
                     text.drain(..text.len() - 4 * 1024);
                 }
             }
-            (child.wait().await, text)
-        })
-        .await;
-        let (status, stderr) = match waited {
-            Ok((status, text)) => (
-                status
-                    .map_err(|e| StageError::permanent(format!("waiting for `{program}`: {e}")))?,
-                text,
-            ),
+            text
+        });
+        let timeout = Duration::from_secs(self.config.timeout_secs);
+        let waited = tokio::time::timeout(timeout, child.wait()).await;
+        // The command is over: what it left running in the background goes too (and with it
+        // the last holders of its stderr).
+        drop(group);
+        let stderr = reading.await.unwrap_or_default();
+        let status = match waited {
+            Ok(status) => status
+                .map_err(|e| StageError::permanent(format!("waiting for `{program}`: {e}")))?,
             Err(_) => {
                 return Err(StageError::permanent(format!(
                     "`{program}` did not finish within {} s and was killed",
@@ -321,10 +391,7 @@ impl ExecWorker {
 
 impl Handler for ExecWorker {
     async fn handle(&self, event: &Event) -> Result<(), StageError> {
-        let upload: MediaUploaded =
-            mediaflow_events::decode(event).map_err(|e| StageError::bad_input(e.to_string()))?;
-        let item =
-            mediaflow_events::data_json(event).map_err(|e| StageError::bad_input(e.to_string()))?;
+        let job = Job::from_event(event)?;
         tokio::fs::create_dir_all(&self.work_dir)
             .await
             .map_err(|e| io_error("creating the work folder", e))?;
@@ -333,21 +400,27 @@ impl Handler for ExecWorker {
             .tempdir_in(&self.work_dir)
             .map_err(|e| io_error("creating a work folder", e))?;
         let item_file = dir.path().join("item.json");
-        let ext = upload.object.key.rsplit_once('.').map_or("bin", |(_, e)| e);
-        let input = dir.path().join(format!("input.{ext}"));
         let out = dir.path().join("out");
         tokio::fs::write(
             &item_file,
-            serde_json::to_vec_pretty(&item).unwrap_or_default(),
+            serde_json::to_vec_pretty(&job.work_item()).unwrap_or_default(),
         )
         .await
         .map_err(|e| io_error("writing the work item", e))?;
         tokio::fs::create_dir(&out)
             .await
             .map_err(|e| io_error("creating the output folder", e))?;
-        self.download(&upload.object, &input).await?;
+        let input = match &job {
+            Job::Media(upload) => {
+                let ext = upload.object.key.rsplit_once('.').map_or("bin", |(_, e)| e);
+                let input = dir.path().join(format!("input.{ext}"));
+                self.download(&upload.object, &input).await?;
+                Some(input)
+            }
+            Job::Item(_) => None,
+        };
 
-        self.run(dir.path(), &item_file, &input, &out, &upload.media_id)
+        self.run(&job, dir.path(), &item_file, input.as_deref(), &out)
             .await?;
 
         let stage = &self.config.name;
@@ -362,14 +435,14 @@ impl Handler for ExecWorker {
                 .iter()
                 .map(|b| format!("{b:02x}"))
                 .collect();
-            let key = output_key(&upload.media_id, stage, version, &name);
+            let key = output_key(job.entity(), stage, version, &name);
             let content_type = content_type_of(&name);
             self.store
                 .put_bytes(&key, bytes::Bytes::from(bytes), content_type)
                 .await
                 .map_err(store_error)?;
             rows.push(ResultRow {
-                media_id: upload.media_id.clone(),
+                entity_id: job.entity().id().to_owned(),
                 stage: stage.clone(),
                 stage_version: version.clone(),
                 name: name.clone(),
@@ -393,30 +466,46 @@ impl Handler for ExecWorker {
             });
         }
         self.db
-            .record_results(&upload.media_id, &rows)
+            .record_results(job.entity(), &rows)
             .await
             .map_err(|e| StageError::dependency(e.is_transient(), e.to_string()))?;
-        let result = MediaProcessed {
-            media_id: upload.media_id.clone(),
-            stage: stage.clone(),
-            stage_version: version.clone(),
-            input: upload.object,
-            outputs,
+        let published = match job {
+            Job::Media(upload) => {
+                let result = MediaProcessed {
+                    media_id: upload.media_id,
+                    stage: stage.clone(),
+                    stage_version: version.clone(),
+                    input: upload.object,
+                    outputs,
+                };
+                self.publisher
+                    .publish(&self.topics.media_processed(), &result)
+                    .await
+            }
+            Job::Item(item) => {
+                let result = ItemProcessed {
+                    item_id: item.item_id,
+                    source: item.source,
+                    name: item.name,
+                    stage: stage.clone(),
+                    stage_version: version.clone(),
+                    outputs,
+                };
+                self.publisher
+                    .publish(&self.topics.items_processed(), &result)
+                    .await
+            }
         };
-        self.publisher
-            .publish(&self.topics.media_processed(), &result)
-            .await
-            .map_err(|e| StageError::transient(e.to_string()))?;
+        published.map_err(|e| StageError::transient(e.to_string()))?;
         Ok(())
     }
 
     async fn give_up(&self, event: Option<&Event>, error: &StageError) -> Result<(), StageError> {
-        let Some(upload) = event.and_then(|e| mediaflow_events::decode::<MediaUploaded>(e).ok())
-        else {
+        let Some(job) = event.and_then(|e| Job::from_event(e).ok()) else {
             return Ok(());
         };
         self.db
-            .mark_failed(&upload.media_id, &error.to_string())
+            .mark_failed(job.entity(), &error.to_string())
             .await
             .map_err(|e| StageError::dependency(e.is_transient(), e.to_string()))
     }
@@ -429,8 +518,12 @@ mod tests {
     #[test]
     fn keys_and_types() {
         assert_eq!(
-            output_key("m", "exif", "2", "a.json"),
+            output_key(Entity::Media("m"), "exif", "2", "a.json"),
             "derived/m/exif/v2/a.json"
+        );
+        assert_eq!(
+            output_key(Entity::Item("i"), "exif", "2", "a.json"),
+            "derived/items/i/exif/v2/a.json"
         );
         assert_eq!(content_type_of("A.JPG"), "image/jpeg");
         assert_eq!(content_type_of("noext"), "application/octet-stream");

@@ -1,11 +1,16 @@
 //! At-least-once consumption. Offsets are stored only when the caller acknowledges a delivery
-//! (after all of its outputs are acknowledged); librdkafka commits stored offsets periodically and
-//! on close.
+//! (after all of its outputs are acknowledged); librdkafka commits stored offsets periodically,
+//! before partitions are revoked, and on close.
 
 use cloudevents::Event;
 use cloudevents::binding::rdkafka::MessageExt;
 use mediaflow_events::RawMessage;
-use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use std::sync::Arc;
+
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
@@ -56,9 +61,49 @@ fn raw_message(msg: &impl Message) -> RawMessage {
     }
 }
 
+/// Told when partitions are about to leave a consumer's assignment (a rebalance, or leaving the
+/// group).
+pub trait RevokeListener: Send + Sync + 'static {
+    /// `partitions` (topic, partition) are about to be revoked. Called on the task polling the
+    /// consumer, which waits meanwhile: the listener may block to let their messages finish and
+    /// store their offsets (within the group's rebalance timeout, `max.poll.interval.ms`). Every
+    /// stored offset is committed when it returns, before the partitions move.
+    fn revoking(&self, partitions: &[(String, i32)]);
+}
+
+/// Hands revocations to the listener, then commits what it stored.
+pub(crate) struct Hooks {
+    listener: Option<Arc<dyn RevokeListener>>,
+}
+
+impl ClientContext for Hooks {}
+
+impl ConsumerContext for Hooks {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let (Rebalance::Revoke(tpl), Some(listener)) = (rebalance, &self.listener) else {
+            return;
+        };
+        let partitions: Vec<(String, i32)> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect();
+        listener.revoking(&partitions);
+        match consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(())
+            | Err(rdkafka::error::KafkaError::ConsumerCommit(
+                rdkafka::types::RDKafkaErrorCode::NoOffset,
+            )) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "could not commit before partitions were revoked");
+            }
+        }
+    }
+}
+
 /// A member of a consumer group.
 pub struct Consumer {
-    inner: StreamConsumer,
+    inner: StreamConsumer<Hooks>,
     group: String,
 }
 
@@ -77,6 +122,7 @@ impl Consumer {
         topics: &[String],
         start: StartFrom,
         bus: &BusConfig,
+        listener: Option<Arc<dyn RevokeListener>>,
     ) -> Result<Self, BusError> {
         cfg.set("group.id", group)
             .set("enable.auto.commit", "true")
@@ -96,7 +142,9 @@ impl Consumer {
             // several stages.
             cfg.set("group.instance.id", format!("{instance}.{group}"));
         }
-        let inner: StreamConsumer = cfg.create().map_err(BusError::Client)?;
+        let inner: StreamConsumer<Hooks> = cfg
+            .create_with_context(Hooks { listener })
+            .map_err(BusError::Client)?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         inner.subscribe(&names).map_err(BusError::Client)?;
         Ok(Self {
@@ -115,7 +163,9 @@ impl Consumer {
         cfg.set("group.id", &group)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest");
-        let inner: StreamConsumer = cfg.create().map_err(BusError::Client)?;
+        let inner: StreamConsumer<Hooks> = cfg
+            .create_with_context(Hooks { listener: None })
+            .map_err(BusError::Client)?;
         let mut tpl = TopicPartitionList::new();
         for &p in partitions {
             tpl.add_partition_offset(topic, p, Offset::Beginning)
@@ -168,7 +218,7 @@ impl Consumer {
     }
 
     /// Commits every stored offset now and leaves the group.
-    pub fn close(self) -> Result<(), BusError> {
+    pub fn close(&self) -> Result<(), BusError> {
         let committed = match self.inner.commit_consumer_state(CommitMode::Sync) {
             // Nothing stored since the last commit.
             Err(rdkafka::error::KafkaError::ConsumerCommit(

@@ -9,7 +9,7 @@ mod error;
 mod publisher;
 
 pub use config::BusConfig;
-pub use consumer::{Consumer, Delivery, StartFrom};
+pub use consumer::{Consumer, Delivery, RevokeListener, StartFrom};
 pub use error::BusError;
 pub use publisher::{Published, Publisher};
 
@@ -89,7 +89,33 @@ impl Bus {
         topics: &[String],
         start: StartFrom,
     ) -> Result<Consumer, BusError> {
-        Consumer::new(self.client_config(), group, topics, start, &self.config)
+        Consumer::new(
+            self.client_config(),
+            group,
+            topics,
+            start,
+            &self.config,
+            None,
+        )
+    }
+
+    /// A consumer in group `group` subscribed to `topics` that tells `listener` before
+    /// partitions are revoked, and commits what it stored for them once it returns.
+    pub fn consumer_with(
+        &self,
+        group: &str,
+        topics: &[String],
+        start: StartFrom,
+        listener: Arc<dyn RevokeListener>,
+    ) -> Result<Consumer, BusError> {
+        Consumer::new(
+            self.client_config(),
+            group,
+            topics,
+            start,
+            &self.config,
+            Some(listener),
+        )
     }
 
     /// Every message retained on `topic` at the time of the call, in partition order.

@@ -4,16 +4,22 @@
 //! it has as many messages in flight as allowed, it pauses fetching instead of stopping to poll.
 //! Each message runs as its own task; messages with the same key run one after another, in
 //! order. A finished message moves its partition's commit position only as far as every earlier
-//! message of that partition is finished too (`OffsetTracker`).
+//! message of that partition is finished too (`OffsetTracker`); the task stores that position
+//! itself, so progress is recorded even while the loop waits in a rebalance.
+//!
+//! When partitions are revoked (another instance joined, or this one is leaving), the consumer
+//! waits in its rebalance callback while the messages being handled for them finish, up to the
+//! drain deadline, and commits them; messages of those partitions not started yet are dropped,
+//! uncommitted, for the partitions' next owner.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use cloudevents::{AttributesReader, Event};
 use futures::FutureExt;
-use mediaflow_bus::{BusError, Consumer, Delivery, Publisher};
+use mediaflow_bus::{BusError, Consumer, Delivery, Publisher, RevokeListener};
 use mediaflow_events::{DeadLetter, MessageSource};
 use mediaflow_telemetry::Metrics;
 use tokio::task::JoinSet;
@@ -65,12 +71,99 @@ pub enum Stopped {
 
 /// What a stage task reports when it ends.
 struct Finished {
-    topic: String,
-    partition: i32,
-    offset: i64,
     key: Option<String>,
     started: Instant,
     outcome: Outcome,
+}
+
+type PartitionId = (String, i32);
+
+/// Progress shared by the loop, its tasks and the revoke listener.
+#[derive(Default)]
+struct Progress {
+    offsets: OffsetTracker,
+    /// Messages being handled (started, not finished) per partition.
+    running: HashMap<PartitionId, usize>,
+    /// Partitions revoked since the loop last looked: their waiting messages are dropped.
+    revoked: Vec<PartitionId>,
+}
+
+/// The shared progress of one stage instance, with a signal for "a message finished".
+#[derive(Default)]
+struct Shared {
+    progress: Mutex<Progress>,
+    finished: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Progress> {
+        self.progress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Waits, when partitions are revoked, for their messages being handled to finish.
+struct Revoker {
+    stage: String,
+    shared: Arc<Shared>,
+    deadline: Duration,
+}
+
+impl Revoker {
+    fn running_in(progress: &Progress, partitions: &[PartitionId]) -> usize {
+        partitions
+            .iter()
+            .filter_map(|p| progress.running.get(p))
+            .sum()
+    }
+
+    /// Blocks until no message of `partitions` is being handled, or the deadline passes.
+    fn wait(&self, partitions: &[PartitionId]) -> usize {
+        let until = Instant::now() + self.deadline;
+        let mut progress = self.shared.lock();
+        loop {
+            let running = Self::running_in(&progress, partitions);
+            let left = until.saturating_duration_since(Instant::now());
+            if running == 0 || left.is_zero() {
+                return running;
+            }
+            progress = self
+                .shared
+                .finished
+                .wait_timeout(progress, left)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+impl RevokeListener for Revoker {
+    fn revoking(&self, partitions: &[(String, i32)]) {
+        let running = Self::running_in(&self.shared.lock(), partitions);
+        let left = if running == 0 {
+            0
+        } else {
+            tracing::info!(stage = %self.stage, partitions = partitions.len(), running, "partitions revoked; letting their messages finish");
+            // The consumer is polled on a runtime worker: hand the worker's other tasks to
+            // another thread while this one waits. Without a multi-threaded runtime the
+            // messages cannot progress while we wait, so they are handed back at once.
+            match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+                Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
+                    tokio::task::block_in_place(|| self.wait(partitions))
+                }
+                _ => running,
+            }
+        };
+        if left > 0 {
+            tracing::warn!(stage = %self.stage, left, "revoked partitions' messages outlasted the drain deadline; their next owner gets them again");
+        }
+        let mut progress = self.shared.lock();
+        for (topic, partition) in partitions {
+            progress.offsets.forget(topic, *partition);
+        }
+        progress.revoked.extend_from_slice(partitions);
+    }
 }
 
 enum Outcome {
@@ -93,9 +186,9 @@ struct Context<H> {
 /// The mutable state of the loop.
 struct Loop<H> {
     ctx: Arc<Context<H>>,
-    consumer: Consumer,
+    consumer: Arc<Consumer>,
+    shared: Arc<Shared>,
     tasks: JoinSet<Finished>,
-    offsets: OffsetTracker,
     /// Keys with a message in flight, and the messages of that key waiting behind it.
     keys: HashMap<String, VecDeque<Delivery>>,
     /// Messages received while at capacity (fetching is paused meanwhile).
@@ -103,18 +196,24 @@ struct Loop<H> {
     paused: bool,
 }
 
-/// Runs stage `stage` over `consumer` until `shutdown` is cancelled, then drains: stops taking
-/// messages, lets the ones being handled finish within the drain deadline, commits, and leaves
-/// the group.
+/// Runs stage `stage` until `shutdown` is cancelled, then drains: stops taking messages, lets
+/// the ones being handled finish within the drain deadline, commits, and leaves the group.
+/// `subscribe` creates the stage's consumer around the listener the runtime gives it.
 pub async fn run_stage<H: Handler>(
     stage: &str,
-    consumer: Consumer,
+    subscribe: impl FnOnce(Arc<dyn RevokeListener>) -> Result<Consumer, BusError>,
     handler: Arc<H>,
     dead_letters: DeadLetters,
     options: StageOptions,
     metrics: Metrics,
     shutdown: CancellationToken,
 ) -> Result<Stopped, BusError> {
+    let shared = Arc::new(Shared::default());
+    let consumer = Arc::new(subscribe(Arc::new(Revoker {
+        stage: stage.to_owned(),
+        shared: shared.clone(),
+        deadline: options.drain_deadline,
+    }))?);
     tracing::info!(
         stage,
         group = consumer.group(),
@@ -135,8 +234,8 @@ pub async fn run_stage<H: Handler>(
     let mut l = Loop {
         ctx,
         consumer,
+        shared,
         tasks: JoinSet::new(),
-        offsets: OffsetTracker::default(),
         keys: HashMap::new(),
         overflow: VecDeque::new(),
         paused: false,
@@ -149,16 +248,21 @@ pub async fn run_stage<H: Handler>(
                 l.finished(joined);
                 l.refill();
             }
-            delivery = l.consumer.recv() => match delivery {
-                Ok(d) => l.received(d),
-                Err(e) => {
-                    // The broker briefly unreachable, a rebalance: librdkafka recovers.
-                    tracing::warn!(stage, error = %e, "consumer error");
-                    l.ctx.metrics.stage_error(stage, "consumer");
+            delivery = l.consumer.recv() => {
+                // A rebalance runs inside `recv`: drop what waits for partitions that left.
+                l.forget_revoked();
+                l.refill();
+                match delivery {
+                    Ok(d) => l.received(d),
+                    Err(e) => {
+                        // The broker briefly unreachable: librdkafka recovers.
+                        tracing::warn!(stage, error = %e, "consumer error");
+                        l.ctx.metrics.stage_error(stage, "consumer");
+                    }
                 }
-            },
+            }
         }
-        l.ctx.metrics.stage_in_flight(stage, l.offsets.in_flight());
+        l.ctx.metrics.stage_in_flight(stage, l.in_flight());
     }
     let stopped = l.drain().await;
     l.ctx.metrics.stage_in_flight(stage, 0);
@@ -168,19 +272,22 @@ pub async fn run_stage<H: Handler>(
 }
 
 impl<H: Handler> Loop<H> {
+    fn in_flight(&self) -> usize {
+        self.shared.lock().offsets.in_flight()
+    }
+
     fn at_capacity(&self) -> bool {
-        self.offsets.in_flight() >= self.ctx.options.concurrency
+        self.in_flight() >= self.ctx.options.concurrency
     }
 
     fn received(&mut self, delivery: Delivery) {
         if self.at_capacity() || !self.overflow.is_empty() {
             self.overflow.push_back(delivery);
-            if !self.paused {
-                match self.consumer.pause_all() {
-                    Ok(()) => self.paused = true,
-                    Err(e) => {
-                        tracing::warn!(stage = %self.ctx.stage, error = %e, "could not pause")
-                    }
+            // Paused again each time: partitions assigned since the last pause fetch otherwise.
+            match self.consumer.pause_all() {
+                Ok(()) => self.paused = true,
+                Err(e) => {
+                    tracing::warn!(stage = %self.ctx.stage, error = %e, "could not pause")
                 }
             }
         } else {
@@ -204,8 +311,24 @@ impl<H: Handler> Loop<H> {
         }
     }
 
+    /// Drops the messages waiting (in the overflow or behind their key) for partitions that were
+    /// revoked; their next owner reads them from the committed position.
+    fn forget_revoked(&mut self) {
+        let revoked: HashSet<PartitionId> = self.shared.lock().revoked.drain(..).collect();
+        if revoked.is_empty() {
+            return;
+        }
+        let gone = |d: &Delivery| revoked.contains(&(d.topic.clone(), d.partition));
+        self.overflow.retain(|d| !gone(d));
+        for waiting in self.keys.values_mut() {
+            waiting.retain(|d| !gone(d));
+        }
+    }
+
     fn take(&mut self, delivery: Delivery) {
-        self.offsets
+        self.shared
+            .lock()
+            .offsets
             .take(&delivery.topic, delivery.partition, delivery.offset);
         match &delivery.key {
             Some(key) => match self.keys.get_mut(key) {
@@ -221,10 +344,24 @@ impl<H: Handler> Loop<H> {
     }
 
     fn spawn(&mut self, delivery: Delivery) {
-        self.tasks.spawn(work(self.ctx.clone(), delivery));
+        *self
+            .shared
+            .lock()
+            .running
+            .entry((delivery.topic.clone(), delivery.partition))
+            .or_default() += 1;
+        let done = Done {
+            shared: self.shared.clone(),
+            consumer: self.consumer.clone(),
+            stage: self.ctx.stage.clone(),
+            metrics: self.ctx.metrics.clone(),
+        };
+        self.tasks.spawn(work(self.ctx.clone(), done, delivery));
     }
 
     fn finished(&mut self, joined: Result<Finished, tokio::task::JoinError>) {
+        // Waiting messages of partitions revoked meanwhile must not start.
+        self.forget_revoked();
         let f = match joined {
             Ok(f) => f,
             // Only an aborted task ends this way (panics are caught inside); it stays uncommitted.
@@ -237,14 +374,6 @@ impl<H: Handler> Loop<H> {
             self.ctx
                 .metrics
                 .stage_processed(&self.ctx.stage, outcome, f.started.elapsed());
-            if let Some(next) = self.offsets.finish(&f.topic, f.partition, f.offset)
-                && let Err(e) = self.consumer.store(&f.topic, f.partition, next)
-            {
-                // The partition was revoked meanwhile: its new owner gets the message again,
-                // and effects are idempotent.
-                tracing::warn!(stage = %self.ctx.stage, error = %e, "could not store offset");
-                self.ctx.metrics.stage_error(&self.ctx.stage, "ack");
-            }
         }
         if let Some(key) = f.key {
             let next = self.keys.get_mut(&key).and_then(VecDeque::pop_front);
@@ -274,17 +403,54 @@ impl<H: Handler> Loop<H> {
                 }
             }
         }
-        match self.offsets.in_flight() {
+        match self.in_flight() {
             0 => Stopped::Drained,
             messages => Stopped::HandedBack { messages },
         }
     }
 }
 
+/// What a task does when its message is finished (or handed back): records it in the shared
+/// progress and stores the partition's new commit position.
+struct Done {
+    shared: Arc<Shared>,
+    consumer: Arc<Consumer>,
+    stage: String,
+    metrics: Metrics,
+}
+
+impl Done {
+    fn record(&self, delivery: &Delivery, outcome: &Outcome) {
+        let mut progress = self.shared.lock();
+        let partition = (delivery.topic.clone(), delivery.partition);
+        if let Some(n) = progress.running.get_mut(&partition) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                progress.running.remove(&partition);
+            }
+        }
+        if matches!(outcome, Outcome::Done(_))
+            && let Some(next) =
+                progress
+                    .offsets
+                    .finish(&delivery.topic, delivery.partition, delivery.offset)
+            // Stored under the lock: positions of one partition are stored in order.
+            && let Err(e) = self.consumer.store(&delivery.topic, delivery.partition, next)
+        {
+            // The partition was revoked meanwhile: its new owner gets the message again, and
+            // effects are idempotent.
+            tracing::warn!(stage = %self.stage, error = %e, "could not store offset");
+            self.metrics.stage_error(&self.stage, "ack");
+        }
+        drop(progress);
+        self.shared.finished.notify_all();
+    }
+}
+
 /// The life of one message: attempts, backoff between transient failures, and on giving up the
 /// handler's `give_up` and a dead letter. Ends `Done` only when the message's fate is
 /// acknowledged.
-async fn work<H: Handler>(ctx: Arc<Context<H>>, delivery: Delivery) -> Finished {
+async fn work<H: Handler>(ctx: Arc<Context<H>>, done: Done, delivery: Delivery) -> Finished {
     let started = Instant::now();
     let outcome = match &delivery.event {
         Ok(event) => attempts(&ctx, &delivery, event).await,
@@ -297,10 +463,8 @@ async fn work<H: Handler>(ctx: Arc<Context<H>>, delivery: Delivery) -> Finished 
             give_up(&ctx, &delivery, None, &err, 1).await
         }
     };
+    done.record(&delivery, &outcome);
     Finished {
-        topic: delivery.topic,
-        partition: delivery.partition,
-        offset: delivery.offset,
         key: delivery.key,
         started,
         outcome,
