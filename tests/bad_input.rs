@@ -197,7 +197,7 @@ async fn malformed_events_do_not_wedge_a_stage() -> Result<()> {
         .await?;
     assert_eq!(response.status(), 202);
     let events = tp
-        .read_events("media.thumbnailed", 1, std::time::Duration::from_secs(60))
+        .read_events("images.processed", 1, std::time::Duration::from_secs(60))
         .await?;
     assert_eq!(events.len(), 1);
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use cloudevents::AttributesReader;
-use mediaflow_events::{EventData, MediaThumbnailed, MediaUploaded};
+use mediaflow_events::{EventData, ImageProcessed, MediaUploaded};
 use mediaflow_gateway::{Accepted, MediaView};
 use support::{Backend, TestPlatform, fixtures, python};
 
@@ -63,7 +63,7 @@ async fn read_with_kafka_python(
     count: usize,
 ) -> Result<BTreeMap<String, serde_json::Value>> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/py/read_topic.py");
-    let topic = format!("{}media.thumbnailed", tp.config.bus.topic_prefix);
+    let topic = format!("{}images.processed", tp.config.bus.topic_prefix);
     let out = tokio::process::Command::new(python())
         .args([
             script,
@@ -139,16 +139,16 @@ async fn scenario(backend: Backend) -> Result<()> {
     }
 
     // rdkafka: both result events, valid against their schema, with lineage.
-    let events = tp.read_events("media.thumbnailed", 2, TIMEOUT).await?;
+    let events = tp.read_events("images.processed", 2, TIMEOUT).await?;
     let mut results = BTreeMap::new();
     for event in &events {
-        assert_eq!(event.ty(), MediaThumbnailed::TYPE);
+        assert_eq!(event.ty(), ImageProcessed::TYPE);
         assert_eq!(event.source().to_string(), "/mediaflow/image-worker");
         assert_eq!(event.datacontenttype(), Some("application/json"));
         let data = mediaflow_events::data_json(event)?;
-        mediaflow_events::schema::validate(MediaThumbnailed::TYPE, &data)
+        mediaflow_events::schema::validate(ImageProcessed::TYPE, &data)
             .map_err(anyhow::Error::msg)?;
-        let result: MediaThumbnailed = mediaflow_events::decode(event)?;
+        let result: ImageProcessed = mediaflow_events::decode(event)?;
         assert_eq!(event.subject(), Some(result.media_id.as_str()));
         assert_eq!(event.id(), result.id(), "event ids are deterministic");
         assert_eq!(result.stage, "image-worker");
@@ -165,11 +165,11 @@ async fn scenario(backend: Backend) -> Result<()> {
     for event in &events {
         let msg = &python_view[event.id()];
         assert_eq!(msg["headers"]["ce_specversion"], "1.0");
-        assert_eq!(msg["headers"]["ce_type"], MediaThumbnailed::TYPE);
+        assert_eq!(msg["headers"]["ce_type"], ImageProcessed::TYPE);
         assert_eq!(msg["headers"]["content-type"], "application/json");
         let media_id = msg["data"]["media_id"].as_str().context("media_id")?;
         assert_eq!(msg["key"], media_id, "partition key is the media id");
-        mediaflow_events::schema::validate(MediaThumbnailed::TYPE, &msg["data"])
+        mediaflow_events::schema::validate(ImageProcessed::TYPE, &msg["data"])
             .map_err(anyhow::Error::msg)?;
     }
 
@@ -181,7 +181,7 @@ async fn scenario(backend: Backend) -> Result<()> {
             (result.source_width, result.source_height),
             (source.width(), source.height())
         );
-        let thumb = &result.thumbnails[0];
+        let thumb = &result.renditions[0];
         let object = s3
             .get_object()
             .bucket(&thumb.object.bucket)
@@ -206,16 +206,32 @@ async fn scenario(backend: Backend) -> Result<()> {
             .json()
             .await?;
         assert_eq!(view.status, mediaflow_db::MediaStatus::Done);
-        assert_eq!(view.results.len(), 1);
-        assert_eq!(view.results[0].key, thumb.object.key);
-        let served = reqwest::get(format!("{}{}", tp.base, view.results[0].download_url)).await?;
+        let names: Vec<&str> = view.results.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["tags", "thumb-256"]);
+        // The tags result is the event's tags, as a JSON document.
+        let tags: serde_json::Value =
+            reqwest::get(format!("{}{}", tp.base, view.results[0].download_url))
+                .await?
+                .json()
+                .await?;
+        assert_eq!(tags, result.tags);
+        assert_eq!(
+            (tags["width"].as_u64(), tags["height"].as_u64()),
+            (
+                Some(u64::from(source.width())),
+                Some(u64::from(source.height()))
+            )
+        );
+        let view_thumb = &view.results[1];
+        assert_eq!(view_thumb.key, thumb.object.key);
+        let served = reqwest::get(format!("{}{}", tp.base, view_thumb.download_url)).await?;
         assert_eq!(served.status(), 200);
         assert_eq!(
             served.headers()["content-type"],
             thumb.object.content_type.as_str()
         );
         assert_eq!(served.bytes().await?, bytes);
-        let presigned = view.results[0]
+        let presigned = view_thumb
             .presigned_url
             .as_deref()
             .context("presigned url")?;
@@ -251,8 +267,8 @@ async fn corrupt_image_fails_visibly_without_blocking_others() -> Result<()> {
     )
     .await?;
 
-    let events = tp.read_events("media.thumbnailed", 1, TIMEOUT).await?;
-    let done: MediaThumbnailed = mediaflow_events::decode(&events[0])?;
+    let events = tp.read_events("images.processed", 1, TIMEOUT).await?;
+    let done: ImageProcessed = mediaflow_events::decode(&events[0])?;
     assert_eq!(done.media_id, good.id);
 
     let view: MediaView = reqwest::get(format!("{}/v1/media/{}", tp.base, bad.id))
@@ -281,7 +297,7 @@ async fn state_survives_a_restart() -> Result<()> {
         "a.jpg",
     )
     .await?;
-    tp.read_events("media.thumbnailed", 1, TIMEOUT).await?;
+    tp.read_events("images.processed", 1, TIMEOUT).await?;
     let (config, dir) = tp.stop_keeping_data().await?;
 
     let tp = TestPlatform::restart(config, dir).await?;
@@ -300,10 +316,10 @@ async fn state_survives_a_restart() -> Result<()> {
         "b.png",
     )
     .await?;
-    let events = tp.read_events("media.thumbnailed", 2, TIMEOUT).await?;
+    let events = tp.read_events("images.processed", 2, TIMEOUT).await?;
     let ids: Vec<String> = events
         .iter()
-        .map(|e| mediaflow_events::decode::<MediaThumbnailed>(e).map(|r| r.media_id))
+        .map(|e| mediaflow_events::decode::<ImageProcessed>(e).map(|r| r.media_id))
         .collect::<Result<_, _>>()?;
     assert!(
         ids.contains(&first.id) && ids.contains(&second.id),
@@ -313,7 +329,7 @@ async fn state_survives_a_restart() -> Result<()> {
     // exactly the two results: the first upload was not processed again after the restart.
     tp.wait_caught_up("router", "media.uploaded").await?;
     tp.wait_caught_up("image-worker", "jobs.image").await?;
-    let topic = format!("{}media.thumbnailed", tp.config.bus.topic_prefix);
+    let topic = format!("{}images.processed", tp.config.bus.topic_prefix);
     assert_eq!(
         tp.bus.message_count(&topic).await?,
         2,
@@ -370,8 +386,8 @@ async fn object_store_outage_is_retried_until_it_heals() -> Result<()> {
     assert_eq!(ready["kafka"], "ok");
 
     tp.start_s3().await?;
-    let events = tp.read_events("media.thumbnailed", 1, TIMEOUT).await?;
-    let done: MediaThumbnailed = mediaflow_events::decode(&events[0])?;
+    let events = tp.read_events("images.processed", 1, TIMEOUT).await?;
+    let done: ImageProcessed = mediaflow_events::decode(&events[0])?;
     assert_eq!(done.media_id, id);
     let view: MediaView = reqwest::get(format!("{}/v1/media/{id}", tp.base))
         .await?

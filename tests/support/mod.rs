@@ -64,6 +64,22 @@ pub fn fixtures() -> PathBuf {
     dir
 }
 
+/// The `mediaflow` binary cargo built beside this test.
+pub fn mediaflow_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target directory");
+    let bin = dir.join("mediaflow");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it with `cargo build -p mediaflow`",
+        bin.display()
+    );
+    bin
+}
+
 /// An exec stage named `name` running `script` on `jobs.image`, with test-sized limits.
 pub fn exec_stage(name: &str, script: &std::path::Path) -> mediaflow_exec_worker::ExecWorkerConfig {
     mediaflow_exec_worker::ExecWorkerConfig {
@@ -267,26 +283,52 @@ impl TestPlatform {
         Ok(events)
     }
 
+    /// Every event retained on `topic` (without prefix) now, in partition order; fails if a
+    /// message is not a CloudEvent.
+    pub async fn events(&self, topic: &str) -> Result<Vec<cloudevents::Event>> {
+        let topic = format!("{}{topic}", self.config.bus.topic_prefix);
+        self.bus
+            .read_to_end(&topic)
+            .await?
+            .into_iter()
+            .map(|d| d.event.map_err(anyhow::Error::msg))
+            .collect()
+    }
+
     /// Records rocket.jpg as a queued upload the way the gateway does, storing its object only
     /// if `store_object`, and returns the `media.uploaded` event without publishing it: tests
     /// decide what the world looks like before the pipeline sees it.
     pub async fn seed_upload(&self, store_object: bool) -> Result<mediaflow_events::MediaUploaded> {
-        use sha2::Digest;
         let bytes = std::fs::read(fixtures().join("rocket.jpg"))?;
+        self.seed_media(&bytes, "image/jpeg", "jpg", store_object)
+            .await
+    }
+
+    /// Records `bytes` as a queued image upload of `content_type`, storing the object if
+    /// `store_object`, and returns its `media.uploaded` event unpublished. Unlike the gateway it
+    /// checks nothing: the stage gets exactly these bytes.
+    pub async fn seed_media(
+        &self,
+        bytes: &[u8],
+        content_type: &str,
+        ext: &str,
+        store_object: bool,
+    ) -> Result<mediaflow_events::MediaUploaded> {
+        use sha2::Digest;
         let id = uuid::Uuid::now_v7().to_string();
         let object = mediaflow_events::ObjectRef {
             bucket: self.config.store.bucket.clone(),
-            key: format!("uploads/{id}/original.jpg"),
+            key: format!("uploads/{id}/original.{ext}"),
             size: bytes.len() as u64,
-            sha256: format!("{:x}", sha2::Sha256::digest(&bytes)),
-            content_type: "image/jpeg".into(),
+            sha256: format!("{:x}", sha2::Sha256::digest(bytes)),
+            content_type: content_type.into(),
         };
         if store_object {
             self.s3_client()
                 .put_object()
                 .bucket(&object.bucket)
                 .key(&object.key)
-                .body(bytes.into())
+                .body(bytes.to_vec().into())
                 .send()
                 .await?;
         }
@@ -321,6 +363,43 @@ impl TestPlatform {
         let topic = format!("{}media.uploaded", self.config.bus.topic_prefix);
         self.bus.publisher("/test")?.publish(&topic, event).await?;
         Ok(())
+    }
+
+    /// A `mediaflow run image-worker` process (worker `n`) against this platform's services, as
+    /// an orchestrator runs it; its log goes to `<dir>/worker-<n>.log`.
+    pub fn spawn_image_worker(
+        &self,
+        n: usize,
+        dir: &std::path::Path,
+    ) -> Result<tokio::process::Child> {
+        let c = &self.config;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("worker-{n}.log")))?;
+        tokio::process::Command::new(mediaflow_bin())
+            .args(["run", "image-worker"])
+            .env("MEDIAFLOW__EMBEDDED__KAFKA", "false")
+            .env("MEDIAFLOW__EMBEDDED__S3", "false")
+            .env("MEDIAFLOW__BUS__BROKERS", &c.bus.brokers)
+            .env("MEDIAFLOW__BUS__TOPIC_PREFIX", &c.bus.topic_prefix)
+            .env("MEDIAFLOW__BUS__PARTITIONS", c.bus.partitions.to_string())
+            .env("MEDIAFLOW__STORE__ENDPOINT", &c.store.endpoint)
+            .env("MEDIAFLOW__STORE__BUCKET", &c.store.bucket)
+            .env("MEDIAFLOW__ADMIN__LISTEN", "127.0.0.1:0")
+            // Static membership: a restarted worker takes over its killed predecessor's
+            // partitions (the embedded broker does not evict a killed member by itself).
+            .env("MEDIAFLOW__BUS__GROUP_INSTANCE_ID", format!("worker-{n}"))
+            .env("MEDIAFLOW__DATA_DIR", dir)
+            .env("MEDIAFLOW__STAGES__INITIAL_BACKOFF_MS", "50")
+            .env("DATABASE_URL", c.database_url())
+            .env("RUST_LOG", "info,librdkafka=warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting a worker process")
     }
 
     /// Stops the external Kafka broker (production-like platforms only).

@@ -1,11 +1,13 @@
-//! The image stage: reads an image upload from object storage, makes a thumbnail on the blocking
-//! pool, writes it under a deterministic key, records it, and announces it on the result topic
-//! `media.thumbnailed`. Returns only after all three are acknowledged.
+//! The image stage: reads an image upload from object storage, makes its renditions and tags on
+//! the blocking pool (one decode, renditions in parallel), writes them under deterministic keys,
+//! records them (result rows, an `image_tags` row), and announces them on the result topic
+//! `images.processed`. Returns only after all of it is acknowledged.
 
 use cloudevents::Event;
 use mediaflow_bus::{Bus, BusError, Publisher};
-use mediaflow_db::{Db, ResultRow};
-use mediaflow_events::{MediaKind, MediaThumbnailed, MediaUploaded, ObjectRef, Thumbnail, Topics};
+use mediaflow_db::{Db, Entity, ImageTagsRow, ResultRow};
+use mediaflow_events::{ImageProcessed, MediaKind, MediaUploaded, ObjectRef, RenditionRef, Topics};
+use mediaflow_imaging::renditions::{Format, Mode, RenditionSpec};
 use mediaflow_imaging::{DecodeLimits, ImagingError};
 use mediaflow_runtime::{Handler, StageError};
 use mediaflow_store::{ObjectStore, StoreError};
@@ -15,31 +17,77 @@ use sha2::{Digest, Sha256};
 /// The stage name, also its consumer group and part of every output key.
 pub const STAGE: &str = "image-worker";
 /// Bumped whenever the output for the same input changes; part of every output key.
-pub const STAGE_VERSION: &str = "1";
+pub const STAGE_VERSION: &str = "2";
 
 /// Configuration of the image stage.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ImageWorkerConfig {
-    /// Longest side of the thumbnail, in pixels.
-    pub thumbnail_size: u32,
+    /// The renditions made of every image (`[[image_worker.renditions]]`): name, box size, mode
+    /// (`fit`, `fill`, `crop`), format (`jpeg`, `webp`, `png`) and quality.
+    pub renditions: Vec<RenditionSpec>,
     /// Largest input object read, in bytes.
     pub max_input_bytes: u64,
     /// Largest accepted width or height of an input image, in pixels (checked before decoding).
     pub max_side: u32,
     /// Largest accepted width x height of an input image.
     pub max_pixels: u64,
+    /// Most frames an animated input (GIF, WebP, APNG) may declare; its first frame is used.
+    pub max_frames: u32,
 }
 
 impl Default for ImageWorkerConfig {
     fn default() -> Self {
         let limits = DecodeLimits::default();
         Self {
-            thumbnail_size: 256,
+            renditions: vec![RenditionSpec {
+                name: "thumb-256".into(),
+                width: 256,
+                height: 256,
+                mode: Mode::Fit,
+                format: Format::Jpeg,
+                quality: 85,
+                metadata: Default::default(),
+            }],
             max_input_bytes: 256 * 1024 * 1024,
             max_side: limits.max_side,
             max_pixels: limits.max_pixels,
+            max_frames: limits.max_frames,
         }
+    }
+}
+
+impl ImageWorkerConfig {
+    /// Checks the rendition list: at least one; names unique, made of letters, digits, `.`, `_`
+    /// and `-`, not `tags`; sides from 1 to 16384; quality from 1 to 100.
+    pub fn check(&self) -> Result<(), String> {
+        if self.renditions.is_empty() {
+            return Err("image_worker.renditions is empty: the image stage needs one".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for r in &self.renditions {
+            let name = &r.name;
+            if name.is_empty()
+                || name == "tags"
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+            {
+                return Err(format!(
+                    "rendition name `{name}` is not allowed (letters, digits, `.`, `_`, `-`; not `tags`)"
+                ));
+            }
+            if !seen.insert(name) {
+                return Err(format!("rendition name `{name}` is used twice"));
+            }
+            if !(1..=16_384).contains(&r.width) || !(1..=16_384).contains(&r.height) {
+                return Err(format!("rendition `{name}`: sides must be 1 to 16384 px"));
+            }
+            if !(1..=100).contains(&r.quality) {
+                return Err(format!("rendition `{name}`: quality must be 1 to 100"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -83,15 +131,16 @@ impl ImageWorker {
         DecodeLimits {
             max_side: self.config.max_side,
             max_pixels: self.config.max_pixels,
+            max_frames: self.config.max_frames,
             ..DecodeLimits::default()
         }
     }
 }
 
-/// Where the thumbnail of `media_id` is written: the same input and stage version always map to
+/// Where output `name` of `media_id` is written: the same input and stage version always map to
 /// the same key.
-pub fn thumbnail_key(media_id: &str, size: u32, extension: &str) -> String {
-    format!("derived/{media_id}/{STAGE}/v{STAGE_VERSION}/thumb-{size}.{extension}")
+pub fn output_key(media_id: &str, name: &str) -> String {
+    format!("derived/{media_id}/{STAGE}/v{STAGE_VERSION}/{name}")
 }
 
 fn store_error(e: StoreError) -> StageError {
@@ -105,11 +154,60 @@ fn db_error(e: mediaflow_db::DbError) -> StageError {
     StageError::dependency(e.is_transient(), e.to_string())
 }
 
+/// How a unit enum serialises (`fit`, `jpeg`).
+fn enum_name(value: &impl Serialize) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
 fn hex_sha256(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+impl ImageWorker {
+    /// Writes output `name` of `media_id` (file `file`) and describes it as an object and a
+    /// result row.
+    async fn put_output(
+        &self,
+        media_id: &str,
+        name: &str,
+        file: &str,
+        bytes: Vec<u8>,
+        content_type: &str,
+        dims: Option<(u32, u32)>,
+    ) -> Result<(ObjectRef, ResultRow), StageError> {
+        let key = output_key(media_id, file);
+        let object = ObjectRef {
+            bucket: self.store.bucket().to_owned(),
+            key: key.clone(),
+            size: bytes.len() as u64,
+            sha256: hex_sha256(&bytes),
+            content_type: content_type.into(),
+        };
+        self.store
+            .put_bytes(&key, bytes::Bytes::from(bytes), content_type)
+            .await
+            .map_err(store_error)?;
+        let row = ResultRow {
+            entity_id: media_id.to_owned(),
+            stage: STAGE.into(),
+            stage_version: STAGE_VERSION.into(),
+            name: name.to_owned(),
+            bucket: object.bucket.clone(),
+            object_key: key,
+            content_type: content_type.into(),
+            size_bytes: object.size as i64,
+            sha256: object.sha256.clone(),
+            width: dims.map(|d| i64::from(d.0)),
+            height: dims.map(|d| i64::from(d.1)),
+        };
+        Ok((object, row))
+    }
 }
 
 impl Handler for ImageWorker {
@@ -130,76 +228,102 @@ impl Handler for ImageWorker {
             .await
             .map_err(store_error)?;
 
-        let size = self.config.thumbnail_size;
+        let specs = self.config.renditions.clone();
         let limits = self.limits();
         let bytes = input.bytes;
-        let thumb = {
+        let processed = {
             let _core = self
                 .cpu
                 .acquire()
                 .await
                 .map_err(|e| StageError::permanent(e.to_string()))?;
-            tokio::task::spawn_blocking(move || mediaflow_imaging::thumbnail(&bytes, size, &limits))
-                .await
-                .map_err(|e| StageError::permanent(format!("thumbnail task failed: {e}")))?
-                .map_err(|e: ImagingError| {
-                    StageError::bad_input(format!("image {}: {e}", upload.media_id))
-                })?
-        };
-
-        let key = thumbnail_key(&upload.media_id, size, thumb.format.extension());
-        let content_type = thumb.format.content_type();
-        let sha256 = hex_sha256(&thumb.bytes);
-        let thumb_size = thumb.bytes.len() as u64;
-        self.store
-            .put_bytes(&key, bytes::Bytes::from(thumb.bytes), content_type)
+            tokio::task::spawn_blocking(move || {
+                mediaflow_imaging::renditions::process(&bytes, &specs, &limits)
+            })
             .await
-            .map_err(store_error)?;
-
-        let name = format!("thumb-{size}");
-        let row = ResultRow {
-            media_id: upload.media_id.clone(),
-            stage: STAGE.into(),
-            stage_version: STAGE_VERSION.into(),
-            name: name.clone(),
-            bucket: self.store.bucket().to_owned(),
-            object_key: key.clone(),
-            content_type: content_type.into(),
-            size_bytes: thumb_size as i64,
-            sha256: sha256.clone(),
-            width: Some(i64::from(thumb.width)),
-            height: Some(i64::from(thumb.height)),
+            .map_err(|e| StageError::permanent(format!("image task failed: {e}")))?
+            .map_err(|e: ImagingError| {
+                StageError::bad_input(format!("image {}: {e}", upload.media_id))
+            })?
         };
+
+        let mut rows = Vec::new();
+        let mut renditions = Vec::new();
+        for r in processed.renditions {
+            let file = format!("{}.{}", r.name, r.format.extension());
+            let dims = Some((r.width, r.height));
+            let (object, row) = self
+                .put_output(
+                    &upload.media_id,
+                    &r.name,
+                    &file,
+                    r.bytes,
+                    r.format.content_type(),
+                    dims,
+                )
+                .await?;
+            rows.push(row);
+            renditions.push(RenditionRef {
+                name: r.name,
+                object,
+                width: r.width,
+                height: r.height,
+                mode: enum_name(&r.mode),
+                format: enum_name(&r.format),
+            });
+        }
+        let tags = serde_json::to_value(&processed.tags)
+            .map_err(|e| StageError::permanent(format!("tags: {e}")))?;
+        let tags_json = serde_json::to_vec_pretty(&tags)
+            .map_err(|e| StageError::permanent(format!("tags: {e}")))?;
+        let (_, row) = self
+            .put_output(
+                &upload.media_id,
+                "tags",
+                "tags.json",
+                tags_json,
+                "application/json",
+                None,
+            )
+            .await?;
+        rows.push(row);
+        let t = &processed.tags;
+        let exif = t.exif.as_ref();
+        let gps = exif.and_then(|e| e.gps);
         self.db
-            .record_results(&upload.media_id, &[row])
+            .record_image_tags(&ImageTagsRow {
+                media_id: upload.media_id.clone(),
+                stage_version: STAGE_VERSION.into(),
+                phash: t.phash.clone(),
+                camera_make: exif.and_then(|e| e.make.clone()),
+                camera_model: exif.and_then(|e| e.model.clone()),
+                taken_at: exif.and_then(|e| e.taken_at.clone()),
+                latitude: gps.map(|g| g.latitude),
+                longitude: gps.map(|g| g.longitude),
+                tags_json: tags.to_string(),
+            })
+            .await
+            .map_err(db_error)?;
+        self.db
+            .record_results(Entity::Media(&upload.media_id), &rows)
             .await
             .map_err(db_error)?;
 
-        let result = MediaThumbnailed {
+        let result = ImageProcessed {
             media_id: upload.media_id.clone(),
             stage: STAGE.into(),
             stage_version: STAGE_VERSION.into(),
             input: upload.object.clone(),
-            source_width: thumb.source_width,
-            source_height: thumb.source_height,
-            thumbnails: vec![Thumbnail {
-                name,
-                object: ObjectRef {
-                    bucket: self.store.bucket().to_owned(),
-                    key,
-                    size: thumb_size,
-                    sha256,
-                    content_type: content_type.into(),
-                },
-                width: thumb.width,
-                height: thumb.height,
-            }],
+            source_width: t.width,
+            source_height: t.height,
+            renditions,
+            tags,
         };
         self.publisher
-            .publish(&self.topics.media_thumbnailed(), &result)
+            .publish(&self.topics.images_processed(), &result)
             .await
             .map_err(|e| StageError::transient(e.to_string()))?;
-        tracing::info!(media_id = %upload.media_id, width = thumb.width, height = thumb.height, "thumbnail made");
+        tracing::info!(media_id = %upload.media_id, width = t.width, height = t.height, renditions = result.renditions.len(), "image processed");
         Ok(())
     }
 
@@ -209,7 +333,7 @@ impl Handler for ImageWorker {
             return Ok(());
         };
         self.db
-            .mark_failed(&upload.media_id, &error.to_string())
+            .mark_failed(Entity::Media(&upload.media_id), &error.to_string())
             .await
             .map_err(db_error)
     }
@@ -220,9 +344,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn thumbnail_keys_are_deterministic_and_versioned() {
-        let a = thumbnail_key("m1", 256, "jpg");
-        assert_eq!(a, thumbnail_key("m1", 256, "jpg"));
-        assert_eq!(a, "derived/m1/image-worker/v1/thumb-256.jpg");
+    fn output_keys_are_deterministic_and_versioned() {
+        let a = output_key("m1", "thumb-256.jpg");
+        assert_eq!(a, output_key("m1", "thumb-256.jpg"));
+        assert_eq!(a, "derived/m1/image-worker/v2/thumb-256.jpg");
+        assert_eq!(enum_name(&Mode::Fill), "fill");
+        assert_eq!(enum_name(&Format::Webp), "webp");
+    }
+
+    #[test]
+    fn rendition_lists_are_checked() {
+        let mut c = ImageWorkerConfig::default();
+        assert!(c.check().is_ok());
+        c.renditions.push(c.renditions[0].clone());
+        assert!(c.check().unwrap_err().contains("twice"));
+        c.renditions[1].name = "../x".into();
+        assert!(c.check().unwrap_err().contains("not allowed"));
+        c.renditions[1].name = "big".into();
+        c.renditions[1].width = 0;
+        assert!(c.check().unwrap_err().contains("sides"));
+        c.renditions.clear();
+        assert!(c.check().unwrap_err().contains("empty"));
     }
 }

@@ -38,6 +38,9 @@ pub struct MediaflowConfig {
     pub image_worker: ImageWorkerConfig,
     /// Exec stages: any command run per item (`[[exec]]` tables).
     pub exec: Vec<mediaflow_exec_worker::ExecWorkerConfig>,
+    /// Sources polling servers that speak the book's `/api/v1/items` contract
+    /// (`[[http_source]]` tables).
+    pub http_source: Vec<crate::http_source::HttpSourceConfig>,
     /// How every stage runs: concurrency, retries, dead letters, draining.
     pub stages: StagesConfig,
 }
@@ -187,11 +190,27 @@ mod tests {
         std::fs::write(&file, "[gateway]\nmax_upload_bytes = 1000\n").unwrap();
         let cfg = MediaflowConfig::load(Some(&file)).unwrap();
         assert_eq!(cfg.gateway.max_upload_bytes, 1000);
-        assert_eq!(cfg.image_worker.thumbnail_size, 256);
+        assert_eq!(cfg.image_worker.renditions[0].width, 256);
 
         std::fs::write(&file, "[gateway]\nmax_upload_byte = 1000\n").unwrap();
         let err = MediaflowConfig::load(Some(&file)).unwrap_err().to_string();
         assert!(err.contains("max_upload_byte"), "{err}");
+    }
+
+    #[test]
+    fn the_kubernetes_configuration_loads_and_its_renditions_check() {
+        let file =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kubernetes/mediaflow.toml");
+        let cfg = MediaflowConfig::load(Some(&file)).unwrap();
+        assert!(!cfg.embedded.kafka && !cfg.embedded.s3);
+        cfg.image_worker.check().unwrap();
+        let names: Vec<&str> = cfg
+            .image_worker
+            .renditions
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect();
+        assert_eq!(names, ["thumb-256", "card"]);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 pub mod backfill;
 pub mod config;
 pub mod dlq;
+pub mod http_source;
 mod platform;
 pub mod samples;
 pub mod tail;

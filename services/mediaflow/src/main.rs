@@ -45,7 +45,7 @@ enum Command {
     },
     /// Print the events on a topic as JSON lines.
     Tail {
-        /// Topic name without prefix, e.g. media.thumbnailed.
+        /// Topic name without prefix, e.g. images.processed.
         topic: String,
         /// Start at the oldest retained event instead of the newest.
         #[arg(long)]

@@ -21,27 +21,33 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::MediaflowConfig;
+use crate::http_source::HttpSource;
 
 /// The built-in stages; configured exec stages come on top (`stages`).
 pub const STAGES: &[&str] = &[mediaflow_router::STAGE, mediaflow_image_worker::STAGE];
 
 const GATEWAY: &str = "gateway";
 
-/// Every stage `config` defines: the built-in ones, then its exec stages.
+/// Every stage `config` defines: the built-in ones, its exec stages, then its sources (which run
+/// and are supervised like stages).
 pub fn stages(config: &MediaflowConfig) -> Vec<String> {
     STAGES
         .iter()
         .map(|s| (*s).to_owned())
         .chain(config.exec.iter().map(|e| e.name.clone()))
+        .chain(config.http_source.iter().map(|s| s.name.clone()))
         .collect()
 }
 
-/// Checks the stage definitions: exec names are unique and do not shadow anything.
+/// Checks the stage definitions: exec and source names are unique and do not shadow anything.
 fn check_stages(config: &MediaflowConfig) -> Result<()> {
+    config.image_worker.check().map_err(anyhow::Error::msg)?;
     let mut seen = std::collections::HashSet::from([GATEWAY.to_owned()]);
     for name in stages(config) {
         if !seen.insert(name.clone()) {
-            bail!("stage name `{name}` is used twice (exec stages need names of their own)");
+            bail!(
+                "stage name `{name}` is used twice (exec stages and sources need names of their own)"
+            );
         }
     }
     if let Some(unknown) = config
@@ -304,6 +310,13 @@ async fn run_stage_with(
             .await
         }
         other => {
+            if let Some(source) = config.http_source.iter().find(|h| h.name == other) {
+                HttpSource::new(source.clone(), s.db.clone(), &s.bus, s.metrics.clone())
+                    .await?
+                    .run(shutdown)
+                    .await?;
+                return Ok(Stopped::Drained);
+            }
             let exec = config
                 .exec
                 .iter()
@@ -334,14 +347,13 @@ async fn consume<H: Handler>(
 ) -> Result<Stopped> {
     // The consumer group is the stage name under the topic prefix, so test runs never share one.
     let group = format!("{}{name}", config.bus.topic_prefix);
-    let consumer = s.bus.consumer(&group, inputs, StartFrom::Earliest)?;
     let dead_letters = DeadLetters {
         publisher: s.bus.publisher(&format!("/mediaflow/{name}"))?,
         topic: s.bus.topics().dead_letters(),
     };
     let lag = tokio::spawn(report_lag(
         name.to_owned(),
-        group,
+        group.clone(),
         inputs.to_vec(),
         s.bus.clone(),
         s.metrics.clone(),
@@ -349,7 +361,10 @@ async fn consume<H: Handler>(
     ));
     let stopped = mediaflow_runtime::run_stage(
         name,
-        consumer,
+        |listener| {
+            s.bus
+                .consumer_with(&group, inputs, StartFrom::Earliest, listener)
+        },
         Arc::new(handler),
         dead_letters,
         config.stages.options(),
@@ -391,6 +406,73 @@ async fn report_lag(
             }
         }
         metrics.consumer_lag(&stage, total);
+    }
+}
+
+/// Backoff before the first restart of a failed stage; doubles per failure in a row.
+const RESTART_BACKOFF: Duration = Duration::from_secs(1);
+/// Longest backoff between restarts.
+const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(60);
+/// A stage that ran this long before failing counts as healthy: its next restart is quick again.
+const HEALTHY_RUN: Duration = Duration::from_secs(60);
+
+/// Runs `stage` under `mediaflow up` until `shutdown`, as an orchestrator would: when it fails
+/// (returns an error or panics) it is restarted after a backoff that doubles with each failure in
+/// a row, while the rest of the platform keeps running.
+async fn supervise(
+    stage: String,
+    config: MediaflowConfig,
+    services: Arc<Services>,
+    shutdown: CancellationToken,
+) {
+    let mut failures: u32 = 0;
+    loop {
+        let started = std::time::Instant::now();
+        let run = {
+            let (stage, config, services, token) = (
+                stage.clone(),
+                config.clone(),
+                services.clone(),
+                shutdown.clone(),
+            );
+            tokio::spawn(async move { run_stage_with(&stage, &config, &services, token).await })
+        };
+        let error = match run.await {
+            Ok(Ok(Stopped::Drained)) => return,
+            Ok(Ok(Stopped::HandedBack { messages })) => {
+                tracing::warn!(stage, messages, "handed back unfinished messages");
+                return;
+            }
+            Ok(Err(e)) => format!("{e:#}"),
+            Err(e) if e.is_panic() => format!("panicked: {}", panic_text(e.into_panic())),
+            Err(e) => format!("{e}"),
+        };
+        if shutdown.is_cancelled() {
+            tracing::error!(stage, error, "stage failed while stopping");
+            return;
+        }
+        if started.elapsed() >= HEALTHY_RUN {
+            failures = 0;
+        }
+        let wait = RESTART_BACKOFF
+            .saturating_mul(1 << failures.min(6))
+            .min(MAX_RESTART_BACKOFF);
+        failures += 1;
+        tracing::error!(stage, error, failures, restart_in = ?wait, "stage failed; restarting it");
+        services.metrics.stage_restarted(&stage);
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+fn panic_text(panic: Box<dyn std::any::Any + Send>) -> String {
+    match panic.downcast::<String>() {
+        Ok(s) => *s,
+        Err(panic) => panic
+            .downcast_ref::<&str>()
+            .map_or_else(|| "unknown panic".to_owned(), |s| (*s).to_owned()),
     }
 }
 
@@ -454,19 +536,12 @@ impl Platform {
             .into_iter()
             .filter(|s| enabled.as_ref().is_none_or(|e| e.contains(s)));
         for stage in running {
-            let (services, config, token) = (services.clone(), config.clone(), shutdown.clone());
-            let failure = failure.clone();
-            tasks.spawn(async move {
-                let stage = stage.as_str();
-                match run_stage_with(stage, &config, &services, token).await {
-                    Ok(Stopped::Drained) => {}
-                    Ok(Stopped::HandedBack { messages }) => {
-                        tracing::warn!(stage, messages, "handed back unfinished messages");
-                    }
-                    // A stage that cannot run takes the platform down rather than limping on.
-                    Err(e) => failure.record(format!("stage {stage} failed: {e:#}")),
-                }
-            });
+            tasks.spawn(supervise(
+                stage,
+                config.clone(),
+                services.clone(),
+                shutdown.clone(),
+            ));
         }
         tasks.close();
         if let Some(kafka) = &kafka {

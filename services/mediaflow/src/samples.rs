@@ -12,6 +12,8 @@ use mediaflow_gateway::{Accepted, MediaView};
 pub struct SampleResult {
     pub file: PathBuf,
     pub media: MediaView,
+    /// Its `tags` result, fetched through the API, when it has one.
+    pub tags: Option<serde_json::Value>,
 }
 
 /// Media files in `dir`, sorted by name.
@@ -77,9 +79,21 @@ pub async fn upload_and_wait(
                 .json()
                 .await?;
             if media.status != mediaflow_db::MediaStatus::Queued {
+                let tags = match media.results.iter().find(|r| r.name == "tags") {
+                    Some(r) => Some(
+                        http.get(format!("{base}{}", r.download_url))
+                            .send()
+                            .await?
+                            .error_for_status()?
+                            .json()
+                            .await?,
+                    ),
+                    None => None,
+                };
                 results.push(SampleResult {
                     file: file.clone(),
                     media,
+                    tags,
                 });
                 break;
             }
@@ -91,6 +105,41 @@ pub async fn upload_and_wait(
         }
     }
     Ok(results)
+}
+
+/// One line of an image's tags: size class, colours, camera, perceptual hash, sharpness.
+fn tags_summary(tags: &serde_json::Value) -> String {
+    let colours: Vec<String> = tags["colours"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .take(3)
+        .map(|c| {
+            format!(
+                "{} {:.0}%",
+                c["name"].as_str().unwrap_or("?"),
+                c["share"].as_f64().unwrap_or(0.0) * 100.0
+            )
+        })
+        .collect();
+    let camera = [&tags["exif"]["make"], &tags["exif"]["model"]]
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect::<Vec<_>>()
+        .join(" ");
+    format!(
+        "tags: {} {}, colours {}, {}phash {}, sharpness {:.0}",
+        tags["size_class"].as_str().unwrap_or("?"),
+        tags["orientation"].as_str().unwrap_or("?"),
+        colours.join(", "),
+        if camera.is_empty() {
+            String::new()
+        } else {
+            format!("camera {camera}, ")
+        },
+        tags["phash"].as_str().unwrap_or("?"),
+        tags["sharpness"].as_f64().unwrap_or(0.0)
+    )
 }
 
 /// Prints where each sample's results are and how to fetch them.
@@ -111,6 +160,9 @@ pub fn print_results(base: &str, results: &[SampleResult]) {
                         "{name}: {}{size} {} ({} bytes)\n    s3://{}/{}\n    curl -o {file} {base}{}",
                         t.name, t.content_type, t.size, t.bucket, t.key, t.download_url
                     );
+                }
+                if let Some(tags) = &r.tags {
+                    println!("    {}", tags_summary(tags));
                 }
             }
             _ => println!(

@@ -1,4 +1,4 @@
-//! The database behind the REST API: media items and stage results. One code path for SQLite (one
+//! The database behind the REST API: media items, work items and stage results. One code path for SQLite (one
 //! machine) and PostgreSQL (production) through sqlx's `Any` driver; portable SQL only.
 
 use std::str::FromStr;
@@ -59,7 +59,7 @@ impl DbError {
     }
 }
 
-/// Processing state of a media item.
+/// Processing state of a media item or a work item.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MediaStatus {
@@ -110,10 +110,61 @@ pub struct MediaRow {
     pub updated_at_ms: i64,
 }
 
-/// One output a stage produced for a media item.
+/// What a stage's results belong to: an upload or a work item from a source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Entity<'a> {
+    Media(&'a str),
+    Item(&'a str),
+}
+
+impl Entity<'_> {
+    pub fn id(&self) -> &str {
+        match self {
+            Entity::Media(id) | Entity::Item(id) => id,
+        }
+    }
+
+    /// The table holding the entity's status.
+    fn table(&self) -> &'static str {
+        match self {
+            Entity::Media(_) => "media",
+            Entity::Item(_) => "items",
+        }
+    }
+}
+
+/// The image stage's tags of one image (see migration 0005).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ImageTagsRow {
+    pub media_id: String,
+    pub stage_version: String,
+    pub phash: String,
+    pub camera_make: Option<String>,
+    pub camera_model: Option<String>,
+    pub taken_at: Option<String>,
+    pub latitude: Option<f64>,
+    pub longitude: Option<f64>,
+    /// The whole tag set, as JSON.
+    pub tags_json: String,
+}
+
+/// A work item as a source recorded it when it enqueued it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ItemRow {
+    pub id: String,
+    pub source: String,
+    pub name: String,
+    pub status: MediaStatus,
+    pub error: Option<String>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+/// One output a stage produced for an entity (media item or work item).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ResultRow {
-    pub media_id: String,
+    /// The media id or work item id.
+    pub entity_id: String,
     pub stage: String,
     pub stage_version: String,
     pub name: String,
@@ -247,26 +298,26 @@ impl Db {
         .transpose()
     }
 
-    /// Stores a stage's outputs and marks the item done, in one transaction. Idempotent: the
-    /// same (media, stage, version, name) overwrites its row.
+    /// Stores a stage's outputs and marks `entity` done, in one transaction. Idempotent: the
+    /// same (entity, stage, version, name) overwrites its row.
     pub async fn record_results(
         &self,
-        media_id: &str,
+        entity: Entity<'_>,
         results: &[ResultRow],
     ) -> Result<(), DbError> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         for r in results {
             sqlx::query(
-                "INSERT INTO results (media_id, stage, stage_version, name, bucket, object_key, \
+                "INSERT INTO results (entity_id, stage, stage_version, name, bucket, object_key, \
                  content_type, size_bytes, sha256, width, height, created_at_ms) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
-                 ON CONFLICT (media_id, stage, stage_version, name) DO UPDATE SET \
+                 ON CONFLICT (entity_id, stage, stage_version, name) DO UPDATE SET \
                  bucket = excluded.bucket, object_key = excluded.object_key, \
                  content_type = excluded.content_type, size_bytes = excluded.size_bytes, \
                  sha256 = excluded.sha256, width = excluded.width, height = excluded.height",
             )
-            .bind(&r.media_id)
+            .bind(entity.id())
             .bind(&r.stage)
             .bind(&r.stage_version)
             .bind(&r.name)
@@ -281,42 +332,50 @@ impl Db {
             .execute(&mut *tx)
             .await?;
         }
-        sqlx::query("UPDATE media SET status = $1, error = NULL, updated_at_ms = $2 WHERE id = $3")
+        let set_done = format!(
+            "UPDATE {} SET status = $1, error = NULL, updated_at_ms = $2 WHERE id = $3",
+            entity.table()
+        );
+        sqlx::query(&set_done)
             .bind(MediaStatus::Done.as_str())
             .bind(now)
-            .bind(media_id)
+            .bind(entity.id())
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
         Ok(())
     }
 
-    /// Marks an item failed with the reason a stage gave up.
-    pub async fn mark_failed(&self, media_id: &str, error: &str) -> Result<(), DbError> {
-        sqlx::query("UPDATE media SET status = $1, error = $2, updated_at_ms = $3 WHERE id = $4")
+    /// Marks `entity` failed with the reason a stage gave up.
+    pub async fn mark_failed(&self, entity: Entity<'_>, error: &str) -> Result<(), DbError> {
+        let set_failed = format!(
+            "UPDATE {} SET status = $1, error = $2, updated_at_ms = $3 WHERE id = $4",
+            entity.table()
+        );
+        sqlx::query(&set_failed)
             .bind(MediaStatus::Failed.as_str())
             .bind(error)
             .bind(now_ms())
-            .bind(media_id)
+            .bind(entity.id())
             .execute(&self.pool)
             .await?;
         Ok(())
     }
 
-    /// Every result recorded for an item, in a stable order.
-    pub async fn results(&self, media_id: &str) -> Result<Vec<ResultRow>, DbError> {
+    /// Every result recorded for an entity, in a stable order.
+    pub async fn results(&self, entity_id: &str) -> Result<Vec<ResultRow>, DbError> {
         let rows = sqlx::query(
-            "SELECT media_id, stage, stage_version, name, bucket, object_key, content_type, \
-             size_bytes, sha256, width, height FROM results WHERE media_id = $1 \
+            "SELECT entity_id, stage, stage_version, name, bucket, object_key, content_type, \
+             size_bytes, sha256, width, height FROM results WHERE entity_id = $1 \
              ORDER BY stage, stage_version, name",
         )
-        .bind(media_id)
+        .bind(entity_id)
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
             .map(|r| {
                 Ok(ResultRow {
-                    media_id: r.try_get("media_id")?,
+                    entity_id: r.try_get("entity_id")?,
                     stage: r.try_get("stage")?,
                     stage_version: r.try_get("stage_version")?,
                     name: r.try_get("name")?,
@@ -330,6 +389,111 @@ impl Db {
                 })
             })
             .collect()
+    }
+
+    /// Stores an image's tags; the same (media, stage version) overwrites its row.
+    pub async fn record_image_tags(&self, t: &ImageTagsRow) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO image_tags (media_id, stage_version, phash, camera_make, camera_model, \
+             taken_at, latitude, longitude, tags_json, created_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+             ON CONFLICT (media_id, stage_version) DO UPDATE SET phash = excluded.phash, \
+             camera_make = excluded.camera_make, camera_model = excluded.camera_model, \
+             taken_at = excluded.taken_at, latitude = excluded.latitude, \
+             longitude = excluded.longitude, tags_json = excluded.tags_json",
+        )
+        .bind(&t.media_id)
+        .bind(&t.stage_version)
+        .bind(&t.phash)
+        .bind(t.camera_make.as_deref())
+        .bind(t.camera_model.as_deref())
+        .bind(t.taken_at.as_deref())
+        .bind(t.latitude)
+        .bind(t.longitude)
+        .bind(&t.tags_json)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The tags the image stage recorded for `media_id`, newest stage version first.
+    pub async fn image_tags(&self, media_id: &str) -> Result<Vec<ImageTagsRow>, DbError> {
+        let rows = sqlx::query(
+            "SELECT media_id, stage_version, phash, camera_make, camera_model, taken_at, \
+             latitude, longitude, tags_json FROM image_tags WHERE media_id = $1 \
+             ORDER BY stage_version DESC",
+        )
+        .bind(media_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(ImageTagsRow {
+                    media_id: r.try_get("media_id")?,
+                    stage_version: r.try_get("stage_version")?,
+                    phash: r.try_get("phash")?,
+                    camera_make: r.try_get("camera_make")?,
+                    camera_model: r.try_get("camera_model")?,
+                    taken_at: r.try_get("taken_at")?,
+                    latitude: r.try_get("latitude")?,
+                    longitude: r.try_get("longitude")?,
+                    tags_json: r.try_get("tags_json")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Records work item `id` (`name` of `source`) as queued. Returns false if the source had
+    /// recorded it before: the item is enqueued once.
+    pub async fn insert_item(&self, id: &str, source: &str, name: &str) -> Result<bool, DbError> {
+        let now = now_ms();
+        let done = sqlx::query(
+            "INSERT INTO items (id, source, name, status, error, created_at_ms, updated_at_ms) \
+             VALUES ($1, $2, $3, $4, NULL, $5, $5) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id)
+        .bind(source)
+        .bind(name)
+        .bind(MediaStatus::Queued.as_str())
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// The names of the items `source` has enqueued.
+    pub async fn item_names(
+        &self,
+        source: &str,
+    ) -> Result<std::collections::HashSet<String>, DbError> {
+        let rows = sqlx::query("SELECT name FROM items WHERE source = $1")
+            .bind(source)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(|r| Ok(r.try_get("name")?)).collect()
+    }
+
+    pub async fn item(&self, id: &str) -> Result<Option<ItemRow>, DbError> {
+        let row = sqlx::query(
+            "SELECT id, source, name, status, error, created_at_ms, updated_at_ms \
+             FROM items WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(ItemRow {
+                id: r.try_get("id")?,
+                source: r.try_get("source")?,
+                name: r.try_get("name")?,
+                status: r.try_get::<String, _>("status")?.parse()?,
+                error: r.try_get("error")?,
+                created_at_ms: r.try_get("created_at_ms")?,
+                updated_at_ms: r.try_get("updated_at_ms")?,
+            })
+        })
+        .transpose()
     }
 
     /// Ids of the dead letters replayed so far.

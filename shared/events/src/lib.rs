@@ -3,6 +3,7 @@
 
 mod dead_letter;
 mod envelope;
+pub mod item;
 pub mod media;
 #[cfg(any(test, feature = "validate"))]
 pub mod schema;
@@ -10,7 +11,8 @@ pub mod topics;
 
 pub use dead_letter::{DeadLetter, MessageSource, RawMessage};
 pub use envelope::{EventData, EventError, data_json, decode, encode};
+pub use item::{ItemProcessed, WorkItem, item_id};
 pub use media::{
-    MediaKind, MediaProcessed, MediaThumbnailed, MediaUploaded, ObjectRef, Output, Thumbnail,
+    ImageProcessed, MediaKind, MediaProcessed, MediaUploaded, ObjectRef, Output, RenditionRef,
 };
 pub use topics::{TopicSpec, Topics};

@@ -1,4 +1,4 @@
-//! Payloads of the media pipeline: an upload, and the thumbnail made from it.
+//! Payloads of the media pipeline: an upload, and what stages made from it.
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -86,30 +86,38 @@ impl EventData for MediaUploaded {
 
 /// One rendition a stage produced.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Thumbnail {
+pub struct RenditionRef {
     /// Rendition name, unique per media and stage (e.g. `thumb-256`).
     pub name: String,
     pub object: ObjectRef,
     pub width: u32,
     pub height: u32,
+    /// `fit`, `fill` or `crop`.
+    pub mode: String,
+    /// `jpeg`, `webp` or `png`.
+    pub format: String,
 }
 
-/// `mediaflow.media.thumbnailed`: a stage produced thumbnails for a media item (a result event).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MediaThumbnailed {
+/// `mediaflow.image.processed`: the image stage made an image's renditions and tags (a result
+/// event).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ImageProcessed {
     pub media_id: String,
-    /// Lineage: the stage that made the thumbnails, its version, and the input it read.
+    /// Lineage: the stage that made the renditions, its version, and the input it read.
     pub stage: String,
     pub stage_version: String,
     pub input: ObjectRef,
     /// Width and height of the source image after orientation was applied.
     pub source_width: u32,
     pub source_height: u32,
-    pub thumbnails: Vec<Thumbnail>,
+    pub renditions: Vec<RenditionRef>,
+    /// The image's tags (EXIF, colours, perceptual hash, sharpness, orientation, size class),
+    /// also stored as the `tags` result (`tags.json`).
+    pub tags: serde_json::Value,
 }
 
-impl EventData for MediaThumbnailed {
-    const TYPE: &'static str = "mediaflow.media.thumbnailed";
+impl EventData for ImageProcessed {
+    const TYPE: &'static str = "mediaflow.image.processed";
 
     fn subject(&self) -> String {
         self.media_id.clone()
@@ -190,20 +198,27 @@ pub(crate) mod tests {
         }
     }
 
-    pub(crate) fn thumbnailed() -> MediaThumbnailed {
-        MediaThumbnailed {
+    pub(crate) fn image_processed() -> ImageProcessed {
+        ImageProcessed {
             media_id: "0190c0de-0000-7000-8000-000000000001".into(),
             stage: "image-worker".into(),
             stage_version: "1".into(),
             input: object("uploads/0190c0de-0000-7000-8000-000000000001/original.jpg"),
             source_width: 1024,
             source_height: 768,
-            thumbnails: vec![Thumbnail {
+            renditions: vec![RenditionRef {
                 name: "thumb-256".into(),
                 object: object("derived/x/thumb-256.jpg"),
                 width: 256,
                 height: 192,
+                mode: "fit".into(),
+                format: "jpeg".into(),
             }],
+            tags: serde_json::json!({
+                "width": 1024, "height": 768, "orientation": "landscape", "size_class": "small",
+                "exif": null, "colours": [{"name": "blue", "hex": "#1428c8", "share": 0.75}],
+                "phash": "c3a1e0f01f0f8f87", "sharpness": 412.5
+            }),
         }
     }
 
@@ -217,7 +232,7 @@ pub(crate) mod tests {
     #[test]
     fn decoding_checks_the_type() {
         let event = encode(&uploaded(), "/mediaflow/gateway").unwrap();
-        let err = decode::<MediaThumbnailed>(&event).unwrap_err();
+        let err = decode::<ImageProcessed>(&event).unwrap_err();
         assert!(
             err.to_string().contains("mediaflow.media.uploaded"),
             "{err}"
@@ -227,9 +242,9 @@ pub(crate) mod tests {
     #[test]
     fn ids_are_deterministic_and_distinct() {
         assert_eq!(uploaded().id(), uploaded().id());
-        assert_ne!(uploaded().id(), thumbnailed().id());
-        let mut other = thumbnailed();
+        assert_ne!(uploaded().id(), image_processed().id());
+        let mut other = image_processed();
         other.stage_version = "2".into();
-        assert_ne!(other.id(), thumbnailed().id());
+        assert_ne!(other.id(), image_processed().id());
     }
 }

@@ -8,11 +8,15 @@ pub fn document(event_type: &str) -> Option<&'static str> {
         "mediaflow.media.uploaded" => Some(include_str!(
             "../../../schemas/mediaflow.media.uploaded.json"
         )),
-        "mediaflow.media.thumbnailed" => Some(include_str!(
-            "../../../schemas/mediaflow.media.thumbnailed.json"
+        "mediaflow.image.processed" => Some(include_str!(
+            "../../../schemas/mediaflow.image.processed.json"
         )),
         "mediaflow.media.processed" => Some(include_str!(
             "../../../schemas/mediaflow.media.processed.json"
+        )),
+        "mediaflow.work.item" => Some(include_str!("../../../schemas/mediaflow.work.item.json")),
+        "mediaflow.item.processed" => Some(include_str!(
+            "../../../schemas/mediaflow.item.processed.json"
         )),
         "mediaflow.dead-letter" => {
             Some(include_str!("../../../schemas/mediaflow.dead-letter.json"))
@@ -24,7 +28,10 @@ pub fn document(event_type: &str) -> Option<&'static str> {
 /// Every event type that has a schema.
 pub const EVENT_TYPES: &[&str] = &[
     "mediaflow.media.uploaded",
-    "mediaflow.media.thumbnailed",
+    "mediaflow.image.processed",
+    "mediaflow.media.processed",
+    "mediaflow.work.item",
+    "mediaflow.item.processed",
     "mediaflow.dead-letter",
 ];
 
@@ -55,7 +62,7 @@ pub fn validate(event_type: &str, data: &Value) -> Result<(), String> {
 mod tests {
     use super::*;
     use crate::EventData;
-    use crate::media::{MediaThumbnailed, MediaUploaded};
+    use crate::media::{ImageProcessed, MediaUploaded};
 
     fn sample<T: EventData>(data: &T) -> Value {
         serde_json::to_value(data).unwrap()
@@ -78,13 +85,23 @@ mod tests {
         no_name.filename = None;
         validate(MediaUploaded::TYPE, &sample(&no_name)).unwrap();
         validate(
-            MediaThumbnailed::TYPE,
-            &sample(&crate::media::tests::thumbnailed()),
+            ImageProcessed::TYPE,
+            &sample(&crate::media::tests::image_processed()),
         )
         .unwrap();
         validate(
             crate::MediaProcessed::TYPE,
             &sample(&crate::media::tests::processed()),
+        )
+        .unwrap();
+        validate(
+            crate::WorkItem::TYPE,
+            &sample(&crate::item::tests::work_item()),
+        )
+        .unwrap();
+        validate(
+            crate::ItemProcessed::TYPE,
+            &sample(&crate::item::tests::item_processed()),
         )
         .unwrap();
         let mut dead = crate::dead_letter::tests::dead_letter();
@@ -108,9 +125,9 @@ mod tests {
         v["filename"] = "../etc/passwd".into();
         assert!(validate(MediaUploaded::TYPE, &v).is_err());
 
-        let mut v = sample(&crate::media::tests::thumbnailed());
+        let mut v = sample(&crate::media::tests::image_processed());
         v.as_object_mut().unwrap().remove("stage_version");
-        let err = validate(MediaThumbnailed::TYPE, &v).unwrap_err();
+        let err = validate(ImageProcessed::TYPE, &v).unwrap_err();
         assert!(err.contains("stage_version"), "{err}");
     }
 }

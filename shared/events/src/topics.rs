@@ -48,14 +48,24 @@ impl Topics {
         self.name("jobs.video")
     }
 
-    /// Result topic: thumbnails made (`mediaflow.media.thumbnailed`).
-    pub fn media_thumbnailed(&self) -> String {
-        self.name("media.thumbnailed")
+    /// Result topic of the image stage: renditions and tags (`mediaflow.image.processed`).
+    pub fn images_processed(&self) -> String {
+        self.name("images.processed")
     }
 
     /// Result topic of generic stages such as exec workers (`mediaflow.media.processed`).
     pub fn media_processed(&self) -> String {
         self.name("media.processed")
+    }
+
+    /// Work queue of items found by HTTP sources (`mediaflow.work.item`).
+    pub fn jobs_items(&self) -> String {
+        self.name("jobs.items")
+    }
+
+    /// Result topic of generic stages run on work items (`mediaflow.item.processed`).
+    pub fn items_processed(&self) -> String {
+        self.name("items.processed")
     }
 
     /// Messages stages gave up on, from every stage (`mediaflow.dead-letter`).
@@ -76,7 +86,9 @@ impl Topics {
             spec(self.jobs_video(), 7 * DAY),
             spec(self.media_processed(), 30 * DAY),
             spec(self.dead_letters(), 30 * DAY),
-            spec(self.media_thumbnailed(), 30 * DAY),
+            spec(self.images_processed(), 30 * DAY),
+            spec(self.jobs_items(), 7 * DAY),
+            spec(self.items_processed(), 30 * DAY),
         ]
     }
 }
@@ -89,7 +101,7 @@ mod tests {
     fn prefix_applies_to_every_declared_topic() {
         let topics = Topics::new("t1.");
         let declared = topics.declared(3);
-        assert_eq!(declared.len(), 6);
+        assert_eq!(declared.len(), 8);
         assert!(
             declared
                 .iter()

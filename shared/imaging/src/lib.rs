@@ -1,6 +1,16 @@
 //! Pure image kernels over bytes: bounded decoding (dimensions are checked before any pixel is
 //! decoded), EXIF orientation, and thumbnails. No I/O, no async: services call these on a
 //! blocking pool, benches and fuzzers call them directly.
+//!
+//! JPEGs take the fast path (`jpeg`): shrink-on-load in the DCT domain, SIMD resampling and
+//! libjpeg-turbo encoding. Other formats, and CMYK JPEGs, go through the `image` crate.
+
+pub mod jpeg;
+pub mod probe;
+pub mod renditions;
+#[cfg(feature = "samples")]
+pub mod samples;
+pub mod tags;
 
 use std::io::Cursor;
 
@@ -15,6 +25,8 @@ pub struct DecodeLimits {
     pub max_pixels: u64,
     /// Largest allocation the decoder may make, in bytes.
     pub max_alloc: u64,
+    /// Most frames an animation (GIF, WebP, APNG) may declare.
+    pub max_frames: u32,
 }
 
 impl Default for DecodeLimits {
@@ -23,6 +35,7 @@ impl Default for DecodeLimits {
             max_side: 20_000,
             max_pixels: 100_000_000,
             max_alloc: 1 << 30,
+            max_frames: 1_000,
         }
     }
 }
@@ -40,6 +53,8 @@ pub enum ImagingError {
     },
     #[error("image has zero width or height")]
     Empty,
+    #[error("animation has {frames} frames, over the limit ({limit})")]
+    TooManyFrames { frames: u32, limit: u32 },
     #[error("corrupt or truncated {format} image: {message}")]
     Corrupt {
         format: &'static str,
@@ -84,7 +99,7 @@ pub struct Thumbnail {
     pub source_height: u32,
 }
 
-fn format_name(format: ImageFormat) -> &'static str {
+pub(crate) fn format_name(format: ImageFormat) -> &'static str {
     match format {
         ImageFormat::Jpeg => "JPEG",
         ImageFormat::Png => "PNG",
@@ -96,28 +111,12 @@ fn format_name(format: ImageFormat) -> &'static str {
     }
 }
 
-/// Decodes `bytes`, refusing inputs whose declared dimensions exceed `limits` before decoding any
-/// pixel, and applies the EXIF orientation.
-pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage, ImagingError> {
-    let reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|_| ImagingError::UnknownFormat)?;
-    let format = reader.format().ok_or(ImagingError::UnknownFormat)?;
-    let name = format_name(format);
-    let corrupt = |e: image::ImageError| ImagingError::Corrupt {
-        format: name,
-        message: e.to_string(),
-    };
-
-    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
-        // The JPEG decoder fills a truncated scan with grey instead of failing.
-        return Err(ImagingError::Corrupt {
-            format: name,
-            message: "the file is truncated: its image data has no end-of-image marker".into(),
-        });
-    }
-    let mut decoder = reader.into_decoder().map_err(corrupt)?;
-    let (width, height) = decoder.dimensions();
+/// Refuses empty images and images whose declared size exceeds `limits`.
+pub(crate) fn check_dimensions(
+    width: u32,
+    height: u32,
+    limits: &DecodeLimits,
+) -> Result<(), ImagingError> {
     if width == 0 || height == 0 {
         return Err(ImagingError::Empty);
     }
@@ -133,6 +132,86 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage, Imagi
                 limits.max_side, limits.max_pixels
             ),
         });
+    }
+    Ok(())
+}
+
+/// The size of a `width` x `height` image scaled to fit in a `max_side` square, keeping its
+/// aspect ratio (at least 1 px a side); never larger than the image.
+pub fn fit_within(width: u32, height: u32, max_side: u32) -> (u32, u32) {
+    if width <= max_side && height <= max_side {
+        return (width, height);
+    }
+    let scale = f64::from(max_side) / f64::from(width.max(height));
+    let side = |s: u32| ((f64::from(s) * scale).round() as u32).clamp(1, max_side);
+    (side(width), side(height))
+}
+
+/// The marker segments of a JPEG, from after SOI up to and including its first start-of-scan:
+/// `(marker, data, end)`, `end` being the offset just past the segment. Fill bytes and
+/// standalone markers are skipped; the walk ends at EOI or at anything that is not a marker.
+fn jpeg_segments(bytes: &[u8]) -> impl Iterator<Item = (u8, &[u8], usize)> {
+    let mut i = 2; // after SOI
+    let mut done = false;
+    std::iter::from_fn(move || {
+        while !done && i + 4 <= bytes.len() && bytes[i] == 0xFF {
+            let marker = bytes[i + 1];
+            match marker {
+                // Fill bytes before a marker.
+                0xFF => i += 1,
+                // Standalone markers without a length.
+                0x01 | 0xD0..=0xD7 => i += 2,
+                0xD9 => break,
+                _ => {
+                    let len = usize::from(u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]));
+                    let end = i + 2 + len;
+                    let data = bytes.get(i + 4..end)?;
+                    i = end;
+                    done = marker == 0xDA;
+                    return Some((marker, data, end));
+                }
+            }
+        }
+        None
+    })
+}
+
+/// The TIFF data of a JPEG's EXIF segment (APP1 `Exif\0\0`), if it has one.
+pub fn jpeg_exif(bytes: &[u8]) -> Option<&[u8]> {
+    jpeg_segments(bytes)
+        .take_while(|(marker, _, _)| *marker != 0xDA)
+        .find_map(|(marker, data, _)| {
+            (marker == 0xE1)
+                .then(|| data.strip_prefix(b"Exif\0\0"))
+                .flatten()
+        })
+}
+
+/// Decodes `bytes`, refusing inputs whose declared dimensions exceed `limits` before decoding any
+/// pixel, and applies the EXIF orientation.
+pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage, ImagingError> {
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|_| ImagingError::UnknownFormat)?;
+    let format = reader.format().ok_or(ImagingError::UnknownFormat)?;
+    let name = format_name(format);
+    let corrupt = |e: image::ImageError| ImagingError::Corrupt {
+        format: name,
+        message: e.to_string(),
+    };
+
+    if format == ImageFormat::Jpeg {
+        require_complete_jpeg(bytes)?;
+    }
+    let mut decoder = reader.into_decoder().map_err(corrupt)?;
+    let (width, height) = decoder.dimensions();
+    check_dimensions(width, height, limits)?;
+    if matches!(
+        format,
+        ImageFormat::Gif | ImageFormat::WebP | ImageFormat::Png
+    ) {
+        // Animations: their frame count, from the headers, before anything is decoded.
+        probe::check(&probe::probe(bytes)?, limits)?;
     }
     let mut decoder_limits = Limits::default();
     decoder_limits.max_image_width = Some(limits.max_side);
@@ -152,71 +231,108 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage, Imagi
 /// then looks for EOI: inside scan data a 0xFF byte is always stuffed, so `FF D9` is the real
 /// marker.
 pub fn jpeg_is_complete(bytes: &[u8]) -> bool {
-    let mut i = 2; // after SOI
-    while i + 4 <= bytes.len() {
-        if bytes[i] != 0xFF {
-            return false;
-        }
-        let marker = bytes[i + 1];
-        match marker {
-            // Fill bytes before a marker.
-            0xFF => {
-                i += 1;
-                continue;
-            }
-            // Standalone markers without a length.
-            0x01 | 0xD0..=0xD7 => {
-                i += 2;
-                continue;
-            }
-            0xD9 => return false, // EOI before any scan
-            _ => {}
-        }
-        let len = usize::from(u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]));
-        let end = i + 2 + len;
-        if marker == 0xDA {
-            return bytes
-                .get(end..)
-                .is_some_and(|scan| scan.windows(2).any(|w| w == [0xFF, 0xD9]));
-        }
-        i = end;
+    jpeg_segments(bytes)
+        .find(|(marker, _, _)| *marker == 0xDA)
+        .and_then(|(_, _, end)| bytes.get(end..))
+        .is_some_and(|scan| scan.windows(2).any(|w| w == [0xFF, 0xD9]))
+}
+
+/// Refuses a JPEG whose data stops before its end-of-image marker: decoders fill a truncated
+/// scan with grey instead of failing.
+pub(crate) fn require_complete_jpeg(bytes: &[u8]) -> Result<(), ImagingError> {
+    if jpeg_is_complete(bytes) {
+        Ok(())
+    } else {
+        Err(ImagingError::Corrupt {
+            format: "JPEG",
+            message: "the file is truncated: its image data has no end-of-image marker".into(),
+        })
     }
-    false
+}
+
+/// An image decoded and scaled to fit its box, oriented as shown: what thumbnails are encoded
+/// from and tags are computed on.
+#[derive(Clone, Debug)]
+pub struct Small {
+    /// RGB8, or RGBA8 when the source has transparency.
+    pub image: DynamicImage,
+    /// Size of the source after orientation.
+    pub source_width: u32,
+    pub source_height: u32,
 }
 
 /// Scales `image` to fit in a `max_side` square, keeping its aspect ratio; never upscales.
-/// Images with transparency become PNG, the rest JPEG.
-pub fn thumbnail_of(image: &DynamicImage, max_side: u32) -> Result<Thumbnail, ImagingError> {
+pub fn small_of(image: &DynamicImage, max_side: u32) -> Result<Small, ImagingError> {
     let (sw, sh) = (image.width(), image.height());
-    let small = if sw <= max_side && sh <= max_side {
-        image.clone()
+    let (tw, th) = fit_within(sw, sh, max_side);
+    let wrong_size = || ImagingError::Encode("resampled buffer has the wrong size".into());
+    let small = if image.color().has_alpha() {
+        let pixels = image.to_rgba8().into_raw();
+        let pixels = if (tw, th) == (sw, sh) {
+            pixels
+        } else {
+            jpeg::resize_rgba(pixels, (sw, sh), (tw, th))?
+        };
+        DynamicImage::ImageRgba8(image::RgbaImage::from_raw(tw, th, pixels).ok_or_else(wrong_size)?)
     } else {
-        image.thumbnail(max_side, max_side)
+        let pixels = image.to_rgb8().into_raw();
+        let pixels = if (tw, th) == (sw, sh) {
+            pixels
+        } else {
+            jpeg::resize_rgb(pixels, (sw, sh), (tw, th))?
+        };
+        DynamicImage::ImageRgb8(image::RgbImage::from_raw(tw, th, pixels).ok_or_else(wrong_size)?)
     };
-    let has_alpha = small.color().has_alpha();
-    let format = if has_alpha {
-        ThumbFormat::Png
-    } else {
-        ThumbFormat::Jpeg
-    };
-    let mut out = Cursor::new(Vec::new());
-    let encoded = match format {
-        ThumbFormat::Png => small.write_to(&mut out, ImageFormat::Png),
-        ThumbFormat::Jpeg => {
-            let rgb = DynamicImage::ImageRgb8(small.to_rgb8());
-            let encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 85);
-            rgb.write_with_encoder(encoder)
-        }
-    };
-    encoded.map_err(|e| ImagingError::Encode(e.to_string()))?;
-    Ok(Thumbnail {
-        bytes: out.into_inner(),
-        format,
-        width: small.width(),
-        height: small.height(),
+    Ok(Small {
+        image: small,
         source_width: sw,
         source_height: sh,
     })
+}
+
+/// Decodes `bytes` within `limits`, as small as fits in `max_side`: JPEGs by shrink-on-load,
+/// the rest by the `image` crate and the same resampler.
+pub fn small(bytes: &[u8], max_side: u32, limits: &DecodeLimits) -> Result<Small, ImagingError> {
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        require_complete_jpeg(bytes)?;
+        let orientation = jpeg_exif(bytes).and_then(image::metadata::Orientation::from_exif_chunk);
+        if let Some(small) = jpeg::small(bytes, max_side, limits, orientation)? {
+            return Ok(small);
+        }
+    }
+    small_of(&decode(bytes, limits)?, max_side)
+}
+
+/// Encodes `small` as a thumbnail: PNG when it has transparency, JPEG otherwise.
+pub fn encode_thumbnail(small: &Small) -> Result<Thumbnail, ImagingError> {
+    let (width, height) = (small.image.width(), small.image.height());
+    let (format, bytes) = if small.image.color().has_alpha() {
+        let mut out = Cursor::new(Vec::new());
+        small
+            .image
+            .write_to(&mut out, ImageFormat::Png)
+            .map_err(|e| ImagingError::Encode(e.to_string()))?;
+        (ThumbFormat::Png, out.into_inner())
+    } else {
+        let rgb = small.image.to_rgb8();
+        (
+            ThumbFormat::Jpeg,
+            jpeg::encode_rgb(rgb.as_raw(), width, height)?,
+        )
+    };
+    Ok(Thumbnail {
+        bytes,
+        format,
+        width,
+        height,
+        source_width: small.source_width,
+        source_height: small.source_height,
+    })
+}
+
+/// Scales `image` to fit in a `max_side` square and encodes it (see `encode_thumbnail`).
+pub fn thumbnail_of(image: &DynamicImage, max_side: u32) -> Result<Thumbnail, ImagingError> {
+    encode_thumbnail(&small_of(image, max_side)?)
 }
 
 /// Decodes `bytes` within `limits` and makes a thumbnail fitting in `max_side`.
@@ -225,7 +341,7 @@ pub fn thumbnail(
     max_side: u32,
     limits: &DecodeLimits,
 ) -> Result<Thumbnail, ImagingError> {
-    thumbnail_of(&decode(bytes, limits)?, max_side)
+    encode_thumbnail(&small(bytes, max_side, limits)?)
 }
 
 #[cfg(test)]
@@ -323,6 +439,43 @@ mod tests {
         truncated.truncate(truncated.len() / 2);
         let err = thumbnail(&truncated, 64, &DecodeLimits::default()).unwrap_err();
         assert!(matches!(err, ImagingError::Corrupt { .. }), "{err}");
+    }
+
+    /// `jpeg` with an APP1 EXIF segment (little-endian TIFF, one IFD entry) saying `orientation`.
+    fn with_orientation(jpeg: &[u8], orientation: u16) -> Vec<u8> {
+        let mut tiff = vec![0x49, 0x49, 42, 0, 8, 0, 0, 0, 1, 0];
+        tiff.extend_from_slice(&0x0112u16.to_le_bytes()); // Orientation
+        tiff.extend_from_slice(&3u16.to_le_bytes()); // SHORT
+        tiff.extend_from_slice(&1u32.to_le_bytes());
+        tiff.extend_from_slice(&orientation.to_le_bytes());
+        tiff.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        let mut out = vec![0xFF, 0xD8, 0xFF, 0xE1];
+        out.extend_from_slice(&((tiff.len() + 8) as u16).to_be_bytes());
+        out.extend_from_slice(b"Exif\0\0");
+        out.extend_from_slice(&tiff);
+        out.extend_from_slice(&jpeg[2..]);
+        out
+    }
+
+    #[test]
+    fn exif_orientation_is_applied_on_the_jpeg_fast_path() {
+        let plain = encode(gradient(1200, 600), ImageFormat::Jpeg);
+        assert!(jpeg_exif(&plain).is_none());
+        let rotated = with_orientation(&plain, 6); // rotate 90 degrees clockwise to show
+        assert!(jpeg_exif(&rotated).is_some());
+        let t = thumbnail(&rotated, 256, &DecodeLimits::default()).unwrap();
+        assert_eq!((t.width, t.height), (128, 256));
+        assert_eq!((t.source_width, t.source_height), (600, 1200));
+        let back = image::load_from_memory(&t.bytes).unwrap();
+        assert_eq!((back.width(), back.height()), (128, 256));
+    }
+
+    #[test]
+    fn boxes_keep_the_aspect_ratio() {
+        assert_eq!(fit_within(4000, 3000, 256), (256, 192));
+        assert_eq!(fit_within(3000, 4000, 256), (192, 256));
+        assert_eq!(fit_within(20000, 1, 256), (256, 1));
+        assert_eq!(fit_within(100, 50, 256), (100, 50));
     }
 
     #[test]

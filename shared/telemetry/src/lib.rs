@@ -46,6 +46,12 @@ struct StageLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    source: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StageOnly {
     stage: String,
 }
@@ -62,6 +68,9 @@ pub struct Metrics {
     stage_in_flight: Family<StageOnly, Gauge>,
     dead_letters: Family<StageLabels, Counter>,
     consumer_lag: Family<StageOnly, Gauge>,
+    stage_restarts: Family<StageOnly, Counter>,
+    source_items: Family<SourceLabels, Counter>,
+    source_polls: Family<SourceLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -125,9 +134,30 @@ impl Metrics {
             "Messages on a stage's input topics its consumer group has not committed yet",
             consumer_lag.clone(),
         );
+        let stage_restarts = Family::<StageOnly, Counter>::default();
+        registry.register(
+            "stage_restarts",
+            "Times `mediaflow up` restarted a stage (or source) that failed",
+            stage_restarts.clone(),
+        );
+        let source_items = Family::<SourceLabels, Counter>::default();
+        registry.register(
+            "source_items",
+            "Items a source looked at, by outcome (enqueued, or why not)",
+            source_items.clone(),
+        );
+        let source_polls = Family::<SourceLabels, Counter>::default();
+        registry.register(
+            "source_polls",
+            "Times a source listed its items, by outcome (ok, error)",
+            source_polls.clone(),
+        );
         Self {
             registry: Arc::new(Mutex::new(registry)),
+            source_polls,
             consumer_lag,
+            stage_restarts,
+            source_items,
             stage_in_flight,
             dead_letters,
             uploads,
@@ -199,6 +229,35 @@ impl Metrics {
             .get_or_create(&StageLabels {
                 stage: stage.to_owned(),
                 outcome: class.to_owned(),
+            })
+            .inc();
+    }
+
+    /// `mediaflow up` restarted a failed stage.
+    pub fn stage_restarted(&self, stage: &str) {
+        self.stage_restarts
+            .get_or_create(&StageOnly {
+                stage: stage.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A source enqueued an item (`enqueued`) or could not fetch it (`error`).
+    pub fn source_item(&self, source: &str, outcome: &str) {
+        self.source_items
+            .get_or_create(&SourceLabels {
+                source: source.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A source listed its items (`ok`) or could not (`error`).
+    pub fn source_polled(&self, source: &str, outcome: &str) {
+        self.source_polls
+            .get_or_create(&SourceLabels {
+                source: source.to_owned(),
+                outcome: outcome.to_owned(),
             })
             .inc();
     }
