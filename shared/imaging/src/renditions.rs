@@ -130,13 +130,6 @@ pub fn process(
     specs: &[RenditionSpec],
     limits: &DecodeLimits,
 ) -> Result<Processed, ImagingError> {
-    let scale = |w: u32, h: u32| {
-        specs
-            .iter()
-            .map(|s| scale_needed(s, w, h))
-            .fold(256.0 / f64::from(w.max(h)), f64::max)
-            .min(1.0)
-    };
     let mut exif = None;
     let mut decoded = None;
     if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
@@ -147,13 +140,7 @@ pub fn process(
             bytes,
             limits,
             orientation,
-            |w, h| {
-                let s = scale(w, h);
-                (
-                    ((f64::from(w) * s).ceil() as u32).clamp(1, w),
-                    ((f64::from(h) * s).ceil() as u32).clamp(1, h),
-                )
-            },
+            |w, h| working_size(specs, w, h, 256),
             false,
         )?;
     }
@@ -173,10 +160,7 @@ pub fn process(
             }
         }
     };
-    let renditions = specs
-        .par_iter()
-        .map(|spec| render(&decoded, spec, exif))
-        .collect::<Result<Vec<_>, _>>()?;
+    let renditions = render_all(&decoded, specs, exif)?;
     let for_tags = crate::small_of(&decoded.image, 256)?;
     let tags = crate::tags::tags(
         &Small {
@@ -187,6 +171,34 @@ pub fn process(
         exif,
     );
     Ok(Processed { renditions, tags })
+}
+
+/// The size to decode a `w`x`h` source at (never larger than it) so that every rendition of
+/// `specs`, and an image of `at_least` pixels on its longer side, can be cut from it.
+pub fn working_size(specs: &[RenditionSpec], w: u32, h: u32, at_least: u32) -> (u32, u32) {
+    let s = specs
+        .iter()
+        .map(|spec| scale_needed(spec, w, h))
+        .fold(f64::from(at_least) / f64::from(w.max(h).max(1)), f64::max)
+        .min(1.0);
+    (
+        ((f64::from(w) * s).ceil() as u32).clamp(1, w.max(1)),
+        ((f64::from(h) * s).ceil() as u32).clamp(1, h.max(1)),
+    )
+}
+
+/// Makes every rendition of `specs` from `decoded` (the source, or a scaled-down decode of it at
+/// least [`working_size`]), in parallel. `exif` is the source's TIFF block, for JPEG renditions
+/// that keep metadata.
+pub fn render_all(
+    decoded: &Small,
+    specs: &[RenditionSpec],
+    exif: Option<&[u8]>,
+) -> Result<Vec<Rendition>, ImagingError> {
+    specs
+        .par_iter()
+        .map(|spec| render(decoded, spec, exif))
+        .collect()
 }
 
 /// Cuts and resamples one rendition from `decoded` (which may be a scaled-down decode of the

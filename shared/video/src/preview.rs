@@ -1,0 +1,176 @@
+//! Animated previews: a few seconds of the video as an animated WebP or GIF.
+
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+
+use crate::select::Offset;
+use crate::{Video, VideoError};
+
+/// The animation's format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PreviewFormat {
+    #[default]
+    Webp,
+    Gif,
+}
+
+impl PreviewFormat {
+    pub fn content_type(self) -> &'static str {
+        match self {
+            PreviewFormat::Webp => "image/webp",
+            PreviewFormat::Gif => "image/gif",
+        }
+    }
+
+    pub fn extension(self) -> &'static str {
+        match self {
+            PreviewFormat::Webp => "webp",
+            PreviewFormat::Gif => "gif",
+        }
+    }
+}
+
+/// What preview to make.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PreviewSpec {
+    /// Where it starts; by default a third of the way in (past openings and titles).
+    pub start: Option<Offset>,
+    /// How long it lasts, in seconds (shorter if the video is).
+    pub duration_s: f64,
+    /// Frames per second.
+    pub fps: u32,
+    /// Largest width or height, in pixels.
+    pub max_side: u32,
+    pub format: PreviewFormat,
+    /// WebP quality, 1 to 100.
+    pub quality: u8,
+}
+
+impl Default for PreviewSpec {
+    fn default() -> Self {
+        Self {
+            start: None,
+            duration_s: 3.0,
+            fps: 8,
+            max_side: 320,
+            format: PreviewFormat::Webp,
+            quality: 70,
+        }
+    }
+}
+
+impl PreviewSpec {
+    pub fn check(&self) -> Result<(), VideoError> {
+        let bad = |m: &str| Err(VideoError::BadRequest(format!("preview: {m}")));
+        if !(self.duration_s.is_finite() && (0.1..=30.0).contains(&self.duration_s)) {
+            return bad("duration_s must be 0.1 to 30");
+        }
+        if !(1..=30).contains(&self.fps) {
+            return bad("fps must be 1 to 30");
+        }
+        if !(16..=1280).contains(&self.max_side) {
+            return bad("max_side must be 16 to 1280");
+        }
+        Ok(())
+    }
+}
+
+/// A made preview.
+#[derive(Clone, Debug)]
+pub struct Preview {
+    pub bytes: Vec<u8>,
+    pub format: PreviewFormat,
+    pub width: u32,
+    pub height: u32,
+    pub frames: u32,
+    pub start_s: f64,
+    pub duration_s: f64,
+}
+
+/// Makes the animated preview of `video`.
+pub fn preview(video: &mut Video, spec: &PreviewSpec) -> Result<Preview, VideoError> {
+    spec.check()?;
+    let total = video.probe().duration_s;
+    let length = spec.duration_s.min(total);
+    let start = spec
+        .start
+        .map_or(total / 3.0, |o| o.at(total))
+        .clamp(0.0, (total - length).max(0.0));
+    let (w, h) = crate::picture::fit_size(
+        (
+            video.probe().video.display_width,
+            video.probe().video.display_height,
+        ),
+        (spec.max_side, spec.max_side),
+    );
+    let step = 1.0 / f64::from(spec.fps);
+    let wanted = ((length * f64::from(spec.fps)).round() as usize).max(1);
+    let mut frames: Vec<(f64, RgbImage)> = Vec::with_capacity(wanted);
+    let mut next = start;
+    video.scan(start, false, |p| {
+        if p.time_s + 1e-6 >= next {
+            frames.push((p.time_s, p.to_rgb(w, h)?));
+            next = start + step * frames.len() as f64;
+        }
+        Ok(frames.len() < wanted)
+    })?;
+    if frames.is_empty() {
+        return Err(VideoError::NoFrame(format!("from {start:.3} s on")));
+    }
+    let delay_ms = (1000 / spec.fps) as i32;
+    let bytes = match spec.format {
+        PreviewFormat::Webp => {
+            let mut config = webp::WebPConfig::new()
+                .map_err(|()| VideoError::Internal("libwebp configuration".into()))?;
+            config.quality = f32::from(spec.quality.clamp(1, 100));
+            config.lossless = 0;
+            let mut encoder = webp::AnimEncoder::new(w, h, &config);
+            encoder.set_loop_count(0);
+            for (i, (_, image)) in frames.iter().enumerate() {
+                encoder.add_frame(webp::AnimFrame::from_rgb(
+                    image.as_raw(),
+                    w,
+                    h,
+                    i as i32 * delay_ms,
+                ));
+            }
+            encoder
+                .try_encode()
+                .map_err(|e| VideoError::Internal(format!("animated WebP: {e:?}")))?
+                .to_vec()
+        }
+        PreviewFormat::Gif => {
+            let mut out = Vec::new();
+            {
+                let mut encoder = image::codecs::gif::GifEncoder::new_with_speed(&mut out, 10);
+                encoder
+                    .set_repeat(image::codecs::gif::Repeat::Infinite)
+                    .map_err(|e| VideoError::Internal(format!("GIF: {e}")))?;
+                for (_, image) in &frames {
+                    let rgba = image::DynamicImage::ImageRgb8(image.clone()).into_rgba8();
+                    let frame = image::Frame::from_parts(
+                        rgba,
+                        0,
+                        0,
+                        image::Delay::from_numer_denom_ms(1000, spec.fps),
+                    );
+                    encoder
+                        .encode_frame(frame)
+                        .map_err(|e| VideoError::Internal(format!("GIF: {e}")))?;
+                }
+            }
+            out
+        }
+    };
+    Ok(Preview {
+        bytes,
+        format: spec.format,
+        width: w,
+        height: h,
+        frames: frames.len() as u32,
+        start_s: frames[0].0,
+        duration_s: length,
+    })
+}

