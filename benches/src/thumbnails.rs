@@ -14,6 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use mediaflow_benches::{allowed_cpus, median, ssim};
 use mediaflow_imaging::{DecodeLimits, jpeg::resize_rgb};
 
 struct Args {
@@ -155,33 +156,6 @@ fn vips_round(files: &[PathBuf], out: &Path, size: u32) -> Result<Duration> {
     Ok(start.elapsed())
 }
 
-/// SSIM ("All", over Y, U and V) of two images by ffmpeg's `ssim` filter: a measurement made by
-/// a tool nobody here wrote.
-fn ssim(a: &Path, b: &Path) -> Result<f64> {
-    let out = Command::new("ffmpeg")
-        .args(["-hide_banner", "-nostats", "-i"])
-        .arg(a)
-        .arg("-i")
-        .arg(b)
-        .args(["-lavfi", "ssim", "-f", "null", "-"])
-        .output()
-        .context("running ffmpeg (Debian package ffmpeg)")?;
-    let text = String::from_utf8_lossy(&out.stderr);
-    text.split("All:")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("no SSIM in ffmpeg's output: {text}"))
-}
-
-/// The median of `rounds` runs of `f`, after one warm-up run.
-fn median(rounds: usize, mut f: impl FnMut() -> Result<Duration>) -> Result<Duration> {
-    f()?;
-    let mut times = (0..rounds).map(|_| f()).collect::<Result<Vec<_>>>()?;
-    times.sort();
-    Ok(times[times.len() / 2])
-}
-
 /// Peak resident memory of this process so far, in KiB (`VmHWM`).
 fn peak_rss_kib() -> Option<u64> {
     std::fs::read_to_string("/proc/self/status")
@@ -232,15 +206,7 @@ fn main() -> Result<()> {
         .cloned()
         .collect();
 
-    let cpus = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("Cpus_allowed_list:")
-                    .map(|v| v.trim().to_owned())
-            })
-        })
-        .unwrap_or_default();
+    let cpus = allowed_cpus();
     println!(
         "thumbnails {} px, JPEG quality {QUALITY}, median of {} rounds, CPUs allowed: {cpus}",
         args.size, args.rounds

@@ -304,8 +304,9 @@ impl TestPlatform {
             .await
     }
 
-    /// Records `bytes` as a queued image upload of `content_type`, storing the object if
-    /// `store_object`, and returns its `media.uploaded` event unpublished. Unlike the gateway it
+    /// Records `bytes` as a queued upload of `content_type` (a video if it is `video/...`, else
+    /// an image), storing the object if `store_object`, and returns its `media.uploaded` event
+    /// unpublished. Unlike the gateway it
     /// checks nothing: the stage gets exactly these bytes.
     pub async fn seed_media(
         &self,
@@ -316,6 +317,11 @@ impl TestPlatform {
     ) -> Result<mediaflow_events::MediaUploaded> {
         use sha2::Digest;
         let id = uuid::Uuid::now_v7().to_string();
+        let kind = if content_type.starts_with("video/") {
+            mediaflow_events::MediaKind::Video
+        } else {
+            mediaflow_events::MediaKind::Image
+        };
         let object = mediaflow_events::ObjectRef {
             bucket: self.config.store.bucket.clone(),
             key: format!("uploads/{id}/original.{ext}"),
@@ -336,7 +342,7 @@ impl TestPlatform {
         let now = mediaflow_db::Db::now_ms();
         db.insert_media(&mediaflow_db::MediaRow {
             id: id.clone(),
-            kind: "image".into(),
+            kind: kind.as_str().into(),
             content_type: object.content_type.clone(),
             filename: None,
             bucket: object.bucket.clone(),
@@ -351,7 +357,7 @@ impl TestPlatform {
         .await?;
         Ok(mediaflow_events::MediaUploaded {
             media_id: id,
-            kind: mediaflow_events::MediaKind::Image,
+            kind,
             object,
             filename: None,
             uploaded_at: "2026-11-24T00:00:00Z".into(),

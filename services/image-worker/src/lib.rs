@@ -5,14 +5,14 @@
 
 use cloudevents::Event;
 use mediaflow_bus::{Bus, BusError, Publisher};
-use mediaflow_db::{Db, Entity, ImageTagsRow, ResultRow};
-use mediaflow_events::{ImageProcessed, MediaKind, MediaUploaded, ObjectRef, RenditionRef, Topics};
+use mediaflow_db::{Db, Entity, ImageTagsRow};
+use mediaflow_events::{ImageProcessed, MediaKind, MediaUploaded, RenditionRef, Topics};
 use mediaflow_imaging::renditions::{Format, Mode, RenditionSpec};
 use mediaflow_imaging::{DecodeLimits, ImagingError};
+use mediaflow_outputs::{Outputs, Written, db_error, enum_name, store_error};
 use mediaflow_runtime::{Handler, StageError};
-use mediaflow_store::{ObjectStore, StoreError};
+use mediaflow_store::ObjectStore;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 /// The stage name, also its consumer group and part of every output key.
 pub const STAGE: &str = "image-worker";
@@ -99,6 +99,7 @@ pub struct ImageWorker {
     /// runtime has in flight.
     cpu: std::sync::Arc<tokio::sync::Semaphore>,
     store: ObjectStore,
+    outputs: Outputs,
     db: Db,
     publisher: Publisher,
     topics: Topics,
@@ -115,6 +116,7 @@ impl ImageWorker {
         Ok(Self {
             config,
             cpu: std::sync::Arc::new(tokio::sync::Semaphore::new(cores)),
+            outputs: Outputs::new(store.clone(), STAGE, STAGE_VERSION),
             store,
             db,
             publisher: bus.publisher("/mediaflow/image-worker")?,
@@ -137,77 +139,10 @@ impl ImageWorker {
     }
 }
 
-/// Where output `name` of `media_id` is written: the same input and stage version always map to
+/// Where output `file` of `media_id` is written: the same input and stage version always map to
 /// the same key.
-pub fn output_key(media_id: &str, name: &str) -> String {
-    format!("derived/{media_id}/{STAGE}/v{STAGE_VERSION}/{name}")
-}
-
-fn store_error(e: StoreError) -> StageError {
-    match e {
-        StoreError::TooLarge { .. } => StageError::bad_input(e.to_string()),
-        e => StageError::dependency(e.is_transient(), e.to_string()),
-    }
-}
-
-fn db_error(e: mediaflow_db::DbError) -> StageError {
-    StageError::dependency(e.is_transient(), e.to_string())
-}
-
-/// How a unit enum serialises (`fit`, `jpeg`).
-fn enum_name(value: &impl Serialize) -> String {
-    serde_json::to_value(value)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
-}
-
-fn hex_sha256(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-impl ImageWorker {
-    /// Writes output `name` of `media_id` (file `file`) and describes it as an object and a
-    /// result row.
-    async fn put_output(
-        &self,
-        media_id: &str,
-        name: &str,
-        file: &str,
-        bytes: Vec<u8>,
-        content_type: &str,
-        dims: Option<(u32, u32)>,
-    ) -> Result<(ObjectRef, ResultRow), StageError> {
-        let key = output_key(media_id, file);
-        let object = ObjectRef {
-            bucket: self.store.bucket().to_owned(),
-            key: key.clone(),
-            size: bytes.len() as u64,
-            sha256: hex_sha256(&bytes),
-            content_type: content_type.into(),
-        };
-        self.store
-            .put_bytes(&key, bytes::Bytes::from(bytes), content_type)
-            .await
-            .map_err(store_error)?;
-        let row = ResultRow {
-            entity_id: media_id.to_owned(),
-            stage: STAGE.into(),
-            stage_version: STAGE_VERSION.into(),
-            name: name.to_owned(),
-            bucket: object.bucket.clone(),
-            object_key: key,
-            content_type: content_type.into(),
-            size_bytes: object.size as i64,
-            sha256: object.sha256.clone(),
-            width: dims.map(|d| i64::from(d.0)),
-            height: dims.map(|d| i64::from(d.1)),
-        };
-        Ok((object, row))
-    }
+pub fn output_key(media_id: &str, file: &str) -> String {
+    mediaflow_outputs::key(STAGE, STAGE_VERSION, media_id, file)
 }
 
 impl Handler for ImageWorker {
@@ -252,8 +187,9 @@ impl Handler for ImageWorker {
         for r in processed.renditions {
             let file = format!("{}.{}", r.name, r.format.extension());
             let dims = Some((r.width, r.height));
-            let (object, row) = self
-                .put_output(
+            let Written { object, row } = self
+                .outputs
+                .put(
                     &upload.media_id,
                     &r.name,
                     &file,
@@ -276,8 +212,9 @@ impl Handler for ImageWorker {
             .map_err(|e| StageError::permanent(format!("tags: {e}")))?;
         let tags_json = serde_json::to_vec_pretty(&tags)
             .map_err(|e| StageError::permanent(format!("tags: {e}")))?;
-        let (_, row) = self
-            .put_output(
+        let Written { row, .. } = self
+            .outputs
+            .put(
                 &upload.media_id,
                 "tags",
                 "tags.json",

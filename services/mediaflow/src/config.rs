@@ -10,6 +10,7 @@ use mediaflow_db::DbConfig;
 use mediaflow_gateway::GatewayConfig;
 use mediaflow_image_worker::ImageWorkerConfig;
 use mediaflow_store::StoreConfig;
+use mediaflow_video_worker::VideoWorkerConfig;
 use serde::{Deserialize, Serialize};
 
 /// Everything `mediaflow` can be told.
@@ -36,6 +37,8 @@ pub struct MediaflowConfig {
     pub admin: AdminConfig,
     /// The image stage.
     pub image_worker: ImageWorkerConfig,
+    /// The video stage.
+    pub video_worker: VideoWorkerConfig,
     /// Exec stages: any command run per item (`[[exec]]` tables).
     pub exec: Vec<mediaflow_exec_worker::ExecWorkerConfig>,
     /// Sources polling servers that speak the book's `/api/v1/items` contract

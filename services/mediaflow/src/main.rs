@@ -40,7 +40,7 @@ enum Command {
     /// Run the gateway or one stage against the configured infrastructure (as a Kubernetes
     /// Deployment does).
     Run {
-        /// gateway, router or image-worker.
+        /// gateway, router, image-worker, video-worker, or an exec stage or source by name.
         stage: String,
     },
     /// Print the events on a topic as JSON lines.
@@ -85,7 +85,7 @@ enum DlqCommand {
 
 #[derive(clap::Args)]
 struct DlqFilter {
-    /// Only dead letters of this stage (router, image-worker).
+    /// Only dead letters of this stage (router, image-worker, video-worker, ...).
     #[arg(long)]
     stage: Option<String>,
     /// Only dead letters of this error class (transient, permanent, bad_input).

@@ -15,6 +15,7 @@ use mediaflow_router::Router;
 use mediaflow_runtime::{DeadLetters, Handler, Stopped};
 use mediaflow_store::ObjectStore;
 use mediaflow_telemetry::Metrics;
+use mediaflow_video_worker::VideoWorker;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -24,7 +25,11 @@ use crate::MediaflowConfig;
 use crate::http_source::HttpSource;
 
 /// The built-in stages; configured exec stages come on top (`stages`).
-pub const STAGES: &[&str] = &[mediaflow_router::STAGE, mediaflow_image_worker::STAGE];
+pub const STAGES: &[&str] = &[
+    mediaflow_router::STAGE,
+    mediaflow_image_worker::STAGE,
+    mediaflow_video_worker::STAGE,
+];
 
 const GATEWAY: &str = "gateway";
 
@@ -42,6 +47,7 @@ pub fn stages(config: &MediaflowConfig) -> Vec<String> {
 /// Checks the stage definitions: exec and source names are unique and do not shadow anything.
 fn check_stages(config: &MediaflowConfig) -> Result<()> {
     config.image_worker.check().map_err(anyhow::Error::msg)?;
+    config.video_worker.check().map_err(anyhow::Error::msg)?;
     let mut seen = std::collections::HashSet::from([GATEWAY.to_owned()]);
     for name in stages(config) {
         if !seen.insert(name.clone()) {
@@ -302,6 +308,24 @@ async fn run_stage_with(
             consume(
                 name,
                 &ImageWorker::input_topics(&s.bus),
+                handler,
+                config,
+                s,
+                shutdown,
+            )
+            .await
+        }
+        mediaflow_video_worker::STAGE => {
+            let handler = VideoWorker::new(
+                config.video_worker.clone(),
+                config.data_dir.join("video"),
+                s.store.clone(),
+                s.db.clone(),
+                &s.bus,
+            )?;
+            consume(
+                name,
+                &VideoWorker::input_topics(&s.bus),
                 handler,
                 config,
                 s,

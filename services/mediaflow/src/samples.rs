@@ -12,8 +12,10 @@ use mediaflow_gateway::{Accepted, MediaView};
 pub struct SampleResult {
     pub file: PathBuf,
     pub media: MediaView,
-    /// Its `tags` result, fetched through the API, when it has one.
+    /// Its `tags` result (images), fetched through the API, when it has one.
     pub tags: Option<serde_json::Value>,
+    /// Its `probe` result (videos), fetched through the API, when it has one.
+    pub probe: Option<serde_json::Value>,
 }
 
 /// Media files in `dir`, sorted by name.
@@ -79,21 +81,13 @@ pub async fn upload_and_wait(
                 .json()
                 .await?;
             if media.status != mediaflow_db::MediaStatus::Queued {
-                let tags = match media.results.iter().find(|r| r.name == "tags") {
-                    Some(r) => Some(
-                        http.get(format!("{base}{}", r.download_url))
-                            .send()
-                            .await?
-                            .error_for_status()?
-                            .json()
-                            .await?,
-                    ),
-                    None => None,
-                };
+                let tags = json_result(&http, base, &media, "tags").await?;
+                let probe = json_result(&http, base, &media, "probe").await?;
                 results.push(SampleResult {
                     file: file.clone(),
                     media,
                     tags,
+                    probe,
                 });
                 break;
             }
@@ -105,6 +99,42 @@ pub async fn upload_and_wait(
         }
     }
     Ok(results)
+}
+
+/// The JSON result `name` of `media`, downloaded through the API, if it has one.
+async fn json_result(
+    http: &reqwest::Client,
+    base: &str,
+    media: &MediaView,
+    name: &str,
+) -> Result<Option<serde_json::Value>> {
+    let Some(r) = media.results.iter().find(|r| r.name == name) else {
+        return Ok(None);
+    };
+    Ok(Some(
+        http.get(format!("{base}{}", r.download_url))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?,
+    ))
+}
+
+/// One line of a video's probe: codec, size, duration, frame rate, streams.
+fn probe_summary(probe: &serde_json::Value) -> String {
+    let v = &probe["video"];
+    format!(
+        "probe: {} {}x{} (shown {}x{}), {:.2} s at {:.2} fps, {} stream(s)",
+        v["codec"].as_str().unwrap_or("?"),
+        v["width"],
+        v["height"],
+        v["display_width"],
+        v["display_height"],
+        probe["duration_s"].as_f64().unwrap_or(0.0),
+        v["frame_rate"].as_f64().unwrap_or(0.0),
+        probe["streams"].as_array().map_or(0, Vec::len)
+    )
 }
 
 /// One line of an image's tags: size class, colours, camera, perceptual hash, sharpness.
@@ -163,6 +193,9 @@ pub fn print_results(base: &str, results: &[SampleResult]) {
                 }
                 if let Some(tags) = &r.tags {
                     println!("    {}", tags_summary(tags));
+                }
+                if let Some(probe) = &r.probe {
+                    println!("    {}", probe_summary(probe));
                 }
             }
             _ => println!(

@@ -209,15 +209,18 @@ mod listener {
         table.lines().skip(1).filter_map(move |line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
             let local_port = fields.get(1)?.rsplit_once(':')?.1;
-            let listening = u16::from_str_radix(local_port, 16).ok()? == port
-                && *fields.get(3)? == "0A";
+            let listening =
+                u16::from_str_radix(local_port, 16).ok()? == port && *fields.get(3)? == "0A";
             listening.then(|| fields.get(9)?.parse().ok()).flatten()
         })
     }
 
     /// `socket:[12345]` → 12345.
     fn socket_inode(link: &str) -> Option<u64> {
-        link.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+        link.strip_prefix("socket:[")?
+            .strip_suffix(']')?
+            .parse()
+            .ok()
     }
 
     #[cfg(test)]

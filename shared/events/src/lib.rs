@@ -8,6 +8,7 @@ pub mod media;
 #[cfg(any(test, feature = "validate"))]
 pub mod schema;
 pub mod topics;
+pub mod video;
 
 pub use dead_letter::{DeadLetter, MessageSource, RawMessage};
 pub use envelope::{EventData, EventError, data_json, decode, encode};
@@ -16,3 +17,4 @@ pub use media::{
     ImageProcessed, MediaKind, MediaProcessed, MediaUploaded, ObjectRef, Output, RenditionRef,
 };
 pub use topics::{TopicSpec, Topics};
+pub use video::{PreviewRef, StoryboardRef, VideoFrame, VideoProcessed};

@@ -11,6 +11,9 @@ pub fn document(event_type: &str) -> Option<&'static str> {
         "mediaflow.image.processed" => Some(include_str!(
             "../../../schemas/mediaflow.image.processed.json"
         )),
+        "mediaflow.video.processed" => Some(include_str!(
+            "../../../schemas/mediaflow.video.processed.json"
+        )),
         "mediaflow.media.processed" => Some(include_str!(
             "../../../schemas/mediaflow.media.processed.json"
         )),
@@ -29,6 +32,7 @@ pub fn document(event_type: &str) -> Option<&'static str> {
 pub const EVENT_TYPES: &[&str] = &[
     "mediaflow.media.uploaded",
     "mediaflow.image.processed",
+    "mediaflow.video.processed",
     "mediaflow.media.processed",
     "mediaflow.work.item",
     "mediaflow.item.processed",
@@ -89,6 +93,11 @@ mod tests {
             &sample(&crate::media::tests::image_processed()),
         )
         .unwrap();
+        let video = crate::video::tests::video_processed();
+        validate(crate::VideoProcessed::TYPE, &sample(&video)).unwrap();
+        let mut v = sample(&video);
+        v["probe"]["video"]["rotation"] = 45.into();
+        assert!(validate(crate::VideoProcessed::TYPE, &v).is_err());
         validate(
             crate::MediaProcessed::TYPE,
             &sample(&crate::media::tests::processed()),

@@ -53,6 +53,11 @@ impl Topics {
         self.name("images.processed")
     }
 
+    /// Result topic of the video stage: frames, storyboard, preview (`mediaflow.video.processed`).
+    pub fn videos_processed(&self) -> String {
+        self.name("videos.processed")
+    }
+
     /// Result topic of generic stages such as exec workers (`mediaflow.media.processed`).
     pub fn media_processed(&self) -> String {
         self.name("media.processed")
@@ -87,6 +92,7 @@ impl Topics {
             spec(self.media_processed(), 30 * DAY),
             spec(self.dead_letters(), 30 * DAY),
             spec(self.images_processed(), 30 * DAY),
+            spec(self.videos_processed(), 30 * DAY),
             spec(self.jobs_items(), 7 * DAY),
             spec(self.items_processed(), 30 * DAY),
         ]
@@ -101,7 +107,7 @@ mod tests {
     fn prefix_applies_to_every_declared_topic() {
         let topics = Topics::new("t1.");
         let declared = topics.declared(3);
-        assert_eq!(declared.len(), 8);
+        assert_eq!(declared.len(), 9);
         assert!(
             declared
                 .iter()

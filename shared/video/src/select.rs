@@ -16,7 +16,8 @@ const SCENE_SAMPLES_PER_S: f64 = 4.0;
 #[serde(tag = "strategy", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Strategy {
     /// `count` frames evenly spaced, the first and last a gap away from the ends (black
-    /// openings and credits are at the ends).
+    /// openings and credits are at the ends). Like every planned strategy it takes what the seek
+    /// mode finds: with keyframe seeking, times within one keyframe interval give that keyframe.
     Count { count: u32 },
     /// A frame every `every_s` seconds, from the start.
     Interval { every_s: f64 },
@@ -221,7 +222,8 @@ pub fn select(
 }
 
 /// One frame per stretch: the best scoring of three candidates in it; when all three are black or
-/// blank, later positions are tried.
+/// blank, later positions are tried. Frames are distinct: where keyframe seeking would give a
+/// frame already taken, the candidate is decoded exactly.
 fn representative(video: &mut Video, count: u32, seek: Seek) -> Result<Vec<Picture>, VideoError> {
     let duration = video.probe().duration_s;
     let slot = duration / f64::from(count);
@@ -241,12 +243,19 @@ fn representative(video: &mut Video, count: u32, seek: Seek) -> Result<Vec<Pictu
             if n >= 3 && best.as_ref().is_some_and(|(score, _)| *score > 0.0) {
                 break;
             }
-            let p = video.frame_at(t, seek)?;
-            if chosen.iter().any(|c| (c.time_s - p.time_s).abs() < 1e-6)
-                || best
-                    .as_ref()
-                    .is_some_and(|(_, b)| (b.time_s - p.time_s).abs() < 1e-6)
-            {
+            let taken = |p: &Picture| {
+                chosen.iter().any(|c| (c.time_s - p.time_s).abs() < 1e-6)
+                    || best
+                        .as_ref()
+                        .is_some_and(|(_, b)| (b.time_s - p.time_s).abs() < 1e-6)
+            };
+            let mut p = video.frame_at(t, seek)?;
+            // Keyframes far apart (one per clip, in short ones) would give the same frame for
+            // every stretch: decode to the time itself instead.
+            if taken(&p) && seek == Seek::Keyframe {
+                p = video.frame_at(t, Seek::Accurate)?;
+            }
+            if taken(&p) {
                 continue;
             }
             let score = p.stats()?.score();

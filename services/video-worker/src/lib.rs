@@ -1,0 +1,467 @@
+//! The video stage: downloads a video upload to a local temporary file, and on the blocking pool
+//! probes it, chooses its frames, renders each in every configured rendition, makes a storyboard
+//! (sprite + WebVTT) and an animated preview (`mediaflow-video`); writes them under deterministic
+//! keys, records them as result rows, and announces them on `videos.processed`. A video the
+//! kernel refuses (empty, truncated, audio only, over a limit, a playlist or other reference
+//! format) is bad input: dead-lettered with the kernel's reason, never retried.
+
+use std::path::Path;
+
+use cloudevents::Event;
+use futures::StreamExt;
+use mediaflow_bus::{Bus, BusError, Publisher};
+use mediaflow_db::{Db, Entity};
+use mediaflow_events::{
+    MediaKind, MediaUploaded, ObjectRef, PreviewRef, RenditionRef, StoryboardRef, Topics,
+    VideoFrame, VideoProcessed,
+};
+use mediaflow_imaging::renditions::{Format, Mode, Rendition, RenditionSpec};
+use mediaflow_outputs::{Outputs, Written, db_error, enum_name, store_error};
+use mediaflow_runtime::{Handler, StageError};
+use mediaflow_store::ObjectStore;
+use mediaflow_video::preview::{Preview, PreviewSpec};
+use mediaflow_video::select::Strategy;
+use mediaflow_video::storyboard::{Storyboard, StoryboardSpec};
+use mediaflow_video::{Limits, Probe, Seek, Video, VideoError};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+
+/// The stage name, also its consumer group and part of every output key.
+pub const STAGE: &str = "video-worker";
+/// Bumped whenever the output for the same input changes; part of every output key.
+pub const STAGE_VERSION: &str = "1";
+
+/// Configuration of the video stage (`[video_worker]`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VideoWorkerConfig {
+    /// How frames are chosen: `{ strategy = "representative", count = 4 }`, `count`, `interval`
+    /// (`every_s`), `offsets` (`at = [3, "50%", "1:02.5"]`) or `scenes` (`count`, `threshold`).
+    pub frames: Strategy,
+    /// `keyframe` (fast: the keyframe at or before each time) or `accurate` (the frame shown at
+    /// each time).
+    pub seek: Seek,
+    /// Every chosen frame is made into each of these (`[[video_worker.renditions]]`, as the
+    /// image stage's: name, box, mode, format, quality).
+    pub renditions: Vec<RenditionSpec>,
+    /// Whether to make a storyboard, and how.
+    pub storyboard_enabled: bool,
+    pub storyboard: StoryboardSpec,
+    /// Whether to make an animated preview, and how.
+    pub preview_enabled: bool,
+    pub preview: PreviewSpec,
+    /// Limits on the input (duration, size, streams, time per job).
+    pub limits: Limits,
+    /// Largest input object downloaded, in bytes.
+    pub max_input_bytes: u64,
+}
+
+impl Default for VideoWorkerConfig {
+    fn default() -> Self {
+        Self {
+            frames: Strategy::Representative { count: 4 },
+            seek: Seek::Keyframe,
+            renditions: vec![RenditionSpec {
+                name: "thumb-320".into(),
+                width: 320,
+                height: 320,
+                mode: Mode::Fit,
+                format: Format::Jpeg,
+                quality: 80,
+                metadata: Default::default(),
+            }],
+            storyboard_enabled: true,
+            storyboard: StoryboardSpec::default(),
+            preview_enabled: true,
+            preview: PreviewSpec::default(),
+            limits: Limits::default(),
+            max_input_bytes: 4 * 1024 * 1024 * 1024,
+        }
+    }
+}
+
+impl VideoWorkerConfig {
+    /// Checks the configuration before the stage starts.
+    pub fn check(&self) -> Result<(), String> {
+        let wrong = |e: VideoError| format!("video_worker: {e}");
+        self.frames.check().map_err(wrong)?;
+        self.storyboard.check().map_err(wrong)?;
+        self.preview.check().map_err(wrong)?;
+        if self.renditions.is_empty() {
+            return Err("video_worker.renditions is empty: frames need at least one".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for r in &self.renditions {
+            if r.name.is_empty()
+                || !r
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+            {
+                return Err(format!(
+                    "video_worker rendition name `{}` is not allowed (letters, digits, `.`, `_`, `-`)",
+                    r.name
+                ));
+            }
+            if !seen.insert(&r.name) {
+                return Err(format!(
+                    "video_worker rendition `{}` is named twice",
+                    r.name
+                ));
+            }
+            if !(1..=8192).contains(&r.width) || !(1..=8192).contains(&r.height) {
+                return Err(format!(
+                    "video_worker rendition `{}`: sides must be 1 to 8192 px",
+                    r.name
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The video stage's handler.
+#[derive(Debug)]
+pub struct VideoWorker {
+    config: VideoWorkerConfig,
+    /// Bounds the videos decoded at once to the cores there are.
+    cpu: std::sync::Arc<tokio::sync::Semaphore>,
+    store: ObjectStore,
+    outputs: Outputs,
+    db: Db,
+    publisher: Publisher,
+    topics: Topics,
+    work_dir: std::path::PathBuf,
+}
+
+/// Everything made from one video, before it is written.
+struct Made {
+    probe: Probe,
+    frames: Vec<(f64, bool, Vec<Rendition>)>,
+    storyboard: Option<Storyboard>,
+    preview: Option<Preview>,
+}
+
+fn make(path: &Path, config: &VideoWorkerConfig) -> Result<Made, VideoError> {
+    let mut video = Video::open(path, &config.limits)?;
+    let pictures = mediaflow_video::select::select(&mut video, &config.frames, config.seek)?;
+    let mut frames = Vec::with_capacity(pictures.len());
+    for p in &pictures {
+        frames.push((
+            p.time_s,
+            p.keyframe,
+            mediaflow_video::encode::renditions(p, &config.renditions)?,
+        ));
+    }
+    drop(pictures);
+    let storyboard = if config.storyboard_enabled {
+        Some(mediaflow_video::storyboard::storyboard(
+            &mut video,
+            &config.storyboard,
+        )?)
+    } else {
+        None
+    };
+    let preview = if config.preview_enabled {
+        Some(mediaflow_video::preview::preview(
+            &mut video,
+            &config.preview,
+        )?)
+    } else {
+        None
+    };
+    Ok(Made {
+        probe: video.probe().clone(),
+        frames,
+        storyboard,
+        preview,
+    })
+}
+
+impl VideoWorker {
+    /// `work_dir` holds each job's downloaded input while it runs.
+    pub fn new(
+        config: VideoWorkerConfig,
+        work_dir: std::path::PathBuf,
+        store: ObjectStore,
+        db: Db,
+        bus: &Bus,
+    ) -> Result<Self, BusError> {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        Ok(Self {
+            config,
+            cpu: std::sync::Arc::new(tokio::sync::Semaphore::new(cores)),
+            outputs: Outputs::new(store.clone(), STAGE, STAGE_VERSION),
+            store,
+            db,
+            publisher: bus.publisher("/mediaflow/video-worker")?,
+            topics: bus.topics(),
+            work_dir,
+        })
+    }
+
+    /// The work queue this stage reads.
+    pub fn input_topics(bus: &Bus) -> Vec<String> {
+        vec![bus.topics().jobs_video()]
+    }
+
+    /// Streams `object` to `to`, within the input limit.
+    async fn download(&self, object: &ObjectRef, to: &Path) -> Result<(), StageError> {
+        let key = &object.key;
+        let limit = self.config.max_input_bytes;
+        let over =
+            || StageError::bad_input(format!("input `{key}` is over the limit of {limit} bytes"));
+        // The original may live in another bucket (a backfilled one).
+        let stream = self
+            .store
+            .in_bucket(&object.bucket)
+            .get_stream(key)
+            .await
+            .map_err(store_error)?;
+        if stream.size.is_some_and(|s| s > limit) {
+            return Err(over());
+        }
+        let local =
+            |e: std::io::Error| StageError::transient(format!("writing the input file: {e}"));
+        let mut file = tokio::fs::File::create(to).await.map_err(local)?;
+        let mut body = stream.body;
+        let mut written = 0u64;
+        while let Some(chunk) = body.next().await {
+            let chunk =
+                chunk.map_err(|e| StageError::transient(format!("downloading `{key}`: {e}")))?;
+            written += chunk.len() as u64;
+            if written > limit {
+                return Err(over());
+            }
+            file.write_all(&chunk).await.map_err(local)?;
+        }
+        file.flush().await.map_err(local)
+    }
+}
+
+impl Handler for VideoWorker {
+    async fn handle(&self, event: &Event) -> Result<(), StageError> {
+        let upload: MediaUploaded =
+            mediaflow_events::decode(event).map_err(|e| StageError::bad_input(e.to_string()))?;
+        if upload.kind != MediaKind::Video {
+            return Err(StageError::bad_input(format!(
+                "media {} is a {}, not a video",
+                upload.media_id, upload.kind
+            )));
+        }
+        let id = upload.media_id.clone();
+        tokio::fs::create_dir_all(&self.work_dir)
+            .await
+            .map_err(|e| StageError::transient(format!("work dir: {e}")))?;
+        let dir = tempfile::Builder::new()
+            .prefix("video-")
+            .tempdir_in(&self.work_dir)
+            .map_err(|e| StageError::transient(format!("work dir: {e}")))?;
+        let input = dir.path().join("input");
+        self.download(&upload.object, &input).await?;
+
+        let made = {
+            let _core = self
+                .cpu
+                .acquire()
+                .await
+                .map_err(|e| StageError::permanent(e.to_string()))?;
+            let config = self.config.clone();
+            tokio::task::spawn_blocking(move || make(&input, &config))
+                .await
+                .map_err(|e| StageError::permanent(format!("video task failed: {e}")))?
+                .map_err(|e| {
+                    let message = format!("video {id}: {e}");
+                    if e.is_bad_input() {
+                        StageError::bad_input(message)
+                    } else {
+                        StageError::permanent(message)
+                    }
+                })?
+        };
+        drop(dir);
+
+        let mut rows = Vec::new();
+        let mut frames = Vec::with_capacity(made.frames.len());
+        for (i, (time_s, keyframe, renditions)) in made.frames.into_iter().enumerate() {
+            let mut refs = Vec::with_capacity(renditions.len());
+            for r in renditions {
+                let name = format!("frame-{:02}-{}", i + 1, r.name);
+                let file = format!("{name}.{}", r.format.extension());
+                let Written { object, row } = self
+                    .outputs
+                    .put(
+                        &id,
+                        &name,
+                        &file,
+                        r.bytes,
+                        r.format.content_type(),
+                        Some((r.width, r.height)),
+                    )
+                    .await?;
+                rows.push(row);
+                refs.push(RenditionRef {
+                    name: r.name,
+                    object,
+                    width: r.width,
+                    height: r.height,
+                    mode: enum_name(&r.mode),
+                    format: enum_name(&r.format),
+                });
+            }
+            frames.push(VideoFrame {
+                time_s,
+                keyframe,
+                renditions: refs,
+            });
+        }
+        let storyboard = match made.storyboard {
+            Some(board) => {
+                let vtt = board.vtt("storyboard.jpg").into_bytes();
+                let sprite = self
+                    .outputs
+                    .put(
+                        &id,
+                        "storyboard",
+                        "storyboard.jpg",
+                        board.sprite,
+                        "image/jpeg",
+                        Some((board.width, board.height)),
+                    )
+                    .await?;
+                let index = self
+                    .outputs
+                    .put(
+                        &id,
+                        "storyboard-vtt",
+                        "storyboard.vtt",
+                        vtt,
+                        "text/vtt",
+                        None,
+                    )
+                    .await?;
+                rows.push(sprite.row);
+                rows.push(index.row);
+                let first = board.tiles.first();
+                Some(StoryboardRef {
+                    sprite: sprite.object,
+                    vtt: index.object,
+                    width: board.width,
+                    height: board.height,
+                    tiles: board.tiles.len() as u32,
+                    tile_width: first.map_or(0, |t| t.width),
+                    tile_height: first.map_or(0, |t| t.height),
+                    interval_s: first.map_or(0.0, |t| t.end_s - t.start_s),
+                })
+            }
+            None => None,
+        };
+        let preview = match made.preview {
+            Some(p) => {
+                let file = format!("preview.{}", p.format.extension());
+                let written = self
+                    .outputs
+                    .put(
+                        &id,
+                        "preview",
+                        &file,
+                        p.bytes,
+                        p.format.content_type(),
+                        Some((p.width, p.height)),
+                    )
+                    .await?;
+                rows.push(written.row);
+                Some(PreviewRef {
+                    object: written.object,
+                    format: enum_name(&p.format),
+                    width: p.width,
+                    height: p.height,
+                    frames: p.frames,
+                    start_s: p.start_s,
+                    duration_s: p.duration_s,
+                })
+            }
+            None => None,
+        };
+        let probe = serde_json::to_value(&made.probe)
+            .map_err(|e| StageError::permanent(format!("probe: {e}")))?;
+        let probe_json = serde_json::to_vec_pretty(&probe)
+            .map_err(|e| StageError::permanent(format!("probe: {e}")))?;
+        rows.push(
+            self.outputs
+                .put(
+                    &id,
+                    "probe",
+                    "probe.json",
+                    probe_json,
+                    "application/json",
+                    None,
+                )
+                .await?
+                .row,
+        );
+        self.db
+            .record_results(Entity::Media(&id), &rows)
+            .await
+            .map_err(db_error)?;
+
+        let strategy = serde_json::to_value(&self.config.frames)
+            .ok()
+            .and_then(|v| v["strategy"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let result = VideoProcessed {
+            media_id: id.clone(),
+            stage: STAGE.into(),
+            stage_version: STAGE_VERSION.into(),
+            input: upload.object.clone(),
+            probe,
+            strategy,
+            seek: enum_name(&self.config.seek),
+            frames,
+            storyboard,
+            preview,
+        };
+        self.publisher
+            .publish(&self.topics.videos_processed(), &result)
+            .await
+            .map_err(|e| StageError::transient(e.to_string()))?;
+        tracing::info!(
+            media_id = %id,
+            duration_s = made.probe.duration_s,
+            codec = %made.probe.video.codec,
+            frames = result.frames.len(),
+            "video processed"
+        );
+        Ok(())
+    }
+
+    async fn give_up(&self, event: Option<&Event>, error: &StageError) -> Result<(), StageError> {
+        let Some(upload) = event.and_then(|e| mediaflow_events::decode::<MediaUploaded>(e).ok())
+        else {
+            return Ok(());
+        };
+        self.db
+            .mark_failed(Entity::Media(&upload.media_id), &error.to_string())
+            .await
+            .map_err(db_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_configuration_is_valid_and_mistakes_are_named() {
+        let mut c = VideoWorkerConfig::default();
+        c.check().unwrap();
+        c.renditions.push(c.renditions[0].clone());
+        assert!(c.check().unwrap_err().contains("twice"));
+        c.renditions.truncate(1);
+        c.frames = Strategy::Count { count: 0 };
+        assert!(c.check().unwrap_err().contains("count"));
+        c.frames = Strategy::Count { count: 3 };
+        c.preview.fps = 0;
+        assert!(c.check().unwrap_err().contains("fps"));
+    }
+}

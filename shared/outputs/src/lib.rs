@@ -1,0 +1,132 @@
+//! How a built-in stage writes what it makes for a media item: under a deterministic key
+//! (`derived/<media_id>/<stage>/v<version>/<file>`, the same input and stage version always map
+//! to the same key, so a redelivered message overwrites instead of duplicating), as an object
+//! described by an [`ObjectRef`] and a [`ResultRow`], with store and database failures classified
+//! for the runtime (bad input, transient, permanent).
+
+use mediaflow_db::{DbError, ResultRow};
+use mediaflow_events::ObjectRef;
+use mediaflow_runtime::StageError;
+use mediaflow_store::{ObjectStore, StoreError};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+/// Where one stage version writes.
+#[derive(Clone, Debug)]
+pub struct Outputs {
+    store: ObjectStore,
+    stage: &'static str,
+    version: &'static str,
+}
+
+/// One written output: what the event carries and what the database records.
+#[derive(Clone, Debug)]
+pub struct Written {
+    pub object: ObjectRef,
+    pub row: ResultRow,
+}
+
+impl Outputs {
+    pub fn new(store: ObjectStore, stage: &'static str, version: &'static str) -> Self {
+        Self {
+            store,
+            stage,
+            version,
+        }
+    }
+
+    /// The key of output file `file` of `media_id`.
+    pub fn key(&self, media_id: &str, file: &str) -> String {
+        key(self.stage, self.version, media_id, file)
+    }
+
+    /// Writes `bytes` as output `file` of `media_id`, recorded as result `name`.
+    pub async fn put(
+        &self,
+        media_id: &str,
+        name: &str,
+        file: &str,
+        bytes: Vec<u8>,
+        content_type: &str,
+        dims: Option<(u32, u32)>,
+    ) -> Result<Written, StageError> {
+        let key = self.key(media_id, file);
+        let object = ObjectRef {
+            bucket: self.store.bucket().to_owned(),
+            key: key.clone(),
+            size: bytes.len() as u64,
+            sha256: hex_sha256(&bytes),
+            content_type: content_type.into(),
+        };
+        self.store
+            .put_bytes(&key, bytes::Bytes::from(bytes), content_type)
+            .await
+            .map_err(store_error)?;
+        let row = ResultRow {
+            entity_id: media_id.to_owned(),
+            stage: self.stage.into(),
+            stage_version: self.version.into(),
+            name: name.to_owned(),
+            bucket: object.bucket.clone(),
+            object_key: key,
+            content_type: content_type.into(),
+            size_bytes: object.size as i64,
+            sha256: object.sha256.clone(),
+            width: dims.map(|d| i64::from(d.0)),
+            height: dims.map(|d| i64::from(d.1)),
+        };
+        Ok(Written { object, row })
+    }
+}
+
+/// `derived/<media_id>/<stage>/v<version>/<file>`.
+pub fn key(stage: &str, version: &str, media_id: &str, file: &str) -> String {
+    format!("derived/{media_id}/{stage}/v{version}/{file}")
+}
+
+/// An object over the read limit is the input's fault; the rest depends on the store.
+pub fn store_error(e: StoreError) -> StageError {
+    match e {
+        StoreError::TooLarge { .. } => StageError::bad_input(e.to_string()),
+        e => StageError::dependency(e.is_transient(), e.to_string()),
+    }
+}
+
+pub fn db_error(e: DbError) -> StageError {
+    StageError::dependency(e.is_transient(), e.to_string())
+}
+
+/// How a unit enum serialises (`fit`, `jpeg`, `keyframe`).
+pub fn enum_name(value: &impl Serialize) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_deterministic_and_versioned() {
+        assert_eq!(
+            key("image-worker", "2", "m1", "thumb-256.jpg"),
+            "derived/m1/image-worker/v2/thumb-256.jpg"
+        );
+        assert_eq!(hex_sha256(b"").len(), 64);
+        #[derive(Serialize)]
+        #[serde(rename_all = "snake_case")]
+        enum E {
+            KeyFrame,
+        }
+        assert_eq!(enum_name(&E::KeyFrame), "key_frame");
+    }
+}
