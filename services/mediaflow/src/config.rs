@@ -207,6 +207,12 @@ mod tests {
         let cfg = MediaflowConfig::load(Some(&file)).unwrap();
         assert!(!cfg.embedded.kafka && !cfg.embedded.s3);
         cfg.image_worker.check().unwrap();
+        cfg.video_worker.check().unwrap();
+        assert_eq!(cfg.video_worker.renditions.len(), 2);
+        assert_eq!(
+            cfg.video_worker.frames,
+            mediaflow_video_worker::video::select::Strategy::Representative { count: 5 }
+        );
         let names: Vec<&str> = cfg
             .image_worker
             .renditions

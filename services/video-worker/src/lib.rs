@@ -26,6 +26,9 @@ use mediaflow_video::{Limits, Probe, Seek, Video, VideoError};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 
+/// The kernel, for the types of the configuration.
+pub use mediaflow_video as video;
+
 /// The stage name, also its consumer group and part of every output key.
 pub const STAGE: &str = "video-worker";
 /// Bumped whenever the output for the same input changes; part of every output key.

@@ -488,10 +488,30 @@ fn hostile_and_broken_inputs_are_refused_with_a_reason() {
     );
 
     // A playlist dressed as an AVI, pointing at a video on this machine: nothing is read from it
-    // (were it followed, this would make thumbnails of upright.mp4).
+    // (were it followed, this would make thumbnails of it). Its access time, set in the past,
+    // would move on a read: a control copy shows that this file system records reads.
+    let target = d.join("elsewhere.mp4");
+    let control = d.join("control.mp4");
+    std::fs::copy(&upright, &target).unwrap();
+    std::fs::copy(&upright, &control).unwrap();
+    let long_ago = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(946_684_800);
+    for f in [&target, &control] {
+        std::fs::File::options()
+            .write(true)
+            .open(f)
+            .unwrap()
+            .set_times(std::fs::FileTimes::new().set_accessed(long_ago))
+            .unwrap();
+    }
+    let accessed = |f: &Path| std::fs::metadata(f).unwrap().accessed().unwrap();
+    std::fs::read(&control).unwrap();
+    assert!(
+        accessed(&control) > long_ago,
+        "this file system does not record reads (noatime)"
+    );
     let playlist = format!(
         "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:4\n#EXT-X-MEDIA-SEQUENCE:0\n#EXTINF:4.0,\n{}\n#EXT-X-ENDLIST\n",
-        upright.display()
+        target.display()
     );
     std::fs::write(d.join("playlist.avi"), &playlist).unwrap();
     let e = refused(&d.join("playlist.avi"));
@@ -508,11 +528,35 @@ fn hostile_and_broken_inputs_are_refused_with_a_reason() {
     // A concat script naming another file.
     std::fs::write(
         d.join("list.mp4"),
-        format!("ffconcat version 1.0\nfile '{}'\n", upright.display()),
+        format!("ffconcat version 1.0\nfile '{}'\n", target.display()),
     )
     .unwrap();
     let e = refused(&d.join("list.mp4"));
     assert!(matches!(e, VideoError::FormatNotAllowed { .. }), "{e}");
+
+    // Nothing of the referenced file was read by any of them.
+    assert_eq!(
+        accessed(&target),
+        long_ago,
+        "the playlist's target was read"
+    );
+
+    // More streams than allowed (Big Buck Bunny has video and audio).
+    let few = Limits {
+        max_streams: 1,
+        ..Limits::default()
+    };
+    let e = Video::open(&videos().join("bigbuckbunny.mp4"), &few).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            VideoError::OverLimit {
+                what: "stream count",
+                ..
+            }
+        ),
+        "{e}"
+    );
 
     // Garbage.
     std::fs::write(
