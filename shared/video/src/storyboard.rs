@@ -21,7 +21,8 @@ pub struct StoryboardSpec {
     pub interval_s: Option<f64>,
     /// JPEG quality of the sprite.
     pub quality: u8,
-    /// Keyframes (fast) or the exact frame at each tile's time.
+    /// Keyframes (fast) or the exact frame at each tile's middle. With keyframes, a tile whose
+    /// range holds none is decoded exactly, so that every tile shows its own part of the video.
     pub seek: Seek,
 }
 
@@ -138,7 +139,13 @@ pub fn storyboard(video: &mut Video, spec: &StoryboardSpec) -> Result<Storyboard
     for i in 0..count {
         let start_s = f64::from(i) * interval;
         let end_s = (start_s + interval).min(duration);
-        let picture = video.frame_at((start_s + end_s) / 2.0, spec.seek)?;
+        let middle = (start_s + end_s) / 2.0;
+        let mut picture = video.frame_at(middle, spec.seek)?;
+        // A keyframe from before the tile's range (keyframes far apart) would show an earlier
+        // part of the video: decode to the tile's own time instead.
+        if spec.seek == Seek::Keyframe && picture.time_s + 1e-6 < start_s {
+            picture = video.frame_at(middle, Seek::Accurate)?;
+        }
         let image = picture.to_rgb(tw, th)?;
         let (x, y) = ((i % columns) * tw, (i / columns) * th);
         image::imageops::replace(&mut sprite, &image, i64::from(x), i64::from(y));

@@ -325,6 +325,13 @@ fn storyboard_vtt_parses_and_its_tiles_are_inside_the_sprite() {
             );
             assert_eq!(w, spec.tile_width);
         }
+        // Each tile shows a frame from its own range, keyframes far apart or not.
+        for tile in &board.tiles {
+            assert!(
+                tile.frame_s + 1e-6 >= tile.start_s && tile.frame_s <= tile.end_s + 1e-6,
+                "{name}: {tile:?}"
+            );
+        }
         assert!(
             (t - duration).abs() < 2e-3,
             "{name}: the cues cover the video ({t} of {duration})"
