@@ -181,6 +181,17 @@ async fn broken_and_hostile_videos_are_dead_lettered_with_their_reason() -> Resu
         "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:4\n#EXT-X-MEDIA-SEQUENCE:0\n#EXTINF:4.0,\n{}\n#EXT-X-ENDLIST\n",
         outside.display()
     );
+    // A real AVI (FFmpeg reads it happily) wrapping the playlist in its header.
+    let scratch = tempfile::tempdir()?;
+    let wrapped = scratch.path().join("wrapped.avi");
+    let status = std::process::Command::new("ffmpeg")
+        .args(["-nostdin", "-loglevel", "error", "-i"])
+        .arg(&outside)
+        .args(["-c:v", "mpeg4", "-metadata"])
+        .arg(format!("comment={playlist}"))
+        .arg(&wrapped)
+        .status()?;
+    anyhow::ensure!(status.success(), "ffmpeg made no AVI");
     let mut y4m = b"YUV4MPEG2 W16000 H16000 F25:1 Ip A1:1 C420jpeg\nFRAME\n".to_vec();
     y4m.extend_from_slice(&[0u8; 1024]);
     // (name, bytes, content type, extension, what the reason must say)

@@ -74,6 +74,9 @@ impl Video {
         // A name with a scheme would select a protocol; a plain path is always `file`.
         let path = std::path::absolute(path)
             .map_err(|e| VideoError::Internal(format!("input path: {e}")))?;
+        if let Some(format) = holds_playlist(&path)? {
+            return Err(VideoError::FormatNotAllowed { format });
+        }
         let input =
             format::input_with_dictionary(&path, open_options()).map_err(
                 |e| match refused_format(&path) {
@@ -386,6 +389,32 @@ impl Video {
     }
 }
 
+/// How much of the start of a file is searched for an embedded playlist.
+const PLAYLIST_SCAN: u64 = 1 << 20;
+
+/// A container that carries an HLS playlist in its first megabyte (the known attack: an AVI whose
+/// GAB2 subtitle chunk or metadata is a playlist naming local files or URLs) is refused whatever
+/// the container, before FFmpeg parses anything. No real video has `#EXTM3U` in its headers.
+fn holds_playlist(path: &Path) -> Result<Option<String>, VideoError> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(PLAYLIST_SCAN).read_to_end(&mut head))
+        .map_err(|e| VideoError::Internal(format!("reading the input: {e}")))?;
+    if !head.windows(7).any(|w| w == b"#EXTM3U") {
+        return Ok(None);
+    }
+    let text = String::from_utf8_lossy(&head[..head.len().min(64)]);
+    let start = text.trim_start_matches('\u{feff}').trim_start();
+    Ok(Some(if start.starts_with("#EXTM3U") {
+        "hls (an HLS playlist)".into()
+    } else if head.starts_with(b"RIFF") {
+        "avi holding an HLS playlist".into()
+    } else {
+        "file holding an HLS playlist".into()
+    }))
+}
+
 /// What a refused input is, told from its first bytes: the reference formats the format
 /// whitelist keeps out (their demuxers would open other files or URLs).
 fn refused_format(path: &Path) -> Option<String> {
@@ -394,16 +423,12 @@ fn refused_format(path: &Path) -> Option<String> {
     head.truncate(n);
     let text = String::from_utf8_lossy(&head);
     let start = text.trim_start_matches('\u{feff}').trim_start();
-    let kind = if start.starts_with("#EXTM3U") {
-        "hls (an HLS playlist)"
-    } else if start.starts_with("ffconcat") {
+    let kind = if start.starts_with("ffconcat") {
         "concat (a concat script)"
     } else if start.starts_with("<?xml") && text.contains("<MPD") {
         "dash (a DASH manifest)"
     } else if start.starts_with("v=0") {
         "sdp (a session description)"
-    } else if head.starts_with(b"RIFF") && text.contains("#EXTM3U") {
-        "avi holding an HLS playlist"
     } else {
         return None;
     };

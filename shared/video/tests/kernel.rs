@@ -526,12 +526,32 @@ fn hostile_and_broken_inputs_are_refused_with_a_reason() {
         matches!(e, VideoError::FormatNotAllowed { .. }) && e.to_string().contains("hls"),
         "{e}"
     );
-    // The same inside a RIFF/AVI header.
+    // The same inside a real AVI (its comment): FFmpeg would read this AVI happily; the
+    // playlist in it is what is refused.
+    let wrapped = d.join("wrapped.avi");
+    ffmpeg(&[
+        "-i",
+        upright.to_str().unwrap(),
+        "-c:v",
+        "mpeg4",
+        "-metadata",
+        &format!("comment={playlist}"),
+        wrapped.to_str().unwrap(),
+    ]);
+    let e = refused(&wrapped);
+    assert!(
+        matches!(e, VideoError::FormatNotAllowed { .. }) && e.to_string().contains("avi holding"),
+        "{e}"
+    );
+    // And as a GAB2 subtitle chunk after a RIFF header, as the published exploit builds it.
     let mut avi = b"RIFF\x00\x10\x00\x00AVI LIST\x00\x01\x00\x00hdrl".to_vec();
+    avi.extend_from_slice(b"00tx");
+    avi.extend_from_slice(b"GAB2\x00\x02\x00");
+    avi.extend_from_slice(&[0u8; 10]);
     avi.extend_from_slice(playlist.as_bytes());
     std::fs::write(d.join("riff.avi"), &avi).unwrap();
     let e = refused(&d.join("riff.avi"));
-    assert!(e.is_bad_input(), "{e}");
+    assert!(matches!(e, VideoError::FormatNotAllowed { .. }), "{e}");
     // A concat script naming another file.
     std::fs::write(
         d.join("list.mp4"),
