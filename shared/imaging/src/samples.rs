@@ -2,6 +2,8 @@
 //! by this crate's tests, the integration tests that push them through the image stage, and the
 //! fuzz test that mutates them. Built only with the `samples` feature.
 
+pub mod mutate;
+
 use std::io::Cursor;
 
 use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
