@@ -595,3 +595,82 @@ fn hostile_and_broken_inputs_are_refused_with_a_reason() {
     .unwrap();
     assert!(refused(&d.join("noise.mp4")).is_bad_input());
 }
+
+#[test]
+fn frames_come_in_every_rendition_asked_for() {
+    use mediaflow_imaging::renditions::{Format, Mode, RenditionSpec};
+    let spec = |name: &str, width, height, mode, format| RenditionSpec {
+        name: name.into(),
+        width,
+        height,
+        mode,
+        format,
+        quality: 80,
+        metadata: Default::default(),
+    };
+    let specs = [
+        spec("thumb", 320, 320, Mode::Fit, Format::Jpeg),
+        spec("card", 160, 160, Mode::Fill, Format::Webp),
+        spec("still", 640, 640, Mode::Fit, Format::Png),
+    ];
+    let mut video = open("rotated-90.mp4");
+    let p = video.frame_at(2.0, Seek::Accurate).unwrap();
+    let made = mediaflow_video::encode::renditions(&p, &specs).unwrap();
+    let sizes: Vec<(String, u32, u32)> = made
+        .iter()
+        .map(|r| {
+            let decoded = image::load_from_memory(&r.bytes).unwrap();
+            assert_eq!(
+                (decoded.width(), decoded.height()),
+                (r.width, r.height),
+                "{}",
+                r.name
+            );
+            (r.name.clone(), r.width, r.height)
+        })
+        .collect();
+    // Shown upright at 240x320: fit in 320 keeps it, fill makes the square, fit in 640 never
+    // enlarges.
+    assert_eq!(
+        sizes,
+        vec![
+            ("thumb".into(), 240, 320),
+            ("card".into(), 160, 160),
+            ("still".into(), 240, 320)
+        ]
+    );
+}
+
+#[test]
+fn durations_over_the_limit_are_refused_before_decoding() {
+    let short = Limits {
+        max_duration_s: 30.0,
+        ..Limits::default()
+    };
+    let e = Video::open(&videos().join("synthetic-1080p-60s.mp4"), &short).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            VideoError::OverLimit {
+                what: "duration",
+                ..
+            }
+        ) && e.is_bad_input(),
+        "{e}"
+    );
+    let small = Limits {
+        max_pixels: 1920 * 1080 - 1,
+        ..Limits::default()
+    };
+    let e = Video::open(&videos().join("synthetic-1080p-60s.mp4"), &small).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            VideoError::OverLimit {
+                what: "pixel count",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
