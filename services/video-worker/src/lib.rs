@@ -88,6 +88,7 @@ impl VideoWorkerConfig {
     pub fn check(&self) -> Result<(), String> {
         let wrong = |e: VideoError| format!("video_worker: {e}");
         self.frames.check().map_err(wrong)?;
+        self.limits.check().map_err(wrong)?;
         self.storyboard.check().map_err(wrong)?;
         self.preview.check().map_err(wrong)?;
         if self.renditions.is_empty() {
@@ -147,16 +148,13 @@ struct Made {
 
 fn make(path: &Path, config: &VideoWorkerConfig) -> Result<Made, VideoError> {
     let mut video = Video::open(path, &config.limits)?;
-    let pictures = mediaflow_video::select::select(&mut video, &config.frames, config.seek)?;
-    let mut frames = Vec::with_capacity(pictures.len());
-    for p in &pictures {
-        frames.push((
-            p.time_s,
-            p.keyframe,
-            mediaflow_video::encode::renditions(p, &config.renditions)?,
-        ));
-    }
-    drop(pictures);
+    // Each frame is rendered as soon as it is chosen; only its encoded renditions are kept.
+    let mut frames = Vec::new();
+    mediaflow_video::select::select_each(&mut video, &config.frames, config.seek, |p| {
+        let renditions = mediaflow_video::encode::renditions(&p, &config.renditions)?;
+        frames.push((p.time_s, p.keyframe, renditions));
+        Ok(())
+    })?;
     let storyboard = if config.storyboard_enabled {
         Some(mediaflow_video::storyboard::storyboard(
             &mut video,
@@ -165,6 +163,7 @@ fn make(path: &Path, config: &VideoWorkerConfig) -> Result<Made, VideoError> {
     } else {
         None
     };
+    video.check_time()?;
     let preview = if config.preview_enabled {
         Some(mediaflow_video::preview::preview(
             &mut video,
@@ -173,6 +172,7 @@ fn make(path: &Path, config: &VideoWorkerConfig) -> Result<Made, VideoError> {
     } else {
         None
     };
+    video.check_time()?;
     Ok(Made {
         probe: video.probe().clone(),
         frames,

@@ -71,7 +71,28 @@ impl Default for Limits {
 
 impl Limits {
     pub(crate) fn job_time(&self) -> Duration {
-        Duration::from_secs_f64(self.max_job_s.max(0.0))
+        Duration::try_from_secs_f64(self.max_job_s.max(0.0)).unwrap_or(Duration::MAX)
+    }
+
+    /// Checks that every limit is a number that can bound something.
+    pub fn check(&self) -> Result<(), VideoError> {
+        let positive = |name: &str, v: f64| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(())
+            } else {
+                Err(VideoError::BadRequest(format!(
+                    "limits.{name} must be a number of seconds (0 or more), not {v}"
+                )))
+            }
+        };
+        positive("max_duration_s", self.max_duration_s)?;
+        positive("max_job_s", self.max_job_s)?;
+        if self.max_side == 0 || self.max_pixels == 0 || self.max_streams == 0 {
+            return Err(VideoError::BadRequest(
+                "limits.max_side, max_pixels and max_streams must be above 0".into(),
+            ));
+        }
+        Ok(())
     }
 }
 

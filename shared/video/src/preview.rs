@@ -70,6 +70,9 @@ impl PreviewSpec {
         if !(1..=30).contains(&self.fps) {
             return bad("fps must be 1 to 30");
         }
+        if self.duration_s * f64::from(self.fps) > 240.0 {
+            return bad("at most 240 frames (duration_s x fps)");
+        }
         if !(16..=1280).contains(&self.max_side) {
             return bad("max_side must be 16 to 1280");
         }
@@ -106,20 +109,32 @@ pub fn preview(video: &mut Video, spec: &PreviewSpec) -> Result<Preview, VideoEr
         (spec.max_side, spec.max_side),
     );
     let step = 1.0 / f64::from(spec.fps);
-    let wanted = ((length * f64::from(spec.fps)).round() as usize).max(1);
-    let mut frames: Vec<(f64, RgbImage)> = Vec::with_capacity(wanted);
+    let end = start + length;
+    // One frame per step of the preview's clock: the frame shown at each step. Where the video
+    // has fewer frames (a low or variable rate), a frame is held over several steps.
+    let mut frames: Vec<(f64, RgbImage)> = Vec::new();
     let mut next = start;
     video.scan(start, false, |p| {
+        if p.time_s >= end - 1e-6 {
+            return Ok(false);
+        }
         if p.time_s + 1e-6 >= next {
             frames.push((p.time_s, p.to_rgb(w, h)?));
-            next = start + step * frames.len() as f64;
+            next = start + step * ((p.time_s - start) / step + 1e-6).floor() + step;
         }
-        Ok(frames.len() < wanted)
+        Ok(true)
     })?;
     if frames.is_empty() {
         return Err(VideoError::NoFrame(format!("from {start:.3} s on")));
     }
-    let delay_ms = (1000 / spec.fps) as i32;
+    // Each frame lasts until the next one's time (the last until the end), in whole ms.
+    let ms = |t: f64| ((t - start) * 1000.0).round().max(0.0) as i32;
+    let shown_at: Vec<i32> = frames.iter().map(|(t, _)| ms(*t)).collect();
+    let durations: Vec<u32> = shown_at
+        .iter()
+        .zip(shown_at.iter().skip(1).chain(std::iter::once(&ms(end))))
+        .map(|(a, b)| (b - a).max(10) as u32)
+        .collect();
     let bytes = match spec.format {
         PreviewFormat::Webp => {
             let mut config = webp::WebPConfig::new()
@@ -128,13 +143,8 @@ pub fn preview(video: &mut Video, spec: &PreviewSpec) -> Result<Preview, VideoEr
             config.lossless = 0;
             let mut encoder = webp::AnimEncoder::new(w, h, &config);
             encoder.set_loop_count(0);
-            for (i, (_, image)) in frames.iter().enumerate() {
-                encoder.add_frame(webp::AnimFrame::from_rgb(
-                    image.as_raw(),
-                    w,
-                    h,
-                    i as i32 * delay_ms,
-                ));
+            for ((_, image), at) in frames.iter().zip(&shown_at) {
+                encoder.add_frame(webp::AnimFrame::from_rgb(image.as_raw(), w, h, *at));
             }
             encoder
                 .try_encode()
@@ -148,13 +158,13 @@ pub fn preview(video: &mut Video, spec: &PreviewSpec) -> Result<Preview, VideoEr
                 encoder
                     .set_repeat(image::codecs::gif::Repeat::Infinite)
                     .map_err(|e| VideoError::Internal(format!("GIF: {e}")))?;
-                for (_, image) in &frames {
+                for ((_, image), ms) in frames.iter().zip(&durations) {
                     let rgba = image::DynamicImage::ImageRgb8(image.clone()).into_rgba8();
                     let frame = image::Frame::from_parts(
                         rgba,
                         0,
                         0,
-                        image::Delay::from_numer_denom_ms(1000, spec.fps),
+                        image::Delay::from_numer_denom_ms(*ms, 1),
                     );
                     encoder
                         .encode_frame(frame)

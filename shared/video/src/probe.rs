@@ -111,10 +111,18 @@ impl Probe {
                 codec: s.parameters().id().name().into(),
             })
             .collect();
+        // Cover art (an attached picture, as in audio files) is not a video stream.
+        let moving = |s: &ffmpeg_next::Stream| {
+            s.parameters().medium() == media::Type::Video
+                && !s
+                    .disposition()
+                    .contains(ffmpeg_next::format::stream::Disposition::ATTACHED_PIC)
+        };
         let best = input
             .streams()
             .best(media::Type::Video)
-            .filter(|s| s.parameters().medium() == media::Type::Video)
+            .filter(moving)
+            .or_else(|| input.streams().find(moving))
             .ok_or_else(|| VideoError::NoVideo {
                 streams: if streams.is_empty() {
                     "none".into()

@@ -8,6 +8,8 @@ use crate::{Seek, Video, VideoError};
 
 /// Most frames one selection may take.
 pub const MAX_FRAMES: usize = 1000;
+/// Most frames a selection by content may take: they are held until the choice is made.
+pub const MAX_PICKED: usize = 100;
 /// Frames per second looked at when searching for scene changes.
 const SCENE_SAMPLES_PER_S: f64 = 4.0;
 
@@ -153,6 +155,13 @@ impl Strategy {
             Strategy::Offsets { at } if at.is_empty() || at.len() > MAX_FRAMES => {
                 bad(format!("offsets: give 1 to {MAX_FRAMES}"))
             }
+            Strategy::Representative { count } | Strategy::Scenes { count, .. }
+                if *count as usize > MAX_PICKED =>
+            {
+                bad(format!(
+                    "frames chosen by content: count must be 1 to {MAX_PICKED}, not {count}"
+                ))
+            }
             Strategy::Scenes { threshold, .. } if !(0.0..=1.0).contains(threshold) => {
                 bad(format!("scene threshold must be 0 to 1, not {threshold}"))
             }
@@ -208,17 +217,46 @@ pub fn select(
     strategy: &Strategy,
     seek: Seek,
 ) -> Result<Vec<Picture>, VideoError> {
+    let mut frames = Vec::new();
+    select_each(video, strategy, seek, |p| {
+        frames.push(p);
+        Ok(())
+    })?;
+    Ok(frames)
+}
+
+/// Hands each frame `strategy` chooses to `visit`, in time order, as soon as it is known: frames
+/// at planned times are never held together (a thousand 8K frames would not fit in memory);
+/// frames chosen by content (at most [`MAX_PICKED`]) are handed over once chosen. The job's
+/// time limit is checked after each.
+pub fn select_each(
+    video: &mut Video,
+    strategy: &Strategy,
+    seek: Seek,
+    mut visit: impl FnMut(Picture) -> Result<(), VideoError>,
+) -> Result<(), VideoError> {
     let duration = video.probe().duration_s;
-    if let Some(mut times) = strategy.planned_times(duration)? {
-        // In time order, so that the demuxer mostly moves forward.
-        times.sort_by(f64::total_cmp);
-        return times.iter().map(|&t| video.frame_at(t, seek)).collect();
+    let picked = match strategy.planned_times(duration)? {
+        Some(mut times) => {
+            // In time order, so that the demuxer mostly moves forward.
+            times.sort_by(f64::total_cmp);
+            for t in times {
+                visit(video.frame_at(t, seek)?)?;
+                video.check_time()?;
+            }
+            return Ok(());
+        }
+        None => match strategy {
+            Strategy::Representative { count } => representative(video, *count, seek)?,
+            Strategy::Scenes { count, threshold } => scenes(video, *count, *threshold)?,
+            _ => unreachable!("planned strategies return above"),
+        },
+    };
+    for p in picked {
+        visit(p)?;
+        video.check_time()?;
     }
-    match strategy {
-        Strategy::Representative { count } => representative(video, *count, seek),
-        Strategy::Scenes { count, threshold } => scenes(video, *count, *threshold),
-        _ => unreachable!("planned strategies return above"),
-    }
+    Ok(())
 }
 
 /// One frame per stretch: the best scoring of three candidates in it; when all three are black or

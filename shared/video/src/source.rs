@@ -104,12 +104,27 @@ impl Video {
         // One thread per decode: parallelism comes from running jobs side by side, and frame
         // threads would add a frame of latency to every seek.
         context.set_threading(codec::threading::Config::count(1));
-        let decoder = context.decoder().video().map_err(|e| {
+        // The decoder refuses pictures over the pixel limit itself: a stream can change its size
+        // after the headers were checked (a new H.264 SPS in band).
+        let mut options = Dictionary::new();
+        options.set(
+            "max_pixels",
+            &limits.max_pixels.min(i64::MAX as u64).to_string(),
+        );
+        let no_decoder = |e: ffmpeg_next::Error| {
             VideoError::Unreadable(format!(
                 "no decoder for the video codec `{}` in this FFmpeg ({e})",
                 probe.video.codec
             ))
-        })?;
+        };
+        let codec = ffmpeg_next::decoder::find(context.id())
+            .ok_or(ffmpeg_next::Error::DecoderNotFound)
+            .map_err(no_decoder)?;
+        let decoder = context
+            .decoder()
+            .open_as_with(codec, options)
+            .and_then(|o| o.video())
+            .map_err(no_decoder)?;
         let mut video = Self {
             input,
             decoder,
@@ -134,7 +149,7 @@ impl Video {
     }
 
     /// Fails once the job has run for longer than its limit.
-    pub(crate) fn check_time(&self) -> Result<(), VideoError> {
+    pub fn check_time(&self) -> Result<(), VideoError> {
         if self.started.elapsed() > self.limits.job_time() {
             return Err(VideoError::TimedOut {
                 limit_s: self.limits.max_job_s,
@@ -143,12 +158,15 @@ impl Video {
         Ok(())
     }
 
+    /// Seconds from the stream start of timestamp `ts` (any value a file may hold).
     fn seconds(&self, ts: i64) -> f64 {
-        (ts - self.start) as f64 * self.time_base
+        (i128::from(ts) - i128::from(self.start)) as f64 * self.time_base
     }
 
+    /// The timestamp `seconds` from the stream start (saturating; float casts saturate too).
     fn timestamp(&self, seconds: f64) -> i64 {
-        self.start + (seconds / self.time_base).round() as i64
+        self.start
+            .saturating_add((seconds / self.time_base).round() as i64)
     }
 
     /// Seeks the demuxer to the keyframe at or before `seconds` (from the stream start).
@@ -156,6 +174,7 @@ impl Video {
         let ts = self.timestamp(seconds.max(0.0));
         // In AV_TIME_BASE units (microseconds), as avformat_seek_file wants without a stream.
         let micros = (ts as f64 * self.time_base * 1e6).round() as i64;
+        let micros = micros.clamp(i64::MIN / 2, i64::MAX / 2);
         let done = self
             .input
             .seek(micros, ..micros)
@@ -174,10 +193,25 @@ impl Video {
         }
     }
 
-    fn picture(&self, frame: frame::Video) -> Picture {
+    /// A decoded frame as a `Picture`, if its size is within the limits (the decoder's own
+    /// pixel limit aside, a side may not exceed `max_side` either).
+    fn picture(&self, frame: frame::Video) -> Result<Picture, VideoError> {
+        let (w, h) = (frame.width(), frame.height());
+        if w.max(h) > self.limits.max_side || w == 0 || h == 0 {
+            return Err(VideoError::OverLimit {
+                what: "decoded frame size",
+                value: format!("{w}x{h}"),
+                limit: format!("{} px a side", self.limits.max_side),
+            });
+        }
         let ts = frame.timestamp().or(frame.pts()).unwrap_or(self.start);
         let key = frame.is_key();
-        Picture::new(frame, self.seconds(ts), key, self.probe.video.rotation)
+        Ok(Picture::new(
+            frame,
+            self.seconds(ts),
+            key,
+            self.probe.video.rotation,
+        ))
     }
 
     /// Reads the next packet of the video stream, or `None` at the end.
@@ -207,7 +241,7 @@ impl Video {
         loop {
             self.seek_before(seconds - back)?;
             let found = match seek {
-                Seek::Keyframe => self.keyframe_from_here()?,
+                Seek::Keyframe => self.keyframe_from_here(seconds)?,
                 Seek::Accurate => self.decode_until(seconds)?,
             };
             match found {
@@ -232,37 +266,46 @@ impl Video {
         }
     }
 
-    /// Decodes the first keyframe from the demuxer's position, alone.
-    fn keyframe_from_here(&mut self) -> Result<Option<Picture>, VideoError> {
+    /// Decodes, alone, the last keyframe at or before `seconds` from the demuxer's position:
+    /// packets are read (not decoded) until one starts after the time. `None` if no keyframe at
+    /// or before the time follows the position.
+    fn keyframe_from_here(&mut self, seconds: f64) -> Result<Option<Picture>, VideoError> {
         self.set_skipping(Discard::NonKey);
-        let mut tries = 0;
+        let limit = seconds + 1e-6;
+        let mut last_key: Option<Packet> = None;
         while let Some(packet) = self.next_packet()? {
-            if !packet.is_key() {
-                continue;
-            }
-            // Send the keyframe and end the stream, so that a decoder holding frames back for
-            // reordering gives it up at once.
-            if self.decoder.send_packet(&packet).is_err() {
-                tries += 1;
-                if tries > 8 {
-                    return Ok(None);
+            let dts = packet.dts().or(packet.pts()).map(|t| self.seconds(t));
+            if packet.is_key() {
+                let pts = packet.pts().or(packet.dts()).map(|t| self.seconds(t));
+                if pts.is_some_and(|t| t <= limit) {
+                    last_key = Some(packet);
+                    continue;
                 }
-                self.decoder.flush();
-                continue;
+                if pts.is_some() {
+                    break;
+                }
             }
-            let _ = self.decoder.send_eof();
-            let mut frame = frame::Video::empty();
-            let got = self.decoder.receive_frame(&mut frame).is_ok();
-            self.decoder.flush();
-            if got {
-                return Ok(Some(self.picture(frame)));
-            }
-            tries += 1;
-            if tries > 8 {
-                return Ok(None);
+            // Packets come in decoding order: once one is decoded after the time, no keyframe
+            // at or before it follows.
+            if dts.is_some_and(|t| t > limit) {
+                break;
             }
         }
-        Ok(None)
+        let Some(packet) = last_key else {
+            return Ok(None);
+        };
+        // Send the keyframe and end the stream, so that a decoder holding frames back for
+        // reordering gives it up at once.
+        let sent = self.decoder.send_packet(&packet).is_ok();
+        let _ = self.decoder.send_eof();
+        let mut frame = frame::Video::empty();
+        let got = sent && self.decoder.receive_frame(&mut frame).is_ok();
+        self.decoder.flush();
+        if got {
+            self.picture(frame).map(Some)
+        } else {
+            Ok(None)
+        }
     }
 
     /// Decodes on from the demuxer's position to the frame shown at `seconds`: the last frame
@@ -284,7 +327,7 @@ impl Video {
                 }
             }
             while self.decoder.receive_frame(&mut frame).is_ok() {
-                let p = self.picture(std::mem::replace(&mut frame, frame::Video::empty()));
+                let p = self.picture(std::mem::replace(&mut frame, frame::Video::empty()))?;
                 if p.time_s > seconds + 1e-6 {
                     self.decoder.flush();
                     return Ok(Some(shown.unwrap_or(p)));
@@ -325,11 +368,13 @@ impl Video {
                 }
             }
             while self.decoder.receive_frame(&mut frame).is_ok() {
-                let p = self.picture(std::mem::replace(&mut frame, frame::Video::empty()));
+                let p = self.picture(std::mem::replace(&mut frame, frame::Video::empty()))?;
                 if p.time_s + 1e-6 < from_s {
                     continue;
                 }
-                if !visit(p)? {
+                // Data far past the declared duration (which the limits were checked on) is
+                // not decoded.
+                if p.time_s > self.probe.duration_s * 1.1 + 1.0 || !visit(p)? {
                     self.decoder.flush();
                     return Ok(());
                 }
@@ -345,7 +390,7 @@ impl Video {
         let mut end: f64 = 0.0;
         while let Some(packet) = self.next_packet()? {
             if let Some(ts) = packet.pts().or(packet.dts()) {
-                end = end.max(self.seconds(ts + packet.duration().max(0)));
+                end = end.max(self.seconds(ts.saturating_add(packet.duration().max(0))));
             }
         }
         if end <= 0.0 {
@@ -370,7 +415,7 @@ impl Video {
         while let Some(packet) = self.next_packet()? {
             if let Some(pts) = packet.pts().or(packet.dts()) {
                 let span = packet.duration().max(0);
-                end = end.max(self.seconds(pts + span));
+                end = end.max(self.seconds(pts.saturating_add(span)));
             }
         }
         let slack = (2.0 * self.frame_interval()).max(0.5);

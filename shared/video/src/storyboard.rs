@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Seek, Video, VideoError};
 
+/// Largest side of a sprite sheet, in pixels.
+const MAX_SPRITE_SIDE: u64 = 16_384;
+
 /// What storyboard to make.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -134,6 +137,14 @@ pub fn storyboard(video: &mut Video, spec: &StoryboardSpec) -> Result<Storyboard
     let th = ((f64::from(tw) * f64::from(dh) / f64::from(dw)).round() as u32).clamp(1, 4 * tw);
     let columns = spec.columns.min(count);
     let rows = count.div_ceil(columns);
+    // JPEG's own bound is 65535 px a side; a sheet this big is a mistake in the spec.
+    if u64::from(tw) * u64::from(columns) > MAX_SPRITE_SIDE
+        || u64::from(th) * u64::from(rows) > MAX_SPRITE_SIDE
+    {
+        return Err(VideoError::BadRequest(format!(
+            "storyboard: a sprite of {columns}x{rows} tiles of {tw}x{th} px is over {MAX_SPRITE_SIDE} px a side"
+        )));
+    }
     let mut sprite = RgbImage::new(tw * columns, th * rows);
     let mut tiles = Vec::with_capacity(count as usize);
     for i in 0..count {

@@ -116,6 +116,7 @@ fn selected_frames_are_where_ffprobe_says_they_are() {
 
         // Keyframe: the keyframe at or before each time.
         let got = select(&mut video, &strategy, Seek::Keyframe).unwrap();
+        assert_eq!(got.len(), 10, "{name}");
         for (t, p) in times.iter().zip(&got) {
             let key = frames
                 .iter()
@@ -342,6 +343,74 @@ fn storyboard_vtt_parses_and_its_tiles_are_inside_the_sprite() {
 #[test]
 fn animated_previews_have_the_frames_asked_for() {
     use image::AnimationDecoder;
+    // A variable rate clip (4 of every 10 frames of 30 fps kept): the preview covers only the
+    // seconds asked for, holding frames over the gaps.
+    let mut vfr = open("variable-rate.mkv");
+    let spec = PreviewSpec {
+        start: Some(Offset::Seconds(1.0)),
+        duration_s: 2.0,
+        fps: 10,
+        max_side: 64,
+        ..Default::default()
+    };
+    let made = preview(&mut vfr, &spec).unwrap();
+    assert!((made.start_s - 1.0).abs() < 0.05, "{}", made.start_s);
+    assert!(made.frames > 1 && made.frames <= 20, "{}", made.frames);
+    let frames = image::codecs::webp::WebPDecoder::new(std::io::Cursor::new(&made.bytes))
+        .unwrap()
+        .into_frames()
+        .collect_frames()
+        .unwrap();
+    let shown: u32 = frames
+        .iter()
+        .map(|f| {
+            let (n, d) = f.delay().numer_denom_ms();
+            n / d.max(1)
+        })
+        .sum();
+    assert!(
+        (1800..=2200).contains(&shown) || frames.len() == 1,
+        "the preview plays {shown} ms for 2 s of video"
+    );
+
+    // A clip at 2 fps: 2 s of preview at 10 fps is 4 source frames, each held 500 ms.
+    let dir = tempfile::tempdir().unwrap();
+    let slow = dir.path().join("slow.mp4");
+    let status = Command::new("ffmpeg")
+        .args(["-nostdin", "-loglevel", "error", "-f", "lavfi", "-i"])
+        .arg("testsrc2=size=160x120:rate=2:duration=8")
+        .args(["-c:v", "libx264", "-pix_fmt", "yuv420p"])
+        .arg(&slow)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut video = Video::open(&slow, &Limits::default()).unwrap();
+    let made = preview(&mut video, &spec).unwrap();
+    assert_eq!(made.frames, 4, "frames from 1 s to 3 s only");
+    let frames = image::codecs::gif::GifDecoder::new(std::io::Cursor::new(
+        preview(
+            &mut video,
+            &PreviewSpec {
+                format: PreviewFormat::Gif,
+                ..spec.clone()
+            },
+        )
+        .unwrap()
+        .bytes,
+    ))
+    .unwrap()
+    .into_frames()
+    .collect_frames()
+    .unwrap();
+    let delays: Vec<u32> = frames
+        .iter()
+        .map(|f| {
+            let (n, d) = f.delay().numer_denom_ms();
+            n / d.max(1)
+        })
+        .collect();
+    assert_eq!(delays, vec![500, 500, 500, 500]);
+
     let mut video = open("bikes.mp4");
     for format in [PreviewFormat::Webp, PreviewFormat::Gif] {
         let spec = PreviewSpec {
@@ -406,24 +475,27 @@ fn odd_sizes_and_every_clip_make_stills_of_the_display_size() {
 
 #[test]
 fn a_job_over_its_time_limit_stops() {
+    // Opening takes milliseconds; decoding all of the 60 s 1080p video for scene changes takes
+    // many seconds: the limit stops it.
     let limits = Limits {
-        max_job_s: 0.0,
+        max_job_s: 1.0,
         ..Limits::default()
     };
-    let err = Video::open(&videos().join("synthetic-1080p-60s.mp4"), &limits)
-        .and_then(|mut v| {
-            select(
-                &mut v,
-                &Strategy::Scenes {
-                    count: 3,
-                    threshold: 0.3,
-                },
-                Seek::Keyframe,
-            )
-        })
-        .unwrap_err();
+    let started = std::time::Instant::now();
+    let mut video = Video::open(&videos().join("synthetic-1080p-60s.mp4"), &limits).unwrap();
+    let err = select(
+        &mut video,
+        &Strategy::Scenes {
+            count: 3,
+            threshold: 0.3,
+        },
+        Seek::Keyframe,
+    )
+    .unwrap_err();
     assert!(matches!(err, VideoError::TimedOut { .. }), "{err}");
     assert!(err.is_bad_input());
+    let took = started.elapsed().as_secs_f64();
+    assert!(took < 3.0, "stopped {took:.2} s in, for a limit of 1 s");
 }
 
 fn refused(path: &Path) -> VideoError {
@@ -561,13 +633,6 @@ fn hostile_and_broken_inputs_are_refused_with_a_reason() {
     let e = refused(&d.join("list.mp4"));
     assert!(matches!(e, VideoError::FormatNotAllowed { .. }), "{e}");
 
-    // Nothing of the referenced file was read by any of them.
-    assert_eq!(
-        accessed(&target),
-        long_ago,
-        "the playlist's target was read"
-    );
-
     // More streams than allowed (Big Buck Bunny has video and audio).
     let few = Limits {
         max_streams: 1,
@@ -583,6 +648,26 @@ fn hostile_and_broken_inputs_are_refused_with_a_reason() {
             }
         ),
         "{e}"
+    );
+
+    // A DASH manifest naming a local file.
+    std::fs::write(
+        d.join("manifest.mp4"),
+        format!(
+            "<?xml version=\"1.0\"?>\n<MPD xmlns=\"urn:mpeg:dash:schema:mpd:2011\" type=\"static\" \
+             mediaPresentationDuration=\"PT4S\"><Period><AdaptationSet><Representation id=\"1\" \
+             bandwidth=\"1000\"><BaseURL>{}</BaseURL></Representation></AdaptationSet></Period></MPD>\n",
+            target.display()
+        ),
+    )
+    .unwrap();
+    assert!(refused(&d.join("manifest.mp4")).is_bad_input());
+
+    // Nothing of the referenced file was read by any of them (checked after the last one).
+    assert_eq!(
+        accessed(&target),
+        long_ago,
+        "the playlist's target was read"
     );
 
     // Garbage.
