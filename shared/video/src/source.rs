@@ -310,14 +310,31 @@ impl Video {
 
     /// Decodes on from the demuxer's position to the frame shown at `seconds`: the last frame
     /// that starts at or before it (or the first after it, if none does).
+    ///
+    /// A frame that no other frame refers to (a B-frame, mostly) is not decoded when a frame
+    /// shown later, but not after the time, has already been read: it cannot be the one shown
+    /// at the time. B-frames come after the later frames they refer to, so most of them before
+    /// the time are skipped.
     fn decode_until(&mut self, seconds: f64) -> Result<Option<Picture>, VideoError> {
-        self.set_skipping(Discard::Default);
+        let limit = seconds + 1e-6;
+        // The latest presentation time read so far that is not after the time.
+        let mut latest_before = f64::NEG_INFINITY;
         let mut shown: Option<Picture> = None;
         let mut frame = frame::Video::empty();
         let mut ended = false;
         loop {
             match self.next_packet()? {
                 Some(packet) => {
+                    let pts = packet.pts().map(|t| self.seconds(t));
+                    let passed = pts.is_some_and(|p| p < latest_before);
+                    self.set_skipping(if passed {
+                        Discard::NonReference
+                    } else {
+                        Discard::Default
+                    });
+                    if let Some(p) = pts.filter(|p| *p <= limit) {
+                        latest_before = latest_before.max(p);
+                    }
                     // A damaged packet is skipped; the decoder conceals what it can.
                     let _ = self.decoder.send_packet(&packet);
                 }
@@ -328,7 +345,7 @@ impl Video {
             }
             while self.decoder.receive_frame(&mut frame).is_ok() {
                 let p = self.picture(std::mem::replace(&mut frame, frame::Video::empty()))?;
-                if p.time_s > seconds + 1e-6 {
+                if p.time_s > limit {
                     self.decoder.flush();
                     return Ok(Some(shown.unwrap_or(p)));
                 }
