@@ -13,8 +13,11 @@ pub struct Sniffed {
     pub supported: bool,
 }
 
-/// How many leading bytes `sniff` needs to decide.
-pub const SNIFF_LEN: usize = 64;
+/// How many leading bytes `sniff` needs to decide (three MPEG-TS packets).
+pub const SNIFF_LEN: usize = 512;
+
+/// MPEG transport stream packet size.
+const TS_PACKET: usize = 188;
 
 const fn image(content_type: &'static str, extension: &'static str, supported: bool) -> Sniffed {
     Sniffed {
@@ -82,6 +85,24 @@ pub fn sniff(head: &[u8]) -> Option<Sniffed> {
             _ => return None,
         });
     }
+    if at(0, b"FLV\x01") {
+        return Some(video("video/x-flv", "flv"));
+    }
+    // Three packets' sync bytes: a lone 0x47 is just a "G".
+    if (0..3).all(|i| head.get(i * TS_PACKET) == Some(&0x47)) {
+        return Some(video("video/mp2t", "ts"));
+    }
+    // An MPEG program stream pack header (DVD, VOB, .mpg).
+    if at(0, &[0x00, 0x00, 0x01, 0xBA]) {
+        return Some(video("video/mpeg", "mpg"));
+    }
+    // Ogg holding Theora or VP8 video; Ogg audio (Vorbis, Opus) is not media here.
+    if at(0, b"OggS") {
+        let page = &head[..head.len().min(SNIFF_LEN)];
+        let video_codec =
+            page.windows(7).any(|w| w == b"\x80theora") || page.windows(5).any(|w| w == b"OVP80");
+        return video_codec.then(|| video("video/ogg", "ogv"));
+    }
     if at(0, &[0x1A, 0x45, 0xDF, 0xA3]) {
         let is_webm = head.windows(4).any(|w| w == b"webm");
         return Some(if is_webm {
@@ -118,6 +139,33 @@ mod tests {
                 "{bytes:?}"
             );
         }
+    }
+
+    #[test]
+    fn recognises_more_video_containers() {
+        let mut ts = vec![0u8; 3 * TS_PACKET];
+        for i in 0..3 {
+            ts[i * TS_PACKET] = 0x47;
+        }
+        assert_eq!(sniff(&ts).map(|s| s.content_type), Some("video/mp2t"));
+        ts[TS_PACKET] = 0;
+        assert_eq!(sniff(&ts), None, "one sync byte is not a transport stream");
+        assert_eq!(
+            sniff(b"FLV\x01\x05\0\0\0\x09").map(|s| s.content_type),
+            Some("video/x-flv")
+        );
+        assert_eq!(
+            sniff(b"\0\0\x01\xBA\x44\0\x04\0\x04\x01").map(|s| s.content_type),
+            Some("video/mpeg")
+        );
+        let mut ogv = b"OggS\0\x02".to_vec();
+        ogv.extend_from_slice(&[0; 22]);
+        ogv.extend_from_slice(b"\x80theora\x03\x02");
+        assert_eq!(sniff(&ogv).map(|s| s.content_type), Some("video/ogg"));
+        let mut oga = b"OggS\0\x02".to_vec();
+        oga.extend_from_slice(&[0; 22]);
+        oga.extend_from_slice(b"\x01vorbis\0\0");
+        assert_eq!(sniff(&oga), None, "Ogg audio");
     }
 
     #[test]

@@ -170,8 +170,11 @@ impl Video {
     }
 
     /// Seeks the demuxer to the keyframe at or before `seconds` (from the stream start).
+    /// A time at or before 0 seeks a second before the stream's start: demuxers without an
+    /// index (MPEG-TS, PS) search by timestamps and, asked for the start itself, can land past
+    /// the first keyframe, whose decoding timestamp comes before it.
     fn seek_before(&mut self, seconds: f64) -> Result<(), VideoError> {
-        let ts = self.timestamp(seconds.max(0.0));
+        let ts = self.timestamp(if seconds <= 0.0 { -1.0 } else { seconds });
         // In AV_TIME_BASE units (microseconds), as avformat_seek_file wants without a stream.
         let micros = (ts as f64 * self.time_base * 1e6).round() as i64;
         let micros = micros.clamp(i64::MIN / 2, i64::MAX / 2);
@@ -322,9 +325,14 @@ impl Video {
         let mut shown: Option<Picture> = None;
         let mut frame = frame::Video::empty();
         let mut ended = false;
+        // Where the demuxer landed off a keyframe (no index), what precedes the next keyframe
+        // cannot be decoded: it is not sent.
+        let mut keyed = false;
         loop {
             match self.next_packet()? {
+                Some(packet) if !keyed && !packet.is_key() => continue,
                 Some(packet) => {
+                    keyed = true;
                     let pts = packet.pts().map(|t| self.seconds(t));
                     let passed = pts.is_some_and(|p| p < latest_before);
                     self.set_skipping(if passed {
@@ -366,24 +374,21 @@ impl Video {
         fast: bool,
         mut visit: impl FnMut(Picture) -> Result<bool, VideoError>,
     ) -> Result<(), VideoError> {
-        self.seek_before(from_s)?;
+        let first = self.keyframe_packet_before(from_s)?;
         self.set_skipping(if fast {
             Discard::NonReference
         } else {
             Discard::Default
         });
+        if let Some(key) = &first {
+            let _ = self.decoder.send_packet(key);
+        }
         let mut frame = frame::Video::empty();
-        let mut ended = false;
-        while !ended {
-            match self.next_packet()? {
-                Some(packet) => {
-                    let _ = self.decoder.send_packet(&packet);
-                }
-                None => {
-                    let _ = self.decoder.send_eof();
-                    ended = true;
-                }
-            }
+        let mut ended = first.is_none();
+        if ended {
+            let _ = self.decoder.send_eof();
+        }
+        loop {
             while self.decoder.receive_frame(&mut frame).is_ok() {
                 let p = self.picture(std::mem::replace(&mut frame, frame::Video::empty()))?;
                 if p.time_s + 1e-6 < from_s {
@@ -396,9 +401,48 @@ impl Video {
                     return Ok(());
                 }
             }
+            if ended {
+                break;
+            }
+            match self.next_packet()? {
+                Some(packet) => {
+                    let _ = self.decoder.send_packet(&packet);
+                }
+                None => {
+                    let _ = self.decoder.send_eof();
+                    ended = true;
+                }
+            }
         }
         self.decoder.flush();
         Ok(())
+    }
+
+    /// Seeks so that the next packet decoded is a keyframe at or before `seconds`, and returns
+    /// that keyframe's packet (read, not yet sent). Demuxers without an index (MPEG-TS, PS) may
+    /// land past it: then it seeks further back, to the start if need be. `None` at the end of
+    /// the stream.
+    fn keyframe_packet_before(&mut self, seconds: f64) -> Result<Option<Packet>, VideoError> {
+        let mut back = 0.0;
+        loop {
+            self.seek_before(seconds - back)?;
+            let mut key = None;
+            while let Some(packet) = self.next_packet()? {
+                if packet.is_key() {
+                    key = Some(packet);
+                    break;
+                }
+            }
+            let at = key
+                .as_ref()
+                .and_then(|k| k.pts().or(k.dts()))
+                .map(|t| self.seconds(t));
+            let early_enough = at.is_none_or(|t| t <= seconds + self.frame_interval());
+            if (key.is_some() && early_enough) || seconds - back <= 0.0 {
+                return Ok(key);
+            }
+            back = if back == 0.0 { 1.0 } else { back * 4.0 };
+        }
     }
 
     /// For streams that do not say how long they are (raw elementary streams): reads every

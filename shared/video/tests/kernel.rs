@@ -45,9 +45,10 @@ fn ffprobe_frames(path: &Path) -> Vec<(f64, bool)> {
         .arg(path)
         .output()
         .expect("ffprobe runs");
+    // (A transport stream lists its program's streams too: the same value again.)
     let start: f64 = String::from_utf8_lossy(&start.stdout)
-        .trim()
-        .parse()
+        .lines()
+        .find_map(|l| l.trim().parse().ok())
         .unwrap_or(0.0);
     let out = Command::new("ffprobe")
         .args([
@@ -80,15 +81,34 @@ fn ffprobe_frames(path: &Path) -> Vec<(f64, bool)> {
 
 #[test]
 fn selected_frames_are_where_ffprobe_says_they_are() {
-    for name in [
+    // MPEG transport streams too (no index: seeking searches by timestamps), remuxed by ffmpeg.
+    let dir = tempfile::tempdir().unwrap();
+    let mut paths: Vec<PathBuf> = [
         "bigbuckbunny.mp4",
         "synthetic-1080p-60s.mp4",
         "variable-rate.mkv",
         "odd-321x241.webm",
-    ] {
-        let path = videos().join(name);
-        let frames = ffprobe_frames(&path);
-        let mut video = open(name);
+    ]
+    .iter()
+    .map(|n| videos().join(n))
+    .collect();
+    for source in ["bigbuckbunny.mp4", "black-start.mp4"] {
+        let ts = dir.path().join(source.replace(".mp4", ".ts"));
+        let status = Command::new("ffmpeg")
+            .args(["-nostdin", "-loglevel", "error", "-i"])
+            .arg(videos().join(source))
+            .args(["-c", "copy", "-f", "mpegts"])
+            .arg(&ts)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        paths.push(ts);
+    }
+    for path in &paths {
+        let name = path.file_name().unwrap().to_str().unwrap();
+        let frames = ffprobe_frames(path);
+        let mut video =
+            Video::open(path, &Limits::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
         let interval = video.frame_interval();
         let duration = video.probe().duration_s;
         let strategy = Strategy::Count { count: 10 };
