@@ -26,38 +26,13 @@ async fn hostile_images_end_as_thumbnails_or_bad_input_dead_letters() -> Result<
         by_id.insert(event.media_id.clone(), sample);
     }
     // Every item reaches a final status.
+    let ids: Vec<&str> = by_id.keys().map(String::as_str).collect();
+    tp.wait_final(&ids, Duration::from_secs(120)).await?;
     let db = mediaflow_db::Db::connect(&tp.config.database_url(), 1).await?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let mut pending = Vec::new();
-        for (id, sample) in &by_id {
-            let media = db.media(id).await?.expect("seeded");
-            if media.status == MediaStatus::Queued {
-                pending.push(sample.name);
-            }
-        }
-        if pending.is_empty() {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("still queued: {pending:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
     tp.wait_caught_up("image-worker", "jobs.image").await?;
 
-    let letters: Vec<DeadLetter> = tp
-        .events("dead-letters")
-        .await?
-        .iter()
-        .map(mediaflow_events::decode)
-        .collect::<Result<_, _>>()?;
-    let results: Vec<ImageProcessed> = tp
-        .events("images.processed")
-        .await?
-        .iter()
-        .map(mediaflow_events::decode)
-        .collect::<Result<_, _>>()?;
+    let letters: Vec<DeadLetter> = tp.decoded("dead-letters").await?;
+    let results: Vec<ImageProcessed> = tp.decoded("images.processed").await?;
     let s3 = tp.s3_client();
     for (id, sample) in &by_id {
         let media = db.media(id).await?.expect("seeded");

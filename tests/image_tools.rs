@@ -244,24 +244,6 @@ fn perceptual_hashes_are_near_for_copies_far_for_others_and_agree_with_imagehash
     Ok(())
 }
 
-/// SSIM (all planes) of two images by ffmpeg's `ssim` filter.
-fn ffmpeg_ssim(a: &Path, b: &Path) -> Result<f64> {
-    let out = Command::new("ffmpeg")
-        .args(["-hide_banner", "-nostats", "-i"])
-        .arg(a)
-        .arg("-i")
-        .arg(b)
-        .args(["-lavfi", "ssim", "-f", "null", "-"])
-        .output()
-        .context("running ffmpeg (Debian package ffmpeg)")?;
-    let text = String::from_utf8_lossy(&out.stderr);
-    text.split("All:")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("no SSIM in ffmpeg's output: {text}"))
-}
-
 #[test]
 fn thumbnails_look_like_vipsthumbnails() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -302,7 +284,8 @@ fn thumbnails_look_like_vipsthumbnails() -> Result<()> {
             .status()
             .context("running vipsthumbnail (Debian package libvips-tools)")?;
         ensure!(ok.success(), "vipsthumbnail failed on {}", photo.display());
-        let ssim = ffmpeg_ssim(&ours, &theirs)?;
+        // SSIM (all planes) by ffmpeg's `ssim` filter, as the benchmark measures it.
+        let ssim = mediaflow_benches::ssim(&ours, &theirs)?;
         assert!(
             ssim >= 0.95,
             "{}: SSIM {ssim} against vipsthumbnail",

@@ -267,30 +267,14 @@ async fn broken_and_hostile_videos_are_dead_lettered_with_their_reason() -> Resu
         .await?;
     tp.announce(&good).await?;
 
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let mut queued = 0;
-        for id in ids.iter().map(|i| &i.0).chain([&good.media_id]) {
-            if db.media(id).await?.expect("seeded").status == MediaStatus::Queued {
-                queued += 1;
-            }
-        }
-        if queued == 0 {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("{queued} videos still queued");
-        }
-        // Polling the database for final statuses.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    tp.wait_caught_up("video-worker", "jobs.video").await?;
-    let letters: Vec<DeadLetter> = tp
-        .events("dead-letters")
-        .await?
+    let all: Vec<&str> = ids
         .iter()
-        .map(mediaflow_events::decode)
-        .collect::<Result<_, _>>()?;
+        .map(|i| i.0.as_str())
+        .chain([good.media_id.as_str()])
+        .collect();
+    tp.wait_final(&all, Duration::from_secs(120)).await?;
+    tp.wait_caught_up("video-worker", "jobs.video").await?;
+    let letters: Vec<DeadLetter> = tp.decoded("dead-letters").await?;
     for (id, name, why) in &ids {
         let media = db.media(id).await?.expect("seeded");
         assert_eq!(media.status, MediaStatus::Failed, "{name}");
@@ -316,12 +300,7 @@ async fn broken_and_hostile_videos_are_dead_lettered_with_their_reason() -> Resu
         db.media(&good.media_id).await?.expect("seeded").status,
         MediaStatus::Done
     );
-    let results: Vec<VideoProcessed> = tp
-        .events("videos.processed")
-        .await?
-        .iter()
-        .map(mediaflow_events::decode)
-        .collect::<Result<_, _>>()?;
+    let results: Vec<VideoProcessed> = tp.decoded("videos.processed").await?;
     assert_eq!(results.len(), 1, "only the good video has a result");
     assert_eq!(results[0].media_id, good.media_id);
     tp.stop().await

@@ -295,6 +295,15 @@ impl TestPlatform {
             .collect()
     }
 
+    /// Every event retained on `topic` (without prefix) now, decoded as `T`; fails if one is not.
+    pub async fn decoded<T: mediaflow_events::EventData>(&self, topic: &str) -> Result<Vec<T>> {
+        self.events(topic)
+            .await?
+            .iter()
+            .map(|e| mediaflow_events::decode(e).map_err(anyhow::Error::from))
+            .collect()
+    }
+
     /// Records rocket.jpg as a queued upload the way the gateway does, storing its object only
     /// if `store_object`, and returns the `media.uploaded` event without publishing it: tests
     /// decide what the world looks like before the pipeline sees it.
@@ -460,6 +469,33 @@ impl TestPlatform {
             .lines()
             .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
             .unwrap_or(0.0))
+    }
+
+    /// Waits until none of the media `ids` is `queued` any more (each done or failed), polling
+    /// the database; the error names those still queued after `timeout`.
+    pub async fn wait_final(&self, ids: &[&str], timeout: Duration) -> Result<()> {
+        let db = mediaflow_db::Db::connect(&self.config.database_url(), 1).await?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut queued = Vec::new();
+            for id in ids {
+                let media = db
+                    .media(id)
+                    .await?
+                    .with_context(|| format!("no media {id}"))?;
+                if media.status == mediaflow_db::MediaStatus::Queued {
+                    queued.push(*id);
+                }
+            }
+            if queued.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("still queued after {timeout:?}: {queued:?}");
+            }
+            // Polling the database for final statuses.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Waits until stage `stage` has committed every message of `topic` (names without prefix).

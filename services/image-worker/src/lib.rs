@@ -6,10 +6,10 @@
 use cloudevents::Event;
 use mediaflow_bus::{Bus, BusError, Publisher};
 use mediaflow_db::{Db, Entity, ImageTagsRow};
-use mediaflow_events::{ImageProcessed, MediaKind, MediaUploaded, RenditionRef, Topics};
+use mediaflow_events::{ImageProcessed, MediaKind, MediaUploaded, Topics};
 use mediaflow_imaging::renditions::{Format, Mode, RenditionSpec};
 use mediaflow_imaging::{DecodeLimits, ImagingError};
-use mediaflow_outputs::{Outputs, Written, db_error, enum_name, store_error};
+use mediaflow_outputs::{Outputs, Written, db_error, give_up_media, store_error};
 use mediaflow_runtime::{Handler, StageError};
 use mediaflow_store::ObjectStore;
 use serde::{Deserialize, Serialize};
@@ -185,28 +185,12 @@ impl Handler for ImageWorker {
         let mut rows = Vec::new();
         let mut renditions = Vec::new();
         for r in processed.renditions {
-            let file = format!("{}.{}", r.name, r.format.extension());
-            let dims = Some((r.width, r.height));
-            let Written { object, row } = self
+            let (reference, row) = self
                 .outputs
-                .put(
-                    &upload.media_id,
-                    &r.name,
-                    &file,
-                    r.bytes,
-                    r.format.content_type(),
-                    dims,
-                )
+                .put_rendition(&upload.media_id, None, r)
                 .await?;
             rows.push(row);
-            renditions.push(RenditionRef {
-                name: r.name,
-                object,
-                width: r.width,
-                height: r.height,
-                mode: enum_name(&r.mode),
-                format: enum_name(&r.format),
-            });
+            renditions.push(reference);
         }
         let tags = serde_json::to_value(&processed.tags)
             .map_err(|e| StageError::permanent(format!("tags: {e}")))?;
@@ -265,14 +249,7 @@ impl Handler for ImageWorker {
     }
 
     async fn give_up(&self, event: Option<&Event>, error: &StageError) -> Result<(), StageError> {
-        let Some(upload) = event.and_then(|e| mediaflow_events::decode::<MediaUploaded>(e).ok())
-        else {
-            return Ok(());
-        };
-        self.db
-            .mark_failed(Entity::Media(&upload.media_id), &error.to_string())
-            .await
-            .map_err(db_error)
+        give_up_media(&self.db, event, error).await
     }
 }
 
@@ -285,8 +262,8 @@ mod tests {
         let a = output_key("m1", "thumb-256.jpg");
         assert_eq!(a, output_key("m1", "thumb-256.jpg"));
         assert_eq!(a, "derived/m1/image-worker/v2/thumb-256.jpg");
-        assert_eq!(enum_name(&Mode::Fill), "fill");
-        assert_eq!(enum_name(&Format::Webp), "webp");
+        assert_eq!(mediaflow_outputs::enum_name(&Mode::Fill), "fill");
+        assert_eq!(mediaflow_outputs::enum_name(&Format::Webp), "webp");
     }
 
     #[test]

@@ -12,11 +12,11 @@ use futures::StreamExt;
 use mediaflow_bus::{Bus, BusError, Publisher};
 use mediaflow_db::{Db, Entity};
 use mediaflow_events::{
-    MediaKind, MediaUploaded, ObjectRef, PreviewRef, RenditionRef, StoryboardRef, Topics,
-    VideoFrame, VideoProcessed,
+    MediaKind, MediaUploaded, ObjectRef, PreviewRef, StoryboardRef, Topics, VideoFrame,
+    VideoProcessed,
 };
 use mediaflow_imaging::renditions::{Format, Mode, Rendition, RenditionSpec};
-use mediaflow_outputs::{Outputs, Written, db_error, enum_name, store_error};
+use mediaflow_outputs::{Outputs, db_error, enum_name, give_up_media, store_error};
 use mediaflow_runtime::{Handler, StageError};
 use mediaflow_store::ObjectStore;
 use mediaflow_video::preview::{Preview, PreviewSpec};
@@ -290,27 +290,9 @@ impl Handler for VideoWorker {
             let mut refs = Vec::with_capacity(renditions.len());
             for r in renditions {
                 let name = format!("frame-{:02}-{}", i + 1, r.name);
-                let file = format!("{name}.{}", r.format.extension());
-                let Written { object, row } = self
-                    .outputs
-                    .put(
-                        &id,
-                        &name,
-                        &file,
-                        r.bytes,
-                        r.format.content_type(),
-                        Some((r.width, r.height)),
-                    )
-                    .await?;
+                let (reference, row) = self.outputs.put_rendition(&id, Some(&name), r).await?;
                 rows.push(row);
-                refs.push(RenditionRef {
-                    name: r.name,
-                    object,
-                    width: r.width,
-                    height: r.height,
-                    mode: enum_name(&r.mode),
-                    format: enum_name(&r.format),
-                });
+                refs.push(reference);
             }
             frames.push(VideoFrame {
                 time_s,
@@ -439,14 +421,7 @@ impl Handler for VideoWorker {
     }
 
     async fn give_up(&self, event: Option<&Event>, error: &StageError) -> Result<(), StageError> {
-        let Some(upload) = event.and_then(|e| mediaflow_events::decode::<MediaUploaded>(e).ok())
-        else {
-            return Ok(());
-        };
-        self.db
-            .mark_failed(Entity::Media(&upload.media_id), &error.to_string())
-            .await
-            .map_err(db_error)
+        give_up_media(&self.db, event, error).await
     }
 }
 

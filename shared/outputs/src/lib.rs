@@ -4,8 +4,10 @@
 //! described by an [`ObjectRef`] and a [`ResultRow`], with store and database failures classified
 //! for the runtime (bad input, transient, permanent).
 
-use mediaflow_db::{DbError, ResultRow};
-use mediaflow_events::ObjectRef;
+use cloudevents::Event;
+use mediaflow_db::{Db, DbError, Entity, ResultRow};
+use mediaflow_events::{MediaUploaded, ObjectRef, RenditionRef};
+use mediaflow_imaging::renditions::Rendition;
 use mediaflow_runtime::StageError;
 use mediaflow_store::{ObjectStore, StoreError};
 use serde::Serialize;
@@ -77,6 +79,54 @@ impl Outputs {
         };
         Ok(Written { object, row })
     }
+}
+
+impl Outputs {
+    /// Writes rendition `r` of `media_id` as `<name>.<extension>`, recorded as result `name`
+    /// (`r.name` itself when `name` is `None`), and describes it for a result event.
+    pub async fn put_rendition(
+        &self,
+        media_id: &str,
+        name: Option<&str>,
+        r: Rendition,
+    ) -> Result<(RenditionRef, ResultRow), StageError> {
+        let name = name.unwrap_or(&r.name).to_owned();
+        let file = format!("{name}.{}", r.format.extension());
+        let Written { object, row } = self
+            .put(
+                media_id,
+                &name,
+                &file,
+                r.bytes,
+                r.format.content_type(),
+                Some((r.width, r.height)),
+            )
+            .await?;
+        let reference = RenditionRef {
+            name: r.name,
+            object,
+            width: r.width,
+            height: r.height,
+            mode: enum_name(&r.mode),
+            format: enum_name(&r.format),
+        };
+        Ok((reference, row))
+    }
+}
+
+/// What a media stage does when the runtime gives up on a message: the upload it names, if it
+/// names one, is marked `failed` with the reason.
+pub async fn give_up_media(
+    db: &Db,
+    event: Option<&Event>,
+    error: &StageError,
+) -> Result<(), StageError> {
+    let Some(upload) = event.and_then(|e| mediaflow_events::decode::<MediaUploaded>(e).ok()) else {
+        return Ok(());
+    };
+    db.mark_failed(Entity::Media(&upload.media_id), &error.to_string())
+        .await
+        .map_err(db_error)
 }
 
 /// `derived/<media_id>/<stage>/v<version>/<file>`.

@@ -238,27 +238,18 @@ impl Video {
     /// The frame at `seconds` (from the start of the stream).
     pub fn frame_at(&mut self, seconds: f64, seek: Seek) -> Result<Picture, VideoError> {
         let seconds = seconds.clamp(0.0, self.probe.duration_s.max(0.0));
-        // Seek before the time; if the demuxer lands after it (an inexact index), seek further
-        // back and try again.
-        let mut back = 0.0;
-        loop {
-            self.seek_before(seconds - back)?;
-            let found = match seek {
-                Seek::Keyframe => self.keyframe_from_here(seconds)?,
-                Seek::Accurate => self.decode_until(seconds)?,
-            };
-            match found {
-                Some(p) if p.time_s <= seconds + self.frame_interval() || seconds - back <= 0.0 => {
-                    return Ok(p);
-                }
-                None if seconds - back <= 0.0 => {
-                    return Err(VideoError::NoFrame(format!(
-                        "at or before {seconds:.3} s (the file may be truncated or damaged)"
-                    )));
-                }
-                _ => back = if back == 0.0 { 1.0 } else { back * 4.0 },
-            }
-        }
+        let found = match self.keyframe_packet_before(seconds)? {
+            Some(key) => match seek {
+                Seek::Keyframe => self.last_keyframe_until(key, seconds)?,
+                Seek::Accurate => self.decode_until(key, seconds)?,
+            },
+            None => None,
+        };
+        found.ok_or_else(|| {
+            VideoError::NoFrame(format!(
+                "at or before {seconds:.3} s (the file may be truncated or damaged)"
+            ))
+        })
     }
 
     /// One frame interval, from the average frame rate (1/25 s when unknown).
@@ -269,13 +260,16 @@ impl Video {
         }
     }
 
-    /// Decodes, alone, the last keyframe at or before `seconds` from the demuxer's position:
-    /// packets are read (not decoded) until one starts after the time. `None` if no keyframe at
-    /// or before the time follows the position.
-    fn keyframe_from_here(&mut self, seconds: f64) -> Result<Option<Picture>, VideoError> {
+    /// Decodes, alone, the last keyframe at or before `seconds`, reading on from keyframe `key`
+    /// (read, not decoded) until a packet starts after the time.
+    fn last_keyframe_until(
+        &mut self,
+        key: Packet,
+        seconds: f64,
+    ) -> Result<Option<Picture>, VideoError> {
         self.set_skipping(Discard::NonKey);
         let limit = seconds + 1e-6;
-        let mut last_key: Option<Packet> = None;
+        let mut last_key = Some(key);
         while let Some(packet) = self.next_packet()? {
             let dts = packet.dts().or(packet.pts()).map(|t| self.seconds(t));
             if packet.is_key() {
@@ -311,28 +305,28 @@ impl Video {
         }
     }
 
-    /// Decodes on from the demuxer's position to the frame shown at `seconds`: the last frame
-    /// that starts at or before it (or the first after it, if none does).
+    /// Decodes on from keyframe `key` (read, not yet sent) to the frame shown at `seconds`: the
+    /// last frame that starts at or before it (or the first after it, if none does).
     ///
     /// A frame that no other frame refers to (a B-frame, mostly) is not decoded when a frame
     /// shown later, but not after the time, has already been read: it cannot be the one shown
     /// at the time. B-frames come after the later frames they refer to, so most of them before
     /// the time are skipped.
-    fn decode_until(&mut self, seconds: f64) -> Result<Option<Picture>, VideoError> {
+    fn decode_until(&mut self, key: Packet, seconds: f64) -> Result<Option<Picture>, VideoError> {
         let limit = seconds + 1e-6;
         // The latest presentation time read so far that is not after the time.
         let mut latest_before = f64::NEG_INFINITY;
         let mut shown: Option<Picture> = None;
         let mut frame = frame::Video::empty();
         let mut ended = false;
-        // Where the demuxer landed off a keyframe (no index), what precedes the next keyframe
-        // cannot be decoded: it is not sent.
-        let mut keyed = false;
+        let mut next = Some(key);
         loop {
-            match self.next_packet()? {
-                Some(packet) if !keyed && !packet.is_key() => continue,
+            let packet = match next.take() {
+                Some(key) => Some(key),
+                None => self.next_packet()?,
+            };
+            match packet {
                 Some(packet) => {
-                    keyed = true;
                     let pts = packet.pts().map(|t| self.seconds(t));
                     let passed = pts.is_some_and(|p| p < latest_before);
                     self.set_skipping(if passed {
@@ -437,7 +431,7 @@ impl Video {
                 .as_ref()
                 .and_then(|k| k.pts().or(k.dts()))
                 .map(|t| self.seconds(t));
-            let early_enough = at.is_none_or(|t| t <= seconds + self.frame_interval());
+            let early_enough = at.is_none_or(|t| t <= seconds + 1e-6);
             if (key.is_some() && early_enough) || seconds - back <= 0.0 {
                 return Ok(key);
             }

@@ -25,6 +25,16 @@ fn videos() -> PathBuf {
     dir
 }
 
+/// Runs the ffmpeg command line (quiet, overwriting) with `args`; it must succeed.
+fn ffmpeg(args: &[&str]) {
+    let status = Command::new("ffmpeg")
+        .args(["-nostdin", "-loglevel", "error", "-y"])
+        .args(args)
+        .status()
+        .expect("ffmpeg runs");
+    assert!(status.success(), "ffmpeg {args:?}");
+}
+
 fn open(name: &str) -> Video {
     Video::open(&videos().join(name), &Limits::default()).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
@@ -94,14 +104,16 @@ fn selected_frames_are_where_ffprobe_says_they_are() {
     .collect();
     for source in ["bigbuckbunny.mp4", "black-start.mp4"] {
         let ts = dir.path().join(source.replace(".mp4", ".ts"));
-        let status = Command::new("ffmpeg")
-            .args(["-nostdin", "-loglevel", "error", "-i"])
-            .arg(videos().join(source))
-            .args(["-c", "copy", "-f", "mpegts"])
-            .arg(&ts)
-            .status()
-            .unwrap();
-        assert!(status.success());
+        let input = videos().join(source);
+        ffmpeg(&[
+            "-i",
+            input.to_str().unwrap(),
+            "-c",
+            "copy",
+            "-f",
+            "mpegts",
+            ts.to_str().unwrap(),
+        ]);
         paths.push(ts);
     }
     for path in &paths {
@@ -250,14 +262,16 @@ fn rotation_is_applied_as_ffmpeg_applies_it() {
         .unwrap();
     // ffmpeg's own rendering of the frame at 1 s, with its automatic rotation.
     let png = dir.path().join("ffmpeg.png");
-    let status = Command::new("ffmpeg")
-        .args(["-nostdin", "-loglevel", "error", "-ss", "1", "-i"])
-        .arg(videos().join("rotated-90.mp4"))
-        .args(["-frames:v", "1"])
-        .arg(&png)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let input = videos().join("rotated-90.mp4");
+    ffmpeg(&[
+        "-ss",
+        "1",
+        "-i",
+        input.to_str().unwrap(),
+        "-frames:v",
+        "1",
+        png.to_str().unwrap(),
+    ]);
     let theirs = image::open(&png).unwrap().to_rgb8();
     assert_eq!(theirs.dimensions(), ours.dimensions());
     let diff = ours
@@ -396,14 +410,17 @@ fn animated_previews_have_the_frames_asked_for() {
     // A clip at 2 fps: 2 s of preview at 10 fps is 4 source frames, each held 500 ms.
     let dir = tempfile::tempdir().unwrap();
     let slow = dir.path().join("slow.mp4");
-    let status = Command::new("ffmpeg")
-        .args(["-nostdin", "-loglevel", "error", "-f", "lavfi", "-i"])
-        .arg("testsrc2=size=160x120:rate=2:duration=8")
-        .args(["-c:v", "libx264", "-pix_fmt", "yuv420p"])
-        .arg(&slow)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc2=size=160x120:rate=2:duration=8",
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        slow.to_str().unwrap(),
+    ]);
     let mut video = Video::open(&slow, &Limits::default()).unwrap();
     let made = preview(&mut video, &spec).unwrap();
     assert_eq!(made.frames, 4, "frames from 1 s to 3 s only");
@@ -531,14 +548,6 @@ fn refused(path: &Path) -> VideoError {
 fn hostile_and_broken_inputs_are_refused_with_a_reason() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let ffmpeg = |args: &[&str]| {
-        let status = Command::new("ffmpeg")
-            .args(["-nostdin", "-loglevel", "error", "-y"])
-            .args(args)
-            .status()
-            .unwrap();
-        assert!(status.success(), "ffmpeg {args:?}");
-    };
     let upright = videos().join("upright.mp4");
 
     // Zero-length.
