@@ -158,13 +158,14 @@ impl TestPlatform {
             Backend::Sqlite => None,
             Backend::Postgres => {
                 config.database.url = scratch_postgres().await?;
-                let tansu = mediaflow_embedded::find_tansu(None)?;
+                let broker = mediaflow_embedded::find_broker(None)?;
                 // A free port can be taken by a parallel test before the broker binds it.
                 let mut attempts = 0;
                 let (kafka, port) = loop {
                     let port = mediaflow_embedded::free_port()?;
                     let kafka_dir = dir.path().join("kafka-service");
-                    match mediaflow_embedded::EmbeddedKafka::start(&tansu, &kafka_dir, port).await {
+                    match mediaflow_embedded::EmbeddedKafka::start(&broker, &kafka_dir, port).await
+                    {
                         Ok(kafka) => break (kafka, port),
                         Err(_) if attempts < 3 => attempts += 1,
                         Err(e) => return Err(e.into()),
@@ -387,13 +388,32 @@ impl TestPlatform {
         n: usize,
         dir: &std::path::Path,
     ) -> Result<tokio::process::Child> {
+        // Static membership: a restarted worker takes over its killed predecessor's
+        // partitions at once.
+        self.spawn_stage(
+            "image-worker",
+            &format!("worker-{n}"),
+            dir,
+            &[("MEDIAFLOW__BUS__GROUP_INSTANCE_ID", &format!("worker-{n}"))],
+        )
+    }
+
+    /// A `mediaflow run <stage>` process against this platform's services, as an orchestrator
+    /// runs it, with `env` on top; its log goes to `<dir>/<name>.log`.
+    pub fn spawn_stage(
+        &self,
+        stage: &str,
+        name: &str,
+        dir: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> Result<tokio::process::Child> {
         let c = &self.config;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(dir.join(format!("worker-{n}.log")))?;
+            .open(dir.join(format!("{name}.log")))?;
         tokio::process::Command::new(mediaflow_bin())
-            .args(["run", "image-worker"])
+            .args(["run", stage])
             .env("MEDIAFLOW__EMBEDDED__KAFKA", "false")
             .env("MEDIAFLOW__EMBEDDED__S3", "false")
             .env("MEDIAFLOW__BUS__BROKERS", &c.bus.brokers)
@@ -402,19 +422,17 @@ impl TestPlatform {
             .env("MEDIAFLOW__STORE__ENDPOINT", &c.store.endpoint)
             .env("MEDIAFLOW__STORE__BUCKET", &c.store.bucket)
             .env("MEDIAFLOW__ADMIN__LISTEN", "127.0.0.1:0")
-            // Static membership: a restarted worker takes over its killed predecessor's
-            // partitions (the embedded broker does not evict a killed member by itself).
-            .env("MEDIAFLOW__BUS__GROUP_INSTANCE_ID", format!("worker-{n}"))
             .env("MEDIAFLOW__DATA_DIR", dir)
             .env("MEDIAFLOW__STAGES__INITIAL_BACKOFF_MS", "50")
             .env("DATABASE_URL", c.database_url())
             .env("RUST_LOG", "info,librdkafka=warn")
+            .envs(env.iter().copied())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .kill_on_drop(true)
             .spawn()
-            .context("starting a worker process")
+            .with_context(|| format!("starting a {stage} process"))
     }
 
     /// Stops the external Kafka broker (production-like platforms only).
@@ -428,9 +446,9 @@ impl TestPlatform {
     /// Starts the external broker again on the same port and data.
     pub async fn start_kafka(&mut self) -> Result<()> {
         let external = self.external.as_mut().expect("an external broker");
-        let tansu = mediaflow_embedded::find_tansu(None)?;
+        let broker = mediaflow_embedded::find_broker(None)?;
         let kafka = mediaflow_embedded::EmbeddedKafka::start(
-            &tansu,
+            &broker,
             &external.kafka_dir,
             external.kafka_port,
         )

@@ -1,5 +1,6 @@
 //! The admin endpoints every mediaflow process serves: `/healthz` (liveness), `/readyz` (Kafka,
-//! object storage and the database all answer) and `/metrics` (Prometheus). The gateway serves
+//! object storage and the database all answer, and no stage of the process is wedged) and
+//! `/metrics` (Prometheus). The gateway serves
 //! them beside its API; a stage run on its own serves them on `admin.listen`.
 
 use std::sync::Arc;
@@ -28,6 +29,9 @@ struct Readiness {
     kafka: String,
     object_store: String,
     database: String,
+    /// Stages of this process the watchdog finds wedged, with what it saw.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    wedged_stages: std::collections::BTreeMap<String, String>,
 }
 
 struct Admin {
@@ -70,12 +74,15 @@ async fn check(admin: &Admin) -> Readiness {
     );
     let kafka = verdict(kafka.map_err(|e| e.to_string()));
     let (object_store, database) = (timed(s3), timed(db));
-    let ready = kafka == "ok" && object_store == "ok" && database == "ok";
+    let wedged_stages = admin.metrics.wedged_stages();
+    let ready =
+        kafka == "ok" && object_store == "ok" && database == "ok" && wedged_stages.is_empty();
     Readiness {
         ready,
         kafka,
         object_store,
         database,
+        wedged_stages,
     }
 }
 

@@ -77,12 +77,13 @@ impl Default for AdminConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EmbeddedConfig {
-    /// Start the tansu broker as a child process and use it.
+    /// Start the embedded Kafka-compatible broker (nisshi) as a child process and use it.
     pub kafka: bool,
     /// Port of the embedded broker on 127.0.0.1 (0: any free port).
     pub kafka_port: u16,
-    /// Path of the `tansu` binary; searched in `$PATH` and `~/.cargo/bin` when unset.
-    pub tansu_bin: Option<PathBuf>,
+    /// Path of the broker binary (`nisshi`); searched in `$PATH` and `~/.cargo/bin` when unset.
+    #[serde(alias = "tansu_bin")]
+    pub broker_bin: Option<PathBuf>,
     /// Serve S3 from `<data_dir>/s3` in process and use it.
     pub s3: bool,
     /// Port of the embedded S3 server on 127.0.0.1 (0: any free port).
@@ -94,7 +95,7 @@ impl Default for EmbeddedConfig {
         Self {
             kafka: true,
             kafka_port: 19092,
-            tansu_bin: None,
+            broker_bin: None,
             s3: true,
             s3_port: 19000,
         }
@@ -120,6 +121,11 @@ pub struct StagesConfig {
     /// On shutdown, seconds messages being handled may take to finish before they are handed
     /// back uncommitted.
     pub drain_deadline_secs: u64,
+    /// Seconds a stage instance may look wedged before its watchdog acts: messages wait on its
+    /// input and none is committed, while it holds no partitions or has nothing in flight. It
+    /// is then logged, counted (`mediaflow_stage_stalls_total`), named by `/readyz`, and made to
+    /// leave and rejoin its consumer group.
+    pub stall_timeout_secs: u64,
 }
 
 impl Default for StagesConfig {
@@ -132,11 +138,16 @@ impl Default for StagesConfig {
             initial_backoff_ms: o.retry.initial_backoff.as_millis() as u64,
             max_backoff_ms: o.retry.max_backoff.as_millis() as u64,
             drain_deadline_secs: o.drain_deadline.as_secs(),
+            stall_timeout_secs: 30,
         }
     }
 }
 
 impl StagesConfig {
+    pub fn stall_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.stall_timeout_secs.max(1))
+    }
+
     pub fn options(&self) -> mediaflow_runtime::StageOptions {
         mediaflow_runtime::StageOptions {
             concurrency: self.concurrency.max(1),

@@ -122,8 +122,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// Cancels `token` on Ctrl-C or SIGTERM. The handlers are installed before this returns, so a
-/// signal that arrives right after start-up still drains instead of killing the process.
+/// Cancels `token` on Ctrl-C or SIGTERM; a second one exits at once (status 130), without
+/// waiting for the drain. The handlers are installed before this returns, so a signal that
+/// arrives right after start-up still drains instead of killing the process.
 fn cancel_on_signals(token: CancellationToken) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -133,11 +134,22 @@ fn cancel_on_signals(token: CancellationToken) -> Result<()> {
             _ = int.recv() => {}
             _ = term.recv() => {}
         }
-        tracing::info!("signal received, draining");
+        tracing::info!("signal received: draining (press Ctrl-C again to stop at once)");
         token.cancel();
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        // Work not committed is delivered again after a restart; the embedded broker is told
+        // to die with this process.
+        eprintln!("mediaflow: second signal, stopping at once without draining");
+        std::process::exit(EXIT_INTERRUPTED.into());
     });
     Ok(())
 }
+
+/// Exit status when a second signal cut the drain short (128 + SIGINT, as shells report it).
+const EXIT_INTERRUPTED: u8 = 130;
 
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 

@@ -12,7 +12,9 @@ use mediaflow_embedded::{EmbeddedKafka, EmbeddedS3};
 use mediaflow_gateway::Gateway;
 use mediaflow_image_worker::ImageWorker;
 use mediaflow_router::Router;
-use mediaflow_runtime::{DeadLetters, Handler, Stopped};
+use mediaflow_runtime::{
+    DeadLetters, Handler, Observation, StageProbe, StageRun, Stopped, Verdict, Watchdog,
+};
 use mediaflow_store::ObjectStore;
 use mediaflow_telemetry::Metrics;
 use mediaflow_video_worker::VideoWorker;
@@ -124,7 +126,7 @@ async fn start_infrastructure(
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data folder {}", config.data_dir.display()))?;
     let kafka = if config.embedded.kafka {
-        let tansu = mediaflow_embedded::find_tansu(config.embedded.tansu_bin.as_deref())?;
+        let broker = mediaflow_embedded::find_broker(config.embedded.broker_bin.as_deref())?;
         let dir = config.data_dir.join("kafka");
         let kafka = match config.embedded.kafka_port {
             0 => {
@@ -133,7 +135,7 @@ async fn start_infrastructure(
                 let mut attempt = 0;
                 loop {
                     let port = mediaflow_embedded::free_port()?;
-                    match EmbeddedKafka::start(&tansu, &dir, port).await {
+                    match EmbeddedKafka::start(&broker, &dir, port).await {
                         Ok(kafka) => break kafka,
                         Err(e) if attempt < 3 => {
                             tracing::warn!(port, error = %e, "embedded broker did not start; another port");
@@ -143,7 +145,7 @@ async fn start_infrastructure(
                     }
                 }
             }
-            port => EmbeddedKafka::start(&tansu, &dir, port).await?,
+            port => EmbeddedKafka::start(&broker, &dir, port).await?,
         };
         config.bus.brokers = kafka.bootstrap().to_owned();
         Some(kafka)
@@ -360,7 +362,8 @@ async fn run_stage_with(
     }
 }
 
-/// Runs `handler` as stage `name` over `inputs` on the stage runtime.
+/// Runs `handler` as stage `name` over `inputs` on the stage runtime, under a watchdog: an
+/// instance found wedged is drained and joins its group again, as often as it takes.
 async fn consume<H: Handler>(
     name: &str,
     inputs: &[String],
@@ -371,65 +374,107 @@ async fn consume<H: Handler>(
 ) -> Result<Stopped> {
     // The consumer group is the stage name under the topic prefix, so test runs never share one.
     let group = format!("{}{name}", config.bus.topic_prefix);
+    let handler = Arc::new(handler);
     let dead_letters = DeadLetters {
         publisher: s.bus.publisher(&format!("/mediaflow/{name}"))?,
         topic: s.bus.topics().dead_letters(),
     };
-    let lag = tokio::spawn(report_lag(
-        name.to_owned(),
-        group.clone(),
-        inputs.to_vec(),
-        s.bus.clone(),
-        s.metrics.clone(),
-        shutdown.clone(),
-    ));
-    let stopped = mediaflow_runtime::run_stage(
-        name,
-        |listener| {
-            s.bus
-                .consumer_with(&group, inputs, StartFrom::Earliest, listener)
-        },
-        Arc::new(handler),
-        dead_letters,
-        config.stages.options(),
-        s.metrics.clone(),
-        shutdown,
-    )
-    .await;
-    lag.abort();
-    Ok(stopped?)
+    loop {
+        let probe = StageProbe::new();
+        let watch = tokio::spawn(watch_stage(
+            name.to_owned(),
+            group.clone(),
+            inputs.to_vec(),
+            probe.clone(),
+            config.stages.stall_timeout(),
+            s.bus.clone(),
+            s.metrics.clone(),
+        ));
+        let run = StageRun {
+            name: name.to_owned(),
+            handler: handler.clone(),
+            dead_letters: dead_letters.clone(),
+            options: config.stages.options(),
+            metrics: s.metrics.clone(),
+            probe: probe.clone(),
+        };
+        let stopped = mediaflow_runtime::run_stage(
+            run,
+            |listener| {
+                s.bus
+                    .consumer_with(&group, inputs, StartFrom::Earliest, listener)
+            },
+            shutdown.clone(),
+        )
+        .await;
+        watch.abort();
+        if probe.rejoin_requested() && !shutdown.is_cancelled() {
+            // A consumer in a bad state may also fail to close; the new one starts clean.
+            if let Err(e) = stopped {
+                tracing::warn!(stage = name, error = %e, "the wedged consumer did not close cleanly");
+            }
+            tracing::info!(stage = name, "joining the consumer group again");
+            continue;
+        }
+        return Ok(stopped?);
+    }
 }
 
-/// How often a stage's consumer lag is measured.
-const LAG_INTERVAL: Duration = Duration::from_secs(5);
+/// How often a stage's consumer lag is measured and its watchdog looks: every 5 s, or more
+/// often when the stall timeout is short.
+fn watch_interval(stall_timeout: Duration) -> Duration {
+    (stall_timeout / 3).clamp(Duration::from_millis(200), Duration::from_secs(5))
+}
 
-/// Publishes the stage's consumer lag (messages on its inputs not yet committed) as a metric,
-/// measured every `LAG_INTERVAL` until `shutdown`.
-async fn report_lag(
+/// Measures the stage's consumer lag (messages on its inputs not yet committed) as a metric and
+/// judges it with the watchdog until aborted. A wedged stage is logged, counted, named by
+/// readiness and asked to rejoin its group; readiness clears once it is seen healthy again.
+async fn watch_stage(
     stage: String,
     group: String,
     inputs: Vec<String>,
+    probe: StageProbe,
+    stall_timeout: Duration,
     bus: Bus,
     metrics: Metrics,
-    shutdown: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(LAG_INTERVAL);
+    let mut watchdog = Watchdog::new(stall_timeout);
+    let mut tick = tokio::time::interval(watch_interval(stall_timeout));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let mut total = 0;
-        for topic in &inputs {
-            match bus.group_lag(&group, topic).await {
-                Ok(lag) => total += lag,
-                Err(e) => {
-                    tracing::debug!(stage, error = %e, "could not measure consumer lag");
-                    continue;
-                }
+        tick.tick().await;
+        let positions = match bus.group_positions(&group, &inputs).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(stage, error = %e, "could not measure consumer lag");
+                continue;
+            }
+        };
+        metrics.consumer_lag(&stage, positions.iter().map(|p| p.lag()).sum());
+        // No consumer yet (joining) or none any more: nothing to judge.
+        let Some((held, in_flight)) = probe.held_and_in_flight() else {
+            continue;
+        };
+        let seen = Observation {
+            held,
+            in_flight,
+            positions,
+        };
+        match watchdog.observe(std::time::Instant::now(), &seen) {
+            Verdict::Healthy => metrics.stage_unwedged(&stage),
+            Verdict::Suspect => {}
+            Verdict::Wedged(reason) => {
+                tracing::error!(
+                    stage,
+                    group,
+                    reason,
+                    "stage wedged; making it rejoin its consumer group"
+                );
+                metrics.stage_wedged(&stage, &reason);
+                probe.request_rejoin();
+                return;
             }
         }
-        metrics.consumer_lag(&stage, total);
     }
 }
 
@@ -539,6 +584,13 @@ impl Platform {
         check_stages(&config)?;
         let enabled = config.stages.enabled.clone();
         let (kafka, s3) = start_infrastructure(&mut config).await?;
+        if kafka.is_some() && config.bus.group_instance_id.is_none() {
+            // The embedded broker serves this platform alone, so its stages keep one identity
+            // across restarts (static group membership): a restarted `up` takes its partitions
+            // back at once, instead of waiting for the broker to give up on members from before
+            // a crash. With an external broker, set `bus.group_instance_id` per process.
+            config.bus.group_instance_id = Some("up".into());
+        }
         let services = Arc::new(connect(&config, Metrics::new()).await?);
 
         let listener = bind_gateway(&config).await?;

@@ -179,9 +179,17 @@ impl Consumer {
         &self.group
     }
 
-    /// Waits for the next message.
+    /// Waits for the next message. `BusError::Fatal` means this consumer can never deliver
+    /// again and must be replaced; other errors pass.
     pub async fn recv(&self) -> Result<Delivery, BusError> {
-        let msg = self.inner.recv().await.map_err(BusError::Client)?;
+        let msg = self
+            .inner
+            .recv()
+            .await
+            .map_err(|e| match self.inner.client().fatal_error() {
+                Some((code, why)) => BusError::Fatal(format!("{code:?}: {why}")),
+                None => BusError::Client(e),
+            })?;
         let key = msg.key().map(|k| String::from_utf8_lossy(k).into_owned());
         let event = msg.to_event().map_err(|e| e.to_string());
         let raw = event.is_err().then(|| raw_message(&msg));
@@ -202,6 +210,18 @@ impl Consumer {
         tpl.add_partition_offset(topic, partition, Offset::Offset(next))
             .map_err(BusError::Client)?;
         self.inner.store_offsets(&tpl).map_err(BusError::Client)
+    }
+
+    /// The partitions (topic, partition) assigned to this consumer now.
+    pub fn assignment(&self) -> Result<Vec<(String, i32)>, BusError> {
+        Ok(self
+            .inner
+            .assignment()
+            .map_err(BusError::Client)?
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect())
     }
 
     /// Stops fetching from every assigned partition; `recv` keeps the group membership alive

@@ -24,6 +24,10 @@ pub enum BusError {
     Event(#[from] mediaflow_events::EventError),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The client is unusable and must be replaced, e.g. a consumer fenced by another member
+    /// with the same `group.instance.id`.
+    #[error("kafka client failed for good: {0}")]
+    Fatal(String),
 }
 
 impl BusError {

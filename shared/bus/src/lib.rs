@@ -176,32 +176,56 @@ impl Bus {
     /// How many messages of `topic` consumer group `group` has not committed yet, summed over
     /// partitions (a partition without a committed offset counts whole).
     pub async fn group_lag(&self, group: &str, topic: &str) -> Result<i64, BusError> {
+        Ok(self
+            .group_positions(group, std::slice::from_ref(&topic.to_owned()))
+            .await?
+            .iter()
+            .map(PartitionPosition::lag)
+            .sum())
+    }
+
+    /// Where consumer group `group` stands on every partition of `topics`: its committed offset
+    /// against the partition's watermarks.
+    pub async fn group_positions(
+        &self,
+        group: &str,
+        topics: &[String],
+    ) -> Result<Vec<PartitionPosition>, BusError> {
         let mut cfg = self.client_config();
         cfg.set("group.id", group)
             .set("enable.auto.commit", "false");
         let timeout = self.config.request_timeout();
-        let topic = topic.to_owned();
+        let topics = topics.to_vec();
         tokio::task::spawn_blocking(move || {
             let consumer: BaseConsumer = cfg.create().map_err(BusError::Client)?;
-            let marks = watermarks(&consumer, &topic, timeout)?;
-            let mut tpl = rdkafka::TopicPartitionList::new();
-            for &(partition, _, _) in &marks {
-                tpl.add_partition(&topic, partition);
+            let mut positions = Vec::new();
+            for topic in &topics {
+                let marks = watermarks(&consumer, topic, timeout)?;
+                let mut tpl = rdkafka::TopicPartitionList::new();
+                for &(partition, _, _) in &marks {
+                    tpl.add_partition(topic, partition);
+                }
+                let committed = consumer
+                    .committed_offsets(tpl, timeout)
+                    .map_err(BusError::Client)?;
+                for &(partition, low, high) in &marks {
+                    let committed = match committed
+                        .find_partition(topic, partition)
+                        .map(|e| e.offset())
+                    {
+                        Some(rdkafka::Offset::Offset(at)) => Some(at),
+                        _ => None,
+                    };
+                    positions.push(PartitionPosition {
+                        topic: topic.clone(),
+                        partition,
+                        committed,
+                        low,
+                        high,
+                    });
+                }
             }
-            let committed = consumer
-                .committed_offsets(tpl, timeout)
-                .map_err(BusError::Client)?;
-            let mut lag = 0;
-            for &(partition, low, high) in &marks {
-                let at = committed
-                    .find_partition(&topic, partition)
-                    .map(|e| e.offset());
-                lag += match at {
-                    Some(rdkafka::Offset::Offset(at)) => high - at,
-                    _ => high - low,
-                };
-            }
-            Ok(lag)
+            Ok(positions)
         })
         .await
         .map_err(|e| BusError::Internal(e.to_string()))?
@@ -232,6 +256,26 @@ impl Bus {
         })
         .await
         .map_err(|e| BusError::Internal(e.to_string()))?
+    }
+}
+
+/// A consumer group's position on one partition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionPosition {
+    pub topic: String,
+    pub partition: i32,
+    /// The group's committed offset (the next message it will read), if it has one.
+    pub committed: Option<i64>,
+    /// The oldest offset retained.
+    pub low: i64,
+    /// One past the newest message.
+    pub high: i64,
+}
+
+impl PartitionPosition {
+    /// Messages not committed yet (all retained ones without a committed offset).
+    pub fn lag(&self) -> i64 {
+        (self.high - self.committed.unwrap_or(self.low).max(self.low)).max(0)
     }
 }
 

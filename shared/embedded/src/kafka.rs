@@ -1,6 +1,12 @@
-//! The embedded broker: tansu 0.6 with SQLite storage, run as a child process whose data lives in
-//! the data folder. tansu cannot be linked into this binary (its bundled SQLite clashes with
-//! sqlx's), so it is supervised instead.
+//! The embedded broker: nisshi 0.8 (tansu's maintained successor) with SQLite storage, run as a
+//! child process whose data lives in the data folder. It cannot be linked into this binary (its
+//! bundled SQLite clashes with sqlx's), so it is supervised instead.
+//!
+//! The broker runs in a process group of its own, so that a terminal's Ctrl-C (which signals the
+//! whole foreground group) reaches only `mediaflow`, which stops the broker after its stages have
+//! drained and committed. Where `setpriv` exists (util-linux) the broker is also told to die with
+//! its parent, so a `mediaflow` killed outright leaves no broker behind; and a broker left over
+//! from a crash on the same data folder is stopped before a new one starts.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -11,92 +17,120 @@ use tokio::sync::{oneshot, watch};
 
 use crate::EmbeddedError;
 
+/// The broker's executable name.
+pub const BROKER: &str = "nisshi";
+
+/// The broker's process id, in its folder: how a restarted platform finds a broker left over
+/// from a crash.
+const PID_FILE: &str = "broker.pid";
+
 /// A running embedded broker, watched by a task that owns the child process. Dropping it kills
 /// the broker.
 #[derive(Debug)]
 pub struct EmbeddedKafka {
     addr: String,
     log: PathBuf,
+    pid_file: PathBuf,
     stop: Option<oneshot::Sender<()>>,
     exit: watch::Receiver<Option<String>>,
     watcher: tokio::task::JoinHandle<()>,
 }
 
-/// Looks for the `tansu` binary: `explicit` if given, else `$PATH`, else `~/.cargo/bin`.
-pub fn find_tansu(explicit: Option<&Path>) -> Result<PathBuf, EmbeddedError> {
+/// Looks for the broker binary: `explicit` if given, else `$PATH`, else `$CARGO_HOME/bin`, else
+/// `~/.cargo/bin`.
+pub fn find_broker(explicit: Option<&Path>) -> Result<PathBuf, EmbeddedError> {
     if let Some(p) = explicit {
         return if p.is_file() {
             Ok(p.to_owned())
         } else {
-            Err(EmbeddedError::TansuMissing {
+            Err(EmbeddedError::BrokerMissing {
                 looked: p.display().to_string(),
             })
         };
     }
-    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("tansu")).collect())
-        .unwrap_or_default();
+    let mut candidates = in_path(BROKER);
     if let Some(home) = std::env::var_os("CARGO_HOME") {
-        candidates.push(PathBuf::from(home).join("bin/tansu"));
+        candidates.push(PathBuf::from(home).join("bin").join(BROKER));
     }
     if let Some(home) = std::env::var_os("HOME") {
-        candidates.push(PathBuf::from(home).join(".cargo/bin/tansu"));
+        candidates.push(PathBuf::from(home).join(".cargo/bin").join(BROKER));
     }
     candidates
-        .iter()
+        .into_iter()
         .find(|p| p.is_file())
-        .cloned()
-        .ok_or_else(|| EmbeddedError::TansuMissing {
+        .ok_or_else(|| EmbeddedError::BrokerMissing {
             looked: "$PATH, $CARGO_HOME/bin, ~/.cargo/bin".into(),
         })
 }
 
+/// `name` in every folder of `$PATH`.
+fn in_path(name: &str) -> Vec<PathBuf> {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join(name)).collect())
+        .unwrap_or_default()
+}
+
+fn spawn_error(source: std::io::Error) -> EmbeddedError {
+    EmbeddedError::Spawn {
+        what: "kafka",
+        source,
+    }
+}
+
 impl EmbeddedKafka {
     /// Starts the broker on `127.0.0.1:port` with its SQLite file under `dir`, and waits until it
-    /// accepts connections.
-    pub async fn start(tansu: &Path, dir: &Path, port: u16) -> Result<Self, EmbeddedError> {
-        std::fs::create_dir_all(dir).map_err(|source| EmbeddedError::Spawn {
-            what: "kafka",
-            source,
-        })?;
+    /// accepts connections. A broker still running on `dir` from a crashed platform is stopped
+    /// first.
+    ///
+    /// Call it from a thread that lives as long as the broker should (the main thread, or a
+    /// runtime worker): Linux sends the parent-death signal when the spawning thread exits.
+    pub async fn start(broker: &Path, dir: &Path, port: u16) -> Result<Self, EmbeddedError> {
+        std::fs::create_dir_all(dir).map_err(spawn_error)?;
+        let pid_file = dir.join(PID_FILE);
+        stop_leftover(&pid_file, dir).await;
         let addr = format!("127.0.0.1:{port}");
         let url = format!("tcp://{addr}");
-        let log = dir.join("tansu.log");
+        let log = dir.join("broker.log");
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
-            .map_err(|source| EmbeddedError::Spawn {
-                what: "kafka",
-                source,
-            })?;
-        let log_err = log_file
-            .try_clone()
-            .map_err(|source| EmbeddedError::Spawn {
-                what: "kafka",
-                source,
-            })?;
-        let child = Command::new(tansu)
+            .map_err(spawn_error)?;
+        let log_err = log_file.try_clone().map_err(spawn_error)?;
+        let mut command = match in_path("setpriv").into_iter().find(|p| p.is_file()) {
+            Some(setpriv) => {
+                let mut c = Command::new(setpriv);
+                c.args(["--pdeathsig", "KILL", "--"]).arg(broker);
+                c
+            }
+            None => Command::new(broker),
+        };
+        let mut child = command
             .arg("broker")
             .args(["--listener-url", &url])
             .args(["--advertised-listener-url", &url])
-            // Relative to the working directory: <dir>/tansu.db.
-            .args(["--storage-engine", "sqlite://tansu.db"])
+            // Relative to the working directory: <dir>/broker.db.
+            .args(["--storage-engine", "sqlite://broker.db"])
             .current_dir(dir)
             .env(
                 "RUST_LOG",
-                std::env::var("MEDIAFLOW_TANSU_LOG").unwrap_or_else(|_| "warn".into()),
+                std::env::var("MEDIAFLOW_BROKER_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .stdin(Stdio::null())
             .stdout(log_file)
             .stderr(log_err)
+            // Out of the terminal's foreground group: Ctrl-C is for `mediaflow`, which stops the
+            // broker once its stages have committed.
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .map_err(|source| EmbeddedError::Spawn {
-                what: "kafka (tansu)",
+                what: "kafka (the broker)",
                 source,
             })?;
-        let mut child = child;
+        if let Some(pid) = child.id() {
+            std::fs::write(&pid_file, pid.to_string()).map_err(spawn_error)?;
+        }
         wait_ready(&mut child, port, &log, Duration::from_secs(60)).await?;
         tracing::info!(%addr, "embedded kafka broker ready");
 
@@ -110,6 +144,7 @@ impl EmbeddedKafka {
                 },
                 // Stopped on purpose, or the handle was dropped.
                 _ = stop_rx => {
+                    // Killed and reaped: no zombie is left.
                     let _ = child.kill().await;
                     "stopped".to_owned()
                 }
@@ -119,6 +154,7 @@ impl EmbeddedKafka {
         Ok(Self {
             addr,
             log,
+            pid_file,
             stop: Some(stop),
             exit,
             watcher,
@@ -137,6 +173,48 @@ impl EmbeddedKafka {
     }
 }
 
+/// Stops the broker a crashed platform left running on `dir`, if any: the process named in the
+/// pid file, if it still runs the broker in `dir` (a recycled pid is left alone).
+async fn stop_leftover(pid_file: &Path, dir: &Path) {
+    let Some(pid) = std::fs::read_to_string(pid_file)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+    else {
+        return;
+    };
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    let same_dir = match (std::fs::read_link(proc.join("cwd")), dir.canonicalize()) {
+        (Ok(cwd), Ok(dir)) => cwd == dir,
+        _ => false,
+    };
+    let is_broker = std::fs::read(proc.join("cmdline")).is_ok_and(|cmdline| {
+        cmdline
+            .split(|&b| b == 0)
+            .any(|arg| arg.ends_with(BROKER.as_bytes()))
+    });
+    if !(same_dir && is_broker) {
+        return;
+    }
+    tracing::warn!(
+        pid,
+        "a broker from an earlier run still serves this data folder; stopping it"
+    );
+    let killed = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .await;
+    if let Err(e) = killed {
+        tracing::warn!(pid, error = %e, "could not stop the earlier broker");
+        return;
+    }
+    // Until the process is gone (it is not our child; init reaps it).
+    let until = Instant::now() + Duration::from_secs(10);
+    while proc.exists() && Instant::now() < until {
+        // Polling for the exit of a process that is not ours to wait on.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits until the child itself listens on `port`. A connection alone is not proof: the port was
 /// found free before the broker started, and another process (a parallel test's broker, say) may
 /// have bound it meanwhile; the child then fails to bind and exits, and the caller tries another
@@ -152,7 +230,7 @@ async fn wait_ready(
     loop {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(EmbeddedError::Exited {
-                what: "kafka (tansu)",
+                what: "kafka (the broker)",
                 status: status.to_string(),
                 log: log.display().to_string(),
             });
@@ -164,7 +242,7 @@ async fn wait_ready(
         }
         if started.elapsed() > limit {
             return Err(EmbeddedError::NotReady {
-                what: "kafka (tansu)",
+                what: "kafka (the broker)",
                 addr,
                 waited_s: limit.as_secs(),
                 log: log.display().to_string(),
@@ -265,5 +343,6 @@ impl EmbeddedKafka {
             let _ = stop.send(());
         }
         let _ = (&mut self.watcher).await;
+        let _ = std::fs::remove_file(&self.pid_file);
     }
 }

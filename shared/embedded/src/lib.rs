@@ -1,22 +1,22 @@
 //! Embedded infrastructure for running mediaflow on one machine: the Kafka-compatible broker
-//! (tansu, as a supervised child process) and an S3-compatible server over a local folder
+//! (nisshi, as a supervised child process) and an S3-compatible server over a local folder
 //! (s3s-fs, in process). Both are reached through their real protocols; nothing here is a mock.
 
 mod kafka;
 mod s3;
 
-pub use kafka::{EmbeddedKafka, find_tansu};
+pub use kafka::{BROKER, EmbeddedKafka, find_broker};
 pub use s3::EmbeddedS3;
 
 /// Why embedded infrastructure could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum EmbeddedError {
     #[error(
-        "the tansu broker binary was not found (looked in {looked}); install it with \
-         `cargo install tansu --version 0.6.0 --features libsql --locked` (./x setup does), or \
-         set embedded.tansu_bin to its path"
+        "the embedded broker `nisshi` was not found (looked in {looked}); `./x setup` installs \
+         it (`cargo +nightly install nisshi --version 0.8.1 --no-default-features --features \
+         libsql --locked`: it needs rustc 1.96 or newer), or set embedded.broker_bin to its path"
     )]
-    TansuMissing { looked: String },
+    BrokerMissing { looked: String },
     #[error("could not start {what}: {source}")]
     Spawn {
         what: &'static str,

@@ -6,9 +6,11 @@
 
 mod offsets;
 mod stage;
+mod watchdog;
 
 pub use offsets::OffsetTracker;
-pub use stage::{DeadLetters, StageOptions, Stopped, run_stage};
+pub use stage::{DeadLetters, StageOptions, StageRun, Stopped, run_stage};
+pub use watchdog::{Observation, StageProbe, Verdict, Watchdog};
 
 use std::future::Future;
 use std::time::Duration;

@@ -25,7 +25,7 @@ use mediaflow_telemetry::Metrics;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::{ErrorClass, Handler, OffsetTracker, RetryPolicy, StageError};
+use crate::{ErrorClass, Handler, OffsetTracker, RetryPolicy, StageError, StageProbe};
 
 /// How a stage instance runs.
 #[derive(Clone, Copy, Debug)]
@@ -196,24 +196,45 @@ struct Loop<H> {
     paused: bool,
 }
 
-/// Runs stage `stage` until `shutdown` is cancelled, then drains: stops taking messages, lets
-/// the ones being handled finish within the drain deadline, commits, and leaves the group.
-/// `subscribe` creates the stage's consumer around the listener the runtime gives it.
+/// One stage instance to run: what it does, where its failures go, how it runs and who watches
+/// it.
+pub struct StageRun<H> {
+    /// The stage's name, in logs and metrics.
+    pub name: String,
+    pub handler: Arc<H>,
+    pub dead_letters: DeadLetters,
+    pub options: StageOptions,
+    pub metrics: Metrics,
+    /// Filled in for the stage's watchdog; its rejoin request drains the instance like a
+    /// shutdown.
+    pub probe: StageProbe,
+}
+
+/// Runs `run` until `shutdown` is cancelled (or its probe asks for a rejoin), then drains:
+/// stops taking messages, lets the ones being handled finish within the drain deadline, commits,
+/// and leaves the group. `subscribe` creates the stage's consumer around the listener the
+/// runtime gives it.
 pub async fn run_stage<H: Handler>(
-    stage: &str,
+    run: StageRun<H>,
     subscribe: impl FnOnce(Arc<dyn RevokeListener>) -> Result<Consumer, BusError>,
-    handler: Arc<H>,
-    dead_letters: DeadLetters,
-    options: StageOptions,
-    metrics: Metrics,
     shutdown: CancellationToken,
 ) -> Result<Stopped, BusError> {
+    let StageRun {
+        name,
+        handler,
+        dead_letters,
+        options,
+        metrics,
+        probe,
+    } = run;
+    let stage = name.as_str();
     let shared = Arc::new(Shared::default());
     let consumer = Arc::new(subscribe(Arc::new(Revoker {
         stage: stage.to_owned(),
         shared: shared.clone(),
         deadline: options.drain_deadline,
     }))?);
+    probe.attach(&consumer);
     tracing::info!(
         stage,
         group = consumer.group(),
@@ -240,10 +261,16 @@ pub async fn run_stage<H: Handler>(
         overflow: VecDeque::new(),
         paused: false,
     };
+    let rejoin = probe.rejoin_token().clone();
+    let mut fatal = None;
     loop {
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
+            () = rejoin.cancelled() => {
+                tracing::warn!(stage, "leaving the group to join it again");
+                break;
+            }
             Some(joined) = l.tasks.join_next(), if !l.tasks.is_empty() => {
                 l.finished(joined);
                 l.refill();
@@ -254,6 +281,12 @@ pub async fn run_stage<H: Handler>(
                 l.refill();
                 match delivery {
                     Ok(d) => l.received(d),
+                    Err(BusError::Fatal(why)) => {
+                        tracing::error!(stage, error = %why, "the consumer failed for good; leaving");
+                        l.ctx.metrics.stage_error(stage, "consumer");
+                        fatal = Some(why);
+                        break;
+                    }
                     Err(e) => {
                         // The broker briefly unreachable: librdkafka recovers.
                         tracing::warn!(stage, error = %e, "consumer error");
@@ -262,10 +295,17 @@ pub async fn run_stage<H: Handler>(
                 }
             }
         }
-        l.ctx.metrics.stage_in_flight(stage, l.in_flight());
+        let in_flight = l.in_flight();
+        probe.set_in_flight(in_flight);
+        l.ctx.metrics.stage_in_flight(stage, in_flight);
     }
     let stopped = l.drain().await;
+    probe.set_in_flight(0);
     l.ctx.metrics.stage_in_flight(stage, 0);
+    if let Some(why) = fatal {
+        // Its offsets cannot be committed any more: what it finished is delivered again.
+        return Err(BusError::Fatal(why));
+    }
     l.consumer.close()?;
     tracing::info!(stage, ?stopped, "stage stopped");
     Ok(stopped)

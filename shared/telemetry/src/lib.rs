@@ -69,6 +69,10 @@ pub struct Metrics {
     dead_letters: Family<StageLabels, Counter>,
     consumer_lag: Family<StageOnly, Gauge>,
     stage_restarts: Family<StageOnly, Counter>,
+    stage_stalls: Family<StageOnly, Counter>,
+    stage_wedged: Family<StageOnly, Gauge>,
+    /// Stages the watchdog finds wedged now, with what it saw: readiness fails while any is.
+    wedged: Arc<Mutex<std::collections::BTreeMap<String, String>>>,
     source_items: Family<SourceLabels, Counter>,
     source_polls: Family<SourceLabels, Counter>,
 }
@@ -140,6 +144,19 @@ impl Metrics {
             "Times `mediaflow up` restarted a stage (or source) that failed",
             stage_restarts.clone(),
         );
+        let stage_stalls = Family::<StageOnly, Counter>::default();
+        registry.register(
+            "stage_stalls",
+            "Times the watchdog found a stage wedged (no partitions, or none of its waiting \
+             messages committed, for the stall timeout) and made it rejoin its group",
+            stage_stalls.clone(),
+        );
+        let stage_wedged = Family::<StageOnly, Gauge>::default();
+        registry.register(
+            "stage_wedged",
+            "1 while the watchdog finds a stage wedged, else 0",
+            stage_wedged.clone(),
+        );
         let source_items = Family::<SourceLabels, Counter>::default();
         registry.register(
             "source_items",
@@ -157,6 +174,9 @@ impl Metrics {
             source_polls,
             consumer_lag,
             stage_restarts,
+            stage_stalls,
+            stage_wedged,
+            wedged: Arc::default(),
             source_items,
             stage_in_flight,
             dead_letters,
@@ -242,6 +262,42 @@ impl Metrics {
             .inc();
     }
 
+    /// The watchdog found `stage` wedged, for `reason`: counted, and readiness fails naming it
+    /// until `stage_unwedged`.
+    pub fn stage_wedged(&self, stage: &str, reason: &str) {
+        let labels = StageOnly {
+            stage: stage.to_owned(),
+        };
+        self.stage_stalls.get_or_create(&labels).inc();
+        self.stage_wedged.get_or_create(&labels).set(1);
+        self.wedged_stages_lock()
+            .insert(stage.to_owned(), reason.to_owned());
+    }
+
+    /// The watchdog sees `stage` working (or idle) again.
+    pub fn stage_unwedged(&self, stage: &str) {
+        if self.wedged_stages_lock().remove(stage).is_some() {
+            self.stage_wedged
+                .get_or_create(&StageOnly {
+                    stage: stage.to_owned(),
+                })
+                .set(0);
+        }
+    }
+
+    /// The stages found wedged now, with what the watchdog saw.
+    pub fn wedged_stages(&self) -> std::collections::BTreeMap<String, String> {
+        self.wedged_stages_lock().clone()
+    }
+
+    fn wedged_stages_lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, String>> {
+        self.wedged
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// A source enqueued an item (`enqueued`) or could not fetch it (`error`).
     pub fn source_item(&self, source: &str, outcome: &str) {
         self.source_items
@@ -295,6 +351,31 @@ mod tests {
                 "mediaflow_stage_messages_total{stage=\"image-worker\",outcome=\"ok\"} 1"
             ),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn a_wedged_stage_is_counted_and_listed_until_it_heals() {
+        let m = Metrics::new();
+        m.stage_wedged("router", "holds no partitions");
+        assert_eq!(
+            m.wedged_stages().get("router").map(String::as_str),
+            Some("holds no partitions")
+        );
+        let text = m.render();
+        assert!(
+            text.contains("mediaflow_stage_stalls_total{stage=\"router\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mediaflow_stage_wedged{stage=\"router\"} 1"),
+            "{text}"
+        );
+        m.stage_unwedged("router");
+        assert!(m.wedged_stages().is_empty());
+        assert!(
+            m.render()
+                .contains("mediaflow_stage_wedged{stage=\"router\"} 0")
         );
     }
 }
