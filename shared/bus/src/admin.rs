@@ -5,18 +5,18 @@ use std::time::{Duration, Instant};
 use mediaflow_events::TopicSpec;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::BusError;
+use crate::logs::Quiet;
 
 pub(crate) async fn ensure_topics(
     cfg: ClientConfig,
     specs: &[TopicSpec],
     timeout: Duration,
 ) -> Result<(), BusError> {
-    let admin: AdminClient<DefaultClientContext> = cfg.create().map_err(BusError::Client)?;
+    let admin: AdminClient<Quiet> = cfg.create_with_context(Quiet).map_err(BusError::Client)?;
     let retention: Vec<String> = specs
         .iter()
         .map(|s| s.retention.as_millis().to_string())
@@ -59,7 +59,8 @@ async fn wait_visible(
 ) -> Result<(), BusError> {
     let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = cfg.create().map_err(BusError::Client)?;
+        let consumer: BaseConsumer<Quiet> =
+            cfg.create_with_context(Quiet).map_err(BusError::Client)?;
         let started = Instant::now();
         loop {
             let md = consumer

@@ -76,7 +76,15 @@ pub(crate) struct Hooks {
     listener: Option<Arc<dyn RevokeListener>>,
 }
 
-impl ClientContext for Hooks {}
+impl ClientContext for Hooks {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        crate::logs::forward(level, fac, message);
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        crate::logs::forward_error(&error, reason);
+    }
+}
 
 impl ConsumerContext for Hooks {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

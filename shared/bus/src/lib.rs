@@ -6,6 +6,7 @@ mod admin;
 mod config;
 mod consumer;
 mod error;
+mod logs;
 mod publisher;
 
 pub use config::BusConfig;
@@ -16,6 +17,7 @@ pub use publisher::{Published, Publisher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use logs::Quiet;
 use mediaflow_events::{TopicSpec, Topics};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
@@ -25,7 +27,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer as _};
 pub struct Bus {
     config: BusConfig,
     /// One client for health checks, created on first use and reused.
-    probe: Arc<Mutex<Option<Arc<BaseConsumer>>>>,
+    probe: Arc<Mutex<Option<Arc<BaseConsumer<Quiet>>>>>,
 }
 
 impl std::fmt::Debug for Bus {
@@ -125,7 +127,8 @@ impl Bus {
         let name = topic.to_owned();
         // The end of each partition now; messages published later are not waited for.
         let ends: Vec<(i32, i64, i64)> = tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = cfg.create().map_err(BusError::Client)?;
+            let consumer: BaseConsumer<Quiet> =
+                cfg.create_with_context(Quiet).map_err(BusError::Client)?;
             watermarks(&consumer, &name, timeout)
         })
         .await
@@ -165,7 +168,8 @@ impl Bus {
         let timeout = self.config.request_timeout();
         let topic = topic.to_owned();
         tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = cfg.create().map_err(BusError::Client)?;
+            let consumer: BaseConsumer<Quiet> =
+                cfg.create_with_context(Quiet).map_err(BusError::Client)?;
             let marks = watermarks(&consumer, &topic, timeout)?;
             Ok(marks.iter().map(|&(_, low, high)| high - low).sum())
         })
@@ -197,7 +201,8 @@ impl Bus {
         let timeout = self.config.request_timeout();
         let topics = topics.to_vec();
         tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = cfg.create().map_err(BusError::Client)?;
+            let consumer: BaseConsumer<Quiet> =
+                cfg.create_with_context(Quiet).map_err(BusError::Client)?;
             let mut positions = Vec::new();
             for topic in &topics {
                 let marks = watermarks(&consumer, topic, timeout)?;
@@ -241,8 +246,11 @@ impl Bus {
             match &*probe {
                 Some(client) => client.clone(),
                 None => {
-                    let client: Arc<BaseConsumer> =
-                        Arc::new(self.client_config().create().map_err(BusError::Client)?);
+                    let client: Arc<BaseConsumer<Quiet>> = Arc::new(
+                        self.client_config()
+                            .create_with_context(Quiet)
+                            .map_err(BusError::Client)?,
+                    );
                     *probe = Some(client.clone());
                     client
                 }
@@ -281,7 +289,7 @@ impl PartitionPosition {
 
 /// (partition, low watermark, high watermark) of every partition of `topic`. Blocking.
 fn watermarks(
-    consumer: &BaseConsumer,
+    consumer: &BaseConsumer<Quiet>,
     topic: &str,
     timeout: Duration,
 ) -> Result<Vec<(i32, i64, i64)>, BusError> {

@@ -9,6 +9,7 @@ use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::BusError;
+use crate::logs::Quiet;
 
 /// Where an acknowledged event landed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,7 +21,7 @@ pub struct Published {
 /// A producer of mediaflow events for one stage.
 #[derive(Clone)]
 pub struct Publisher {
-    producer: FutureProducer,
+    producer: FutureProducer<Quiet>,
     source: String,
     timeout: Duration,
 }
@@ -47,7 +48,8 @@ impl Publisher {
             .set("acks", "all")
             .set("linger.ms", "5")
             .set("message.timeout.ms", timeout.as_millis().to_string());
-        let producer: FutureProducer = cfg.create().map_err(BusError::Client)?;
+        let producer: FutureProducer<Quiet> =
+            cfg.create_with_context(Quiet).map_err(BusError::Client)?;
         Ok(Self {
             producer,
             source: source.to_owned(),
