@@ -441,14 +441,23 @@ async fn watch_stage(
     let mut watchdog = Watchdog::new(stall_timeout);
     let mut tick = tokio::time::interval(watch_interval(stall_timeout));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The watchdog is blind while positions cannot be read: said once, not at every tick.
+    let mut blind = false;
     loop {
         tick.tick().await;
         let positions = match bus.group_positions(&group, &inputs).await {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::debug!(stage, error = %e, "could not measure consumer lag");
+            Ok(p) => {
+                if std::mem::take(&mut blind) {
+                    tracing::info!(stage, "consumer lag can be measured again");
+                }
+                p
+            }
+            Err(e) if !blind => {
+                blind = true;
+                tracing::warn!(stage, error = %e, "cannot measure consumer lag; the stage's watchdog waits until it can");
                 continue;
             }
+            Err(_) => continue,
         };
         metrics.consumer_lag(&stage, positions.iter().map(|p| p.lag()).sum());
         // No consumer yet (joining) or none any more: nothing to judge.
