@@ -12,26 +12,13 @@ use anyhow::{Result, bail};
 use cloudevents::AttributesReader;
 use futures::StreamExt;
 use mediaflow_events::{EventData, ImageProcessed};
-use support::{Backend, TestPlatform, fixtures};
+use support::{Backend, Rng, TestPlatform, fixtures};
 
 /// Outputs the image stage records per item: the `thumb-256` rendition and the `tags`.
 const OUTPUTS: i64 = 2;
 
 const ITEMS: usize = 500;
 const KILLS: usize = 12;
-
-/// A small deterministic generator (xorshift), seeded from the clock and printed, so a failing
-/// schedule can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn items_survive_workers_killed_at_random() -> Result<()> {
@@ -47,19 +34,7 @@ async fn items_survive_workers_killed_at_random() -> Result<()> {
         tp.spawn_image_worker(1, logs.path())?,
     ];
 
-    let seed = std::env::var("MEDIAFLOW_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            u64::from(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .subsec_nanos(),
-            ) | 1
-        });
-    eprintln!("crash test seed: {seed} (MEDIAFLOW_CRASH_SEED={seed} replays this schedule)");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::seeded("crash test");
 
     // Upload the items, eight at a time, while the killing goes on.
     let png = std::fs::read(fixtures().join("chessboard_RGB.png"))?;

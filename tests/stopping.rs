@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail, ensure};
 use cloudevents::AttributesReader;
 use mediaflow_bus::{Bus, BusConfig};
 use mediaflow_events::{EventData, ImageProcessed};
-use support::{fixtures, mediaflow_bin};
+use support::{Rng, fixtures, mediaflow_bin};
 
 /// `mediaflow up` on a data folder, in a process group of its own (its pid is the group id),
 /// as a shell runs a foreground job.
@@ -294,19 +294,6 @@ async fn a_second_ctrl_c_stops_at_once() -> Result<()> {
     Ok(())
 }
 
-/// A small deterministic generator (xorshift), seeded from the clock and printed, so a failing
-/// schedule can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
-
 /// When a round's platform is killed.
 #[derive(Clone, Copy, Debug)]
 enum Kill {
@@ -324,19 +311,7 @@ const UPLOADS_PER_ROUND: usize = 25;
 async fn the_whole_platform_killed_again_and_again_loses_nothing_and_resumes() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (data, log, prefix) = (dir.path().join("data"), dir.path().join("up.log"), prefix());
-    let seed = std::env::var("MEDIAFLOW_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            u64::from(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .subsec_nanos(),
-            ) | 1
-        });
-    eprintln!("crash-loop seed: {seed} (MEDIAFLOW_CRASH_SEED={seed} replays this schedule)");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::seeded("crash loop");
     let png = std::fs::read(fixtures().join("chessboard_RGB.png"))?;
     let http = reqwest::Client::new();
     let mut accepted: Vec<String> = Vec::new();

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use support::{Backend, TestPlatform, fixtures, python};
+use support::{Backend, TestPlatform, fixtures, metric_at as metric, python};
 
 /// Polls `check` every 100 ms until it returns Some, for at most `timeout`.
 async fn until<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
@@ -26,17 +26,6 @@ where
         // Polling for a condition with a deadline.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-async fn metric(admin: &str, series: &str) -> Result<f64> {
-    let text = reqwest::get(format!("{admin}/metrics"))
-        .await?
-        .text()
-        .await?;
-    Ok(text
-        .lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

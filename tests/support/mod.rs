@@ -42,6 +42,49 @@ pub struct TestPlatform {
     external: Option<External>,
 }
 
+/// A small deterministic generator (xorshift) for crash schedules.
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded from `MEDIAFLOW_CRASH_SEED`, else from the clock; the seed is printed, so a
+    /// failing schedule can be replayed.
+    pub fn seeded(what: &str) -> Self {
+        let seed = std::env::var("MEDIAFLOW_CRASH_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                u64::from(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap()
+                        .subsec_nanos(),
+                ) | 1
+            });
+        eprintln!("{what} seed: {seed} (MEDIAFLOW_CRASH_SEED={seed} replays this schedule)");
+        Self(seed)
+    }
+
+    /// A number below `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// The value of metric line `series` on `base`'s `/metrics`, 0 if absent.
+pub async fn metric_at(base: &str, series: &str) -> Result<f64> {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0))
+}
+
 /// Where `./x` keeps what it installs: `$MEDIAFLOW_CACHE`, else `~/.cache/mediaflow`.
 fn cache_dir() -> PathBuf {
     std::env::var_os("MEDIAFLOW_CACHE")
@@ -479,14 +522,7 @@ impl TestPlatform {
 
     /// The value of a metric line on the gateway's `/metrics`, 0 if absent.
     pub async fn metric(&self, series: &str) -> Result<f64> {
-        let text = reqwest::get(format!("{}/metrics", self.base))
-            .await?
-            .text()
-            .await?;
-        Ok(text
-            .lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-            .unwrap_or(0.0))
+        metric_at(&self.base, series).await
     }
 
     /// Waits until none of the media `ids` is `queued` any more (each done or failed), polling
