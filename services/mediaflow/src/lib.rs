@@ -7,6 +7,7 @@ pub mod config;
 pub mod dlq;
 pub mod http_source;
 mod platform;
+pub mod registry;
 pub mod samples;
 pub mod tail;
 

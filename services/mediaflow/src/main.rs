@@ -64,8 +64,39 @@ enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// Pipeline files: check one, or draw its topology.
+    Pipeline {
+        #[command(subcommand)]
+        command: PipelineCommand,
+    },
     /// Print the effective configuration as TOML.
     Config,
+}
+
+#[derive(Subcommand)]
+enum PipelineCommand {
+    /// Check a pipeline file: every problem is printed with its line and column, and the exit
+    /// status is 2 if there is one.
+    Check {
+        /// The pipeline file (YAML), e.g. pipelines/default.yaml.
+        file: PathBuf,
+    },
+    /// Print the topology of a pipeline file: stages, the topics they read and the topics their
+    /// ports write.
+    Graph {
+        /// The pipeline file (YAML).
+        file: PathBuf,
+        /// `text`, `dot` (Graphviz) or `mermaid`.
+        #[arg(long, value_enum, default_value_t = GraphFormat::Text)]
+        format: GraphFormat,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum GraphFormat {
+    Text,
+    Dot,
+    Mermaid,
 }
 
 #[derive(Subcommand)]
@@ -288,6 +319,36 @@ async fn run(command: Command, config: MediaflowConfig) -> Result<ExitCode> {
                         r.replayed, r.already, r.unreplayable
                     );
                 }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pipeline { command } => {
+            let kinds = mediaflow::registry::PlatformKinds;
+            let file = match &command {
+                PipelineCommand::Check { file } | PipelineCommand::Graph { file, .. } => file,
+            };
+            let pipeline = match mediaflow_pipeline::load(file, &kinds) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            match command {
+                PipelineCommand::Check { file } => println!(
+                    "{}: {} topic(s), {} stage(s), no problems",
+                    file.display(),
+                    pipeline.topics.len(),
+                    pipeline.stages.len()
+                ),
+                PipelineCommand::Graph { format, .. } => print!(
+                    "{}",
+                    match format {
+                        GraphFormat::Text => mediaflow_pipeline::graph::text(&pipeline),
+                        GraphFormat::Dot => mediaflow_pipeline::graph::dot(&pipeline),
+                        GraphFormat::Mermaid => mediaflow_pipeline::graph::mermaid(&pipeline),
+                    }
+                ),
             }
             Ok(ExitCode::SUCCESS)
         }

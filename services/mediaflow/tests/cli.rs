@@ -125,3 +125,61 @@ fn bad_configuration_is_reported_with_the_key() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("max_upload_bytes = 1000"));
 }
+
+/// The repository's root, where `pipelines/` is.
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+#[test]
+fn pipeline_check_accepts_the_shipped_pipeline_and_draws_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = root().join("pipelines/default.yaml");
+    let out = mediaflow(tmp.path())
+        .args(["pipeline", "check"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("3 stage(s), no problems"));
+    let out = mediaflow(tmp.path())
+        .args(["pipeline", "graph", "--format", "dot"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let dot = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        dot.contains("\"stage:router\" -> \"topic:jobs.video\" [label=\"video\"]"),
+        "{dot}"
+    );
+}
+
+#[test]
+fn pipeline_check_names_the_file_the_line_and_the_problem() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("p.yaml");
+    std::fs::write(
+        &file,
+        "topics:\n  - name: in\n    produced_by: gateway\n  - name: out\nstages:\n  - name: s\n    kind: copier\n    inputs: [in, missing]\n    outputs:\n      a: out\n",
+    )
+    .unwrap();
+    let out = mediaflow(tmp.path())
+        .args(["pipeline", "check"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{}:8:18: stage `s` reads `missing`, which is not a declared topic",
+            file.display()
+        )),
+        "{stderr}"
+    );
+}
