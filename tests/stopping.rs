@@ -137,6 +137,17 @@ fn broker_pid(data: &Path) -> Option<u32> {
         .ok()
 }
 
+/// The parent of process `pid`, from `/proc`.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// Uploads `file` and returns the media id, or None when the upload was not accepted (the
 /// platform going down under it).
 async fn upload(http: &reqwest::Client, base: &str, bytes: Vec<u8>) -> Option<String> {
@@ -299,6 +310,8 @@ async fn a_second_ctrl_c_stops_at_once() -> Result<()> {
 enum Kill {
     /// This long after the process started, ready or not.
     DuringStartUp(Duration),
+    /// As soon as this run's broker process exists: the platform is still starting.
+    OnceTheBrokerRuns,
     /// This long after it is ready, while uploads go on.
     WhileServing(Duration),
 }
@@ -322,7 +335,8 @@ async fn the_whole_platform_killed_again_and_again_loses_nothing_and_resumes() -
     for round in 0..ROUNDS {
         let kill = match round {
             // During start-up: before anything is ready, and while the broker comes up.
-            0 | 5 => Kill::DuringStartUp(Duration::from_millis(20 + rng.below(300))),
+            0 => Kill::DuringStartUp(Duration::from_millis(rng.below(50))),
+            5 => Kill::OnceTheBrokerRuns,
             // Twice within two seconds: round 4 is killed soon after round 3 was.
             4 => Kill::WhileServing(Duration::from_millis(rng.below(300))),
             _ => Kill::WhileServing(Duration::from_millis(200 + rng.below(2500))),
@@ -331,6 +345,15 @@ async fn the_whole_platform_killed_again_and_again_loses_nothing_and_resumes() -
         let started = Instant::now();
         match kill {
             Kill::DuringStartUp(after) => tokio::time::sleep(after).await,
+            Kill::OnceTheBrokerRuns => {
+                let pid = up.pgid();
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while broker_pid(&data).is_none_or(|b| parent_of(b) != Some(pid)) {
+                    ensure!(Instant::now() < deadline, "this run's broker never started");
+                    // Polling for the broker process of this run.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
             Kill::WhileServing(after) => {
                 let base = up.ready(Duration::from_secs(60)).await?;
                 // Uploads go on until the kill.
@@ -353,7 +376,7 @@ async fn the_whole_platform_killed_again_and_again_loses_nothing_and_resumes() -
             }
         }
         let mut started_up = true;
-        if matches!(kill, Kill::DuringStartUp(_)) {
+        if !matches!(kill, Kill::WhileServing(_)) {
             started_up = data.join("endpoints.json").is_file();
             up.signal_group("KILL").await?;
         }
