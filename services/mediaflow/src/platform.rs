@@ -376,7 +376,7 @@ async fn consume<H: Handler>(
     let group = format!("{}{name}", config.bus.topic_prefix);
     let handler = Arc::new(handler);
     let dead_letters = DeadLetters {
-        publisher: s.bus.publisher(&format!("/mediaflow/{name}"))?,
+        publisher: Arc::new(s.bus.publisher(&format!("/mediaflow/{name}"))?),
         topic: s.bus.topics().dead_letters(),
     };
     loop {

@@ -57,6 +57,11 @@ impl Publisher {
         })
     }
 
+    /// The CloudEvents `source` this publisher stamps on events.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
     /// Publishes `data` on `topic` and waits for the broker's acknowledgement.
     pub async fn publish<T: EventData>(
         &self,

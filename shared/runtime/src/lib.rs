@@ -4,11 +4,15 @@
 //! dead-letters what fails for good, and stores each partition's offset only past messages that
 //! are finished.
 
+#[cfg(test)]
+mod loop_tests;
 mod offsets;
+mod seam;
 mod stage;
 mod watchdog;
 
 pub use offsets::OffsetTracker;
+pub use seam::{Sink, Source};
 pub use stage::{DeadLetters, StageOptions, StageRun, Stopped, run_stage};
 pub use watchdog::{Observation, StageProbe, Verdict, Watchdog};
 

@@ -19,13 +19,15 @@ use std::time::{Duration, Instant};
 
 use cloudevents::{AttributesReader, Event};
 use futures::FutureExt;
-use mediaflow_bus::{BusError, Consumer, Delivery, Publisher, RevokeListener};
-use mediaflow_events::{DeadLetter, MessageSource};
+use mediaflow_bus::{BusError, Delivery, RevokeListener};
+use mediaflow_events::{DeadLetter, EventData, MessageSource};
 use mediaflow_telemetry::Metrics;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::{ErrorClass, Handler, OffsetTracker, RetryPolicy, StageError, StageProbe};
+use crate::{
+    ErrorClass, Handler, OffsetTracker, RetryPolicy, Sink, Source, StageError, StageProbe,
+};
 
 /// How a stage instance runs.
 #[derive(Clone, Copy, Debug)]
@@ -53,9 +55,9 @@ impl Default for StageOptions {
 }
 
 /// Where a stage sends the messages it gives up on.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct DeadLetters {
-    pub publisher: Publisher,
+    pub publisher: Arc<dyn Sink>,
     pub topic: String,
 }
 
@@ -186,7 +188,7 @@ struct Context<H> {
 /// The mutable state of the loop.
 struct Loop<H> {
     ctx: Arc<Context<H>>,
-    consumer: Arc<Consumer>,
+    consumer: Arc<dyn Source>,
     shared: Arc<Shared>,
     tasks: JoinSet<Finished>,
     /// Keys with a message in flight, and the messages of that key waiting behind it.
@@ -214,9 +216,9 @@ pub struct StageRun<H> {
 /// stops taking messages, lets the ones being handled finish within the drain deadline, commits,
 /// and leaves the group. `subscribe` creates the stage's consumer around the listener the
 /// runtime gives it.
-pub async fn run_stage<H: Handler>(
+pub async fn run_stage<H: Handler, S: Source>(
     run: StageRun<H>,
-    subscribe: impl FnOnce(Arc<dyn RevokeListener>) -> Result<Consumer, BusError>,
+    subscribe: impl FnOnce(Arc<dyn RevokeListener>) -> Result<S, BusError>,
     shutdown: CancellationToken,
 ) -> Result<Stopped, BusError> {
     let StageRun {
@@ -229,7 +231,7 @@ pub async fn run_stage<H: Handler>(
     } = run;
     let stage = name.as_str();
     let shared = Arc::new(Shared::default());
-    let consumer = Arc::new(subscribe(Arc::new(Revoker {
+    let consumer: Arc<dyn Source> = Arc::new(subscribe(Arc::new(Revoker {
         stage: stage.to_owned(),
         shared: shared.clone(),
         deadline: options.drain_deadline,
@@ -454,7 +456,7 @@ impl<H: Handler> Loop<H> {
 /// progress and stores the partition's new commit position.
 struct Done {
     shared: Arc<Shared>,
-    consumer: Arc<Consumer>,
+    consumer: Arc<dyn Source>,
     stage: String,
     metrics: Metrics,
 }
@@ -588,10 +590,18 @@ async fn give_up<H: Handler>(
     };
     let mut tries = 0;
     loop {
+        let event = match mediaflow_events::encode(&letter, ctx.dead_letters.publisher.source()) {
+            Ok(event) => event,
+            Err(e) => {
+                // Our own record failed to serialize: nothing a retry would change.
+                tracing::error!(stage = %ctx.stage, error = %e, "could not encode a dead letter");
+                return Outcome::Done(err.class.as_str());
+            }
+        };
         match ctx
             .dead_letters
             .publisher
-            .publish(&ctx.dead_letters.topic, &letter)
+            .publish(&ctx.dead_letters.topic, &letter.subject(), event)
             .await
         {
             Ok(_) => break,

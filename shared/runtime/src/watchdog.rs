@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mediaflow_bus::{Consumer, PartitionPosition};
+use mediaflow_bus::PartitionPosition;
+
+use crate::Source;
 use tokio_util::sync::CancellationToken;
 
 type PartitionId = (String, i32);
@@ -121,7 +123,7 @@ pub struct StageProbe {
 
 #[derive(Debug, Default)]
 struct ProbeState {
-    consumer: Option<std::sync::Weak<Consumer>>,
+    source: Option<std::sync::Weak<dyn Source>>,
     in_flight: usize,
 }
 
@@ -136,8 +138,8 @@ impl StageProbe {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    pub(crate) fn attach(&self, consumer: &Arc<Consumer>) {
-        self.state().consumer = Some(Arc::downgrade(consumer));
+    pub(crate) fn attach(&self, source: &Arc<dyn Source>) {
+        self.state().source = Some(Arc::downgrade(source));
     }
 
     pub(crate) fn set_in_flight(&self, n: usize) {
@@ -148,8 +150,8 @@ impl StageProbe {
     /// consumer (starting or stopped) or its assignment cannot be read.
     pub fn held_and_in_flight(&self) -> Option<(Vec<PartitionId>, usize)> {
         let state = self.state();
-        let consumer = state.consumer.as_ref()?.upgrade()?;
-        let held = consumer.assignment().ok()?;
+        let source = state.source.as_ref()?.upgrade()?;
+        let held = source.assignment().ok()?;
         Some((held, state.in_flight))
     }
 

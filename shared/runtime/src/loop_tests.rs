@@ -1,0 +1,420 @@
+//! The consume loop without a broker: an in-memory source and sink, a scripted handler, and
+//! paused time, so ordering, retries, dead letters, offset storage, pausing and draining are
+//! proven cheaply and exactly.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cloudevents::{AttributesReader, Event, EventBuilder, EventBuilderV10};
+use futures::future::BoxFuture;
+use mediaflow_bus::{BusError, Delivery};
+use mediaflow_telemetry::Metrics;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    DeadLetters, Handler, RetryPolicy, Sink, Source, StageError, StageOptions, StageProbe,
+    StageRun, Stopped, run_stage,
+};
+
+#[derive(Default)]
+struct MemState {
+    queue: VecDeque<Delivery>,
+    paused: bool,
+    pauses: usize,
+    resumes: usize,
+    /// Every position stored, in order.
+    stored: Vec<(i32, i64)>,
+    closed: bool,
+}
+
+/// A source holding its messages in memory; fetching stops while paused.
+#[derive(Default)]
+struct Memory {
+    state: Mutex<MemState>,
+    more: Notify,
+}
+
+impl Memory {
+    fn with(messages: Vec<Delivery>) -> Arc<Self> {
+        let m = Arc::new(Self::default());
+        m.lock().queue.extend(messages);
+        m
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemState> {
+        self.state.lock().unwrap()
+    }
+
+    /// The last position stored per partition.
+    fn positions(&self) -> BTreeMap<i32, i64> {
+        self.lock().stored.iter().copied().collect()
+    }
+}
+
+impl Source for Arc<Memory> {
+    fn group(&self) -> &str {
+        "memory"
+    }
+    fn recv(&self) -> BoxFuture<'_, Result<Delivery, BusError>> {
+        Box::pin(async move {
+            loop {
+                {
+                    let mut s = self.lock();
+                    if !s.paused
+                        && let Some(d) = s.queue.pop_front()
+                    {
+                        return Ok(d);
+                    }
+                }
+                self.more.notified().await;
+            }
+        })
+    }
+    fn store(&self, _topic: &str, partition: i32, next: i64) -> Result<(), BusError> {
+        self.lock().stored.push((partition, next));
+        Ok(())
+    }
+    fn pause_all(&self) -> Result<(), BusError> {
+        let mut s = self.lock();
+        s.paused = true;
+        s.pauses += 1;
+        Ok(())
+    }
+    fn resume_all(&self) -> Result<(), BusError> {
+        let mut s = self.lock();
+        s.paused = false;
+        s.resumes += 1;
+        drop(s);
+        self.more.notify_one();
+        Ok(())
+    }
+    fn assignment(&self) -> Result<Vec<(String, i32)>, BusError> {
+        Ok(vec![("in".into(), 0)])
+    }
+    fn close(&self) -> Result<(), BusError> {
+        self.lock().closed = true;
+        Ok(())
+    }
+}
+
+/// A sink keeping what it is given.
+#[derive(Default)]
+struct Kept(Mutex<Vec<(String, Event)>>);
+
+impl Sink for Kept {
+    fn source(&self) -> &str {
+        "/test"
+    }
+    fn publish<'a>(
+        &'a self,
+        topic: &'a str,
+        _key: &'a str,
+        event: Event,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        self.0.lock().unwrap().push((topic.to_owned(), event));
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// What the scripted handler does with a message: wait, then fail `fails` times with `class`.
+#[derive(Clone, Copy, Default)]
+struct Script {
+    millis: u64,
+    fails: u32,
+    permanent: bool,
+}
+
+/// Runs each message as its script says; tells the test when one starts and when it succeeds.
+struct Scripted {
+    scripts: HashMap<String, Script>,
+    attempts: Mutex<HashMap<String, u32>>,
+    finished: mpsc::UnboundedSender<String>,
+    started: mpsc::UnboundedSender<String>,
+}
+
+impl Handler for Scripted {
+    async fn handle(&self, event: &Event) -> Result<(), StageError> {
+        let id = event.id().to_owned();
+        let script = self.scripts.get(&id).copied().unwrap_or_default();
+        let attempt = {
+            let mut a = self.attempts.lock().unwrap();
+            let n = a.entry(id.clone()).or_default();
+            *n += 1;
+            *n
+        };
+        let _ = self.started.send(id.clone());
+        tokio::time::sleep(Duration::from_millis(script.millis)).await;
+        if attempt <= script.fails {
+            return Err(if script.permanent {
+                StageError::permanent(format!("{id} is broken"))
+            } else {
+                StageError::transient(format!("{id} failed, try again"))
+            });
+        }
+        let _ = self.finished.send(id);
+        Ok(())
+    }
+
+    async fn give_up(&self, _event: Option<&Event>, _error: &StageError) -> Result<(), StageError> {
+        Ok(())
+    }
+}
+
+fn delivery(offset: i64, key: &str) -> Delivery {
+    let event = EventBuilderV10::new()
+        .id(format!("m{offset}"))
+        .ty("test")
+        .source("/test")
+        .build()
+        .unwrap();
+    Delivery {
+        topic: "in".into(),
+        partition: 0,
+        offset,
+        key: Some(key.to_owned()),
+        event: Ok(event),
+        raw: None,
+    }
+}
+
+struct Run {
+    source: Arc<Memory>,
+    sink: Arc<Kept>,
+    shutdown: CancellationToken,
+    finished: mpsc::UnboundedReceiver<String>,
+    started: mpsc::UnboundedReceiver<String>,
+    stage: tokio::task::JoinHandle<Result<Stopped, BusError>>,
+    handler: Arc<Scripted>,
+}
+
+fn start(messages: Vec<Delivery>, scripts: &[(&str, Script)], options: StageOptions) -> Run {
+    let (finished_tx, finished) = mpsc::unbounded_channel();
+    let (started_tx, started) = mpsc::unbounded_channel();
+    let handler = Arc::new(Scripted {
+        scripts: scripts
+            .iter()
+            .map(|(id, s)| ((*id).to_owned(), *s))
+            .collect(),
+        attempts: Mutex::default(),
+        finished: finished_tx,
+        started: started_tx,
+    });
+    let source = Memory::with(messages);
+    let sink = Arc::new(Kept::default());
+    let shutdown = CancellationToken::new();
+    let run = StageRun {
+        name: "test".into(),
+        handler: handler.clone(),
+        dead_letters: DeadLetters {
+            publisher: sink.clone(),
+            topic: "dead-letters".into(),
+        },
+        options,
+        metrics: Metrics::new(),
+        probe: StageProbe::new(),
+    };
+    let stage = {
+        let (source, shutdown) = (source.clone(), shutdown.clone());
+        tokio::spawn(async move { run_stage(run, |_| Ok(source), shutdown).await })
+    };
+    Run {
+        source,
+        sink,
+        shutdown,
+        finished,
+        started,
+        stage,
+        handler,
+    }
+}
+
+fn options() -> StageOptions {
+    StageOptions {
+        concurrency: 4,
+        max_attempts: 5,
+        retry: RetryPolicy {
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+        },
+        drain_deadline: Duration::from_secs(2),
+    }
+}
+
+impl Run {
+    /// Waits for `n` messages to succeed; their ids in order.
+    async fn finished(&mut self, n: usize) -> Vec<String> {
+        let mut ids = Vec::new();
+        while ids.len() < n {
+            ids.push(self.finished.recv().await.unwrap());
+        }
+        ids
+    }
+
+    async fn stop(self) -> (Stopped, Arc<Memory>, Arc<Kept>) {
+        self.shutdown.cancel();
+        let stopped = self.stage.await.unwrap().unwrap();
+        (stopped, self.source, self.sink)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_position_moves_only_past_messages_that_are_all_finished() {
+    let messages = (0..5).map(|o| delivery(o, &format!("k{o}"))).collect();
+    let slow = Script {
+        millis: 300,
+        ..Script::default()
+    };
+    let mut run = start(messages, &[("m0", slow)], options());
+    let order = run.finished(5).await;
+    assert_eq!(order.last().map(String::as_str), Some("m0"), "{order:?}");
+    let (stopped, source, _) = run.stop().await;
+    assert_eq!(stopped, Stopped::Drained);
+    // m1..m4 finished first, but nothing could be stored past the unfinished m0; then all at
+    // once.
+    assert_eq!(source.lock().stored, vec![(0, 5)]);
+    assert!(source.lock().closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn messages_with_one_key_run_one_after_another_in_order() {
+    let messages = (0..4).map(|o| delivery(o, "same")).collect();
+    // Later messages are quicker: run at once, they would finish first.
+    let scripts: Vec<(String, Script)> = (0..4)
+        .map(|o| {
+            (
+                format!("m{o}"),
+                Script {
+                    millis: 40 - 10 * o,
+                    ..Script::default()
+                },
+            )
+        })
+        .collect();
+    let scripts: Vec<(&str, Script)> = scripts.iter().map(|(id, s)| (id.as_str(), *s)).collect();
+    let mut run = start(messages, &scripts, options());
+    assert_eq!(run.finished(4).await, ["m0", "m1", "m2", "m3"]);
+    let (_, source, _) = run.stop().await;
+    assert_eq!(source.positions().get(&0), Some(&4));
+    // Stored in order, one message at a time.
+    assert_eq!(source.lock().stored, vec![(0, 1), (0, 2), (0, 3), (0, 4)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_transient_failure_is_retried_while_the_partition_flows_on() {
+    let messages = (0..3).map(|o| delivery(o, &format!("k{o}"))).collect();
+    let flaky = Script {
+        millis: 0,
+        fails: 2,
+        permanent: false,
+    };
+    let mut run = start(messages, &[("m0", flaky)], options());
+    let order = run.finished(3).await;
+    assert_eq!(order, ["m1", "m2", "m0"]);
+    assert_eq!(run.handler.attempts.lock().unwrap().get("m0"), Some(&3));
+    let (_, source, sink) = run.stop().await;
+    assert_eq!(source.positions().get(&0), Some(&3));
+    assert!(sink.0.lock().unwrap().is_empty(), "nothing dead-lettered");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_permanent_failure_is_dead_lettered_once_and_passed() {
+    let messages = (0..2).map(|o| delivery(o, &format!("k{o}"))).collect();
+    let broken = Script {
+        millis: 0,
+        fails: u32::MAX,
+        permanent: true,
+    };
+    let mut run = start(messages, &[("m0", broken)], options());
+    assert_eq!(run.finished(1).await, ["m1"]);
+    // The dead letter is published before m0 counts as finished; the position then passes it.
+    let (_, source, sink) = run.stop().await;
+    assert_eq!(source.positions().get(&0), Some(&2));
+    assert_eq!(run_attempts(&sink), 1);
+    let letters = sink.0.lock().unwrap();
+    assert_eq!(letters[0].0, "dead-letters");
+    let letter: mediaflow_events::DeadLetter = mediaflow_events::decode(&letters[0].1).unwrap();
+    assert_eq!(
+        (letter.error_class.as_str(), letter.attempts),
+        ("permanent", 1)
+    );
+    assert_eq!(letter.source.offset, 0);
+}
+
+fn run_attempts(sink: &Kept) -> usize {
+    sink.0.lock().unwrap().len()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_transient_failure_that_lasts_is_dead_lettered_after_max_attempts() {
+    let messages = vec![delivery(0, "k")];
+    let down = Script {
+        millis: 0,
+        fails: u32::MAX,
+        permanent: false,
+    };
+    let mut run = start(messages, &[("m0", down)], options());
+    // Attempts run with backoff between them; wait until the last one started.
+    for _ in 0..5 {
+        run.started.recv().await.unwrap();
+    }
+    let (_, source, sink) = run.stop().await;
+    let letters = sink.0.lock().unwrap();
+    let letter: mediaflow_events::DeadLetter = mediaflow_events::decode(&letters[0].1).unwrap();
+    assert_eq!(
+        (letter.error_class.as_str(), letter.attempts),
+        ("transient", 5)
+    );
+    assert_eq!(source.positions().get(&0), Some(&1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_drain_deadline_hands_back_what_outlasts_it() {
+    let messages = vec![delivery(0, "a"), delivery(1, "b")];
+    let long = Script {
+        millis: 60_000,
+        ..Script::default()
+    };
+    let mut run = start(messages, &[("m0", long)], options());
+    assert_eq!(run.finished(1).await, ["m1"]);
+    let (stopped, source, _) = run.stop().await;
+    assert_eq!(stopped, Stopped::HandedBack { messages: 1 });
+    // m1 finished, but the position may not pass the unfinished m0.
+    assert!(source.positions().is_empty(), "{:?}", source.lock().stored);
+}
+
+#[tokio::test(start_paused = true)]
+async fn at_capacity_it_pauses_fetching_and_resumes_when_there_is_room() {
+    let messages = (0..6).map(|o| delivery(o, &format!("k{o}"))).collect();
+    let scripts: Vec<(String, Script)> = (0..6)
+        .map(|o| {
+            (
+                format!("m{o}"),
+                Script {
+                    millis: 50,
+                    ..Script::default()
+                },
+            )
+        })
+        .collect();
+    let scripts: Vec<(&str, Script)> = scripts.iter().map(|(id, s)| (id.as_str(), *s)).collect();
+    let mut run = start(
+        messages,
+        &scripts,
+        StageOptions {
+            concurrency: 2,
+            ..options()
+        },
+    );
+    run.finished(6).await;
+    let (_, source, _) = run.stop().await;
+    let s = source.lock();
+    assert!(
+        s.pauses >= 1 && s.resumes >= 1,
+        "pauses {} resumes {}",
+        s.pauses,
+        s.resumes
+    );
+    assert_eq!(s.stored.last(), Some(&(0, 6)));
+}
