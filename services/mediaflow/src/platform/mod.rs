@@ -1,21 +1,26 @@
 //! Starting the platform: embedded infrastructure (when configured), schema, topics and bucket,
-//! then the gateway and every stage as tracked tasks under one cancellation token.
+//! then the gateway and every stage as tracked tasks under one cancellation token. Start-up of
+//! the infrastructure is `infra`, a consuming stage under its watchdog is `watch`, restarts and
+//! failures are `supervise`; what stays here is which stages there are and how each is run.
+
+mod infra;
+mod supervise;
+mod watch;
+
+use infra::{Services, connect, start_infrastructure};
+use supervise::{Failure, supervise};
+use watch::consume;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use mediaflow_bus::{Bus, StartFrom};
-use mediaflow_db::Db;
 use mediaflow_embedded::{EmbeddedKafka, EmbeddedS3};
 use mediaflow_gateway::Gateway;
 use mediaflow_image_worker::ImageWorker;
 use mediaflow_router::Router;
-use mediaflow_runtime::{
-    DeadLetters, Handler, Observation, StageProbe, StageRun, Stopped, Verdict, Watchdog,
-};
-use mediaflow_store::ObjectStore;
+use mediaflow_runtime::Stopped;
 use mediaflow_telemetry::Metrics;
 use mediaflow_video_worker::VideoWorker;
 use serde::{Deserialize, Serialize};
@@ -109,99 +114,6 @@ impl std::fmt::Debug for Platform {
             .field("endpoints", &self.endpoints)
             .finish_non_exhaustive()
     }
-}
-
-/// Connections shared by the gateway and the stages.
-struct Services {
-    bus: Bus,
-    store: ObjectStore,
-    db: Db,
-    metrics: Metrics,
-}
-
-/// Starts the embedded services the configuration asks for and fills in their addresses.
-async fn start_infrastructure(
-    config: &mut MediaflowConfig,
-) -> Result<(Option<EmbeddedKafka>, Option<EmbeddedS3>)> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating data folder {}", config.data_dir.display()))?;
-    let kafka = if config.embedded.kafka {
-        let broker = mediaflow_embedded::find_broker(config.embedded.broker_bin.as_deref())?;
-        let dir = config.data_dir.join("kafka");
-        let kafka = match config.embedded.kafka_port {
-            0 => {
-                // A port found free can be taken by someone else before the broker binds it:
-                // try a few.
-                let mut attempt = 0;
-                loop {
-                    let port = mediaflow_embedded::free_port()?;
-                    match EmbeddedKafka::start(&broker, &dir, port).await {
-                        Ok(kafka) => break kafka,
-                        Err(e) if attempt < 3 => {
-                            tracing::warn!(port, error = %e, "embedded broker did not start; another port");
-                            attempt += 1;
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-            }
-            port => EmbeddedKafka::start(&broker, &dir, port).await?,
-        };
-        config.bus.brokers = kafka.bootstrap().to_owned();
-        Some(kafka)
-    } else {
-        None
-    };
-    let s3 = if config.embedded.s3 {
-        let addr = SocketAddr::from(([127, 0, 0, 1], config.embedded.s3_port));
-        let s3 = EmbeddedS3::start(
-            &config.data_dir.join("s3"),
-            addr,
-            &config.store.access_key,
-            &config.store.secret_key,
-        )
-        .await?;
-        config.store.endpoint = s3.endpoint();
-        Some(s3)
-    } else {
-        None
-    };
-    Ok((kafka, s3))
-}
-
-/// Connects to Kafka, S3 and the database, creating topics, bucket and schema as needed.
-async fn connect(config: &MediaflowConfig, metrics: Metrics) -> Result<Services> {
-    let bus = Bus::new(config.bus.clone());
-    bus.ensure_platform_topics()
-        .await
-        .with_context(|| format!("declaring topics on Kafka at {}", config.bus.brokers))?;
-    let store = ObjectStore::new(&config.store);
-    match store.ensure_bucket().await {
-        Ok(()) => {}
-        // S3 down at start-up is an outage like any other: stages retry their work, the
-        // gateway answers 503, readiness says why. The bucket is prepared by whichever process
-        // starts while S3 is up.
-        Err(e) if e.is_transient() => {
-            tracing::warn!(error = %e, endpoint = %config.store.endpoint, "object store unreachable at start-up; going on");
-        }
-        Err(e) => {
-            return Err(e).with_context(|| {
-                format!(
-                    "preparing bucket `{}` at {}",
-                    config.store.bucket, config.store.endpoint
-                )
-            });
-        }
-    }
-    let db = Db::connect(&config.database_url(), config.database.max_connections)
-        .await
-        .context("connecting to the database")?;
-    Ok(Services {
-        bus,
-        store,
-        db,
-        metrics,
-    })
 }
 
 /// Runs the gateway or one stage until `shutdown` is cancelled.
@@ -359,231 +271,6 @@ async fn run_stage_with(
             let inputs = handler.input_topics();
             consume(name, &inputs, handler, config, s, shutdown).await
         }
-    }
-}
-
-/// Runs `handler` as stage `name` over `inputs` on the stage runtime, under a watchdog: an
-/// instance found wedged is drained and joins its group again, as often as it takes.
-async fn consume<H: Handler>(
-    name: &str,
-    inputs: &[String],
-    handler: H,
-    config: &MediaflowConfig,
-    s: &Services,
-    shutdown: CancellationToken,
-) -> Result<Stopped> {
-    // The consumer group is the stage name under the topic prefix, so test runs never share one.
-    let group = format!("{}{name}", config.bus.topic_prefix);
-    let handler = Arc::new(handler);
-    let dead_letters = DeadLetters {
-        publisher: Arc::new(s.bus.publisher(&format!("/mediaflow/{name}"))?),
-        topic: s.bus.topics().dead_letters(),
-    };
-    loop {
-        let probe = StageProbe::new();
-        let watch = tokio::spawn(watch_stage(
-            name.to_owned(),
-            group.clone(),
-            inputs.to_vec(),
-            probe.clone(),
-            config.stages.stall_timeout(),
-            s.bus.clone(),
-            s.metrics.clone(),
-        ));
-        let run = StageRun {
-            name: name.to_owned(),
-            handler: handler.clone(),
-            dead_letters: dead_letters.clone(),
-            options: config.stages.options(),
-            metrics: s.metrics.clone(),
-            probe: probe.clone(),
-        };
-        let stopped = mediaflow_runtime::run_stage(
-            run,
-            |listener| {
-                s.bus
-                    .consumer_with(&group, inputs, StartFrom::Earliest, listener)
-            },
-            shutdown.clone(),
-        )
-        .await;
-        watch.abort();
-        if probe.rejoin_requested() && !shutdown.is_cancelled() {
-            // A consumer in a bad state may also fail to close; the new one starts clean.
-            if let Err(e) = stopped {
-                tracing::warn!(stage = name, error = %e, "the wedged consumer did not close cleanly");
-            }
-            tracing::info!(stage = name, "joining the consumer group again");
-            continue;
-        }
-        return Ok(stopped?);
-    }
-}
-
-/// How often a stage's consumer lag is measured and its watchdog looks: every 5 s, or more
-/// often when the stall timeout is short.
-fn watch_interval(stall_timeout: Duration) -> Duration {
-    (stall_timeout / 3).clamp(Duration::from_millis(200), Duration::from_secs(5))
-}
-
-/// Measures the stage's consumer lag (messages on its inputs not yet committed) as a metric and
-/// judges it with the watchdog until aborted. A wedged stage is logged, counted, named by
-/// readiness and asked to rejoin its group; readiness clears once it is seen healthy again.
-async fn watch_stage(
-    stage: String,
-    group: String,
-    inputs: Vec<String>,
-    probe: StageProbe,
-    stall_timeout: Duration,
-    bus: Bus,
-    metrics: Metrics,
-) {
-    let mut watchdog = Watchdog::new(stall_timeout);
-    let mut tick = tokio::time::interval(watch_interval(stall_timeout));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The watchdog is blind while positions cannot be read: said once, not at every tick.
-    let mut blind = false;
-    loop {
-        tick.tick().await;
-        let positions = match bus.group_positions(&group, &inputs).await {
-            Ok(p) => {
-                if std::mem::take(&mut blind) {
-                    tracing::info!(stage, "consumer lag can be measured again");
-                }
-                p
-            }
-            Err(e) if !blind => {
-                blind = true;
-                tracing::warn!(stage, error = %e, "cannot measure consumer lag; the stage's watchdog waits until it can");
-                continue;
-            }
-            Err(_) => continue,
-        };
-        metrics.consumer_lag(&stage, positions.iter().map(|p| p.lag()).sum());
-        // No consumer yet (joining) or none any more: nothing to judge.
-        let Some((held, in_flight)) = probe.held_and_in_flight() else {
-            continue;
-        };
-        let seen = Observation {
-            held,
-            in_flight,
-            positions,
-        };
-        match watchdog.observe(std::time::Instant::now(), &seen) {
-            Verdict::Healthy => metrics.stage_unwedged(&stage),
-            Verdict::Suspect => {}
-            Verdict::Wedged(reason) => {
-                tracing::error!(
-                    stage,
-                    group,
-                    reason,
-                    "stage wedged; making it rejoin its consumer group"
-                );
-                metrics.stage_wedged(&stage, &reason);
-                probe.request_rejoin();
-                return;
-            }
-        }
-    }
-}
-
-/// Backoff before the first restart of a failed stage; doubles per failure in a row.
-const RESTART_BACKOFF: Duration = Duration::from_secs(1);
-/// Longest backoff between restarts.
-const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(60);
-/// A stage that ran this long before failing counts as healthy: its next restart is quick again.
-const HEALTHY_RUN: Duration = Duration::from_secs(60);
-
-/// Runs `stage` under `mediaflow up` until `shutdown`, as an orchestrator would: when it fails
-/// (returns an error or panics) it is restarted after a backoff that doubles with each failure in
-/// a row, while the rest of the platform keeps running.
-async fn supervise(
-    stage: String,
-    config: MediaflowConfig,
-    services: Arc<Services>,
-    shutdown: CancellationToken,
-) {
-    let mut failures: u32 = 0;
-    loop {
-        let started = std::time::Instant::now();
-        let run = {
-            let (stage, config, services, token) = (
-                stage.clone(),
-                config.clone(),
-                services.clone(),
-                shutdown.clone(),
-            );
-            tokio::spawn(async move { run_stage_with(&stage, &config, &services, token).await })
-        };
-        let error = match run.await {
-            Ok(Ok(Stopped::Drained)) => return,
-            Ok(Ok(Stopped::HandedBack { messages })) => {
-                tracing::warn!(stage, messages, "handed back unfinished messages");
-                return;
-            }
-            Ok(Err(e)) => format!("{e:#}"),
-            Err(e) if e.is_panic() => format!("panicked: {}", panic_text(e.into_panic())),
-            Err(e) => format!("{e}"),
-        };
-        if shutdown.is_cancelled() {
-            tracing::error!(stage, error, "stage failed while stopping");
-            return;
-        }
-        if started.elapsed() >= HEALTHY_RUN {
-            failures = 0;
-        }
-        let wait = RESTART_BACKOFF
-            .saturating_mul(1 << failures.min(6))
-            .min(MAX_RESTART_BACKOFF);
-        failures += 1;
-        tracing::error!(stage, error, failures, restart_in = ?wait, "stage failed; restarting it");
-        services.metrics.stage_restarted(&stage);
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(wait) => {}
-        }
-    }
-}
-
-fn panic_text(panic: Box<dyn std::any::Any + Send>) -> String {
-    match panic.downcast::<String>() {
-        Ok(s) => *s,
-        Err(panic) => panic
-            .downcast_ref::<&str>()
-            .map_or_else(|| "unknown panic".to_owned(), |s| (*s).to_owned()),
-    }
-}
-
-/// The first failure of a part of the platform; recording it stops the platform.
-#[derive(Clone)]
-struct Failure {
-    first: Arc<std::sync::Mutex<Option<String>>>,
-    shutdown: CancellationToken,
-}
-
-impl Failure {
-    fn new(shutdown: CancellationToken) -> Self {
-        Self {
-            first: Default::default(),
-            shutdown,
-        }
-    }
-
-    fn record(&self, what: String) {
-        tracing::error!(error = %what, "stopping the platform");
-        let mut first = self
-            .first
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        first.get_or_insert(what);
-        self.shutdown.cancel();
-    }
-
-    fn take(&self) -> Option<String> {
-        self.first
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take()
     }
 }
 
