@@ -153,23 +153,26 @@ fn main() -> ExitCode {
     }
 }
 
-/// Cancels `token` on Ctrl-C or SIGTERM; a second one exits at once (status 130), without
-/// waiting for the drain. The handlers are installed before this returns, so a signal that
+/// Cancels `token` on Ctrl-C, SIGTERM or SIGHUP (the terminal went away); a second one exits at
+/// once (status 130), without waiting for the drain. The handlers are installed before this returns, so a signal that
 /// arrives right after start-up still drains instead of killing the process.
 fn cancel_on_signals(token: CancellationToken) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     tokio::spawn(async move {
         tokio::select! {
             _ = int.recv() => {}
             _ = term.recv() => {}
+            _ = hup.recv() => {}
         }
         tracing::info!("signal received: draining (press Ctrl-C again to stop at once)");
         token.cancel();
         tokio::select! {
             _ = int.recv() => {}
             _ = term.recv() => {}
+            _ = hup.recv() => {}
         }
         // Work not committed is delivered again after a restart; the embedded broker is told
         // to die with this process.
