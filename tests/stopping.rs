@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail, ensure};
 use cloudevents::AttributesReader;
 use mediaflow_bus::{Bus, BusConfig};
 use mediaflow_events::{EventData, ImageProcessed};
-use support::{Rng, fixtures, mediaflow_bin};
+use support::{Rng, fixtures, mediaflow_bin, metric_at};
 
 /// `mediaflow up` on a data folder, in a process group of its own (its pid is the group id),
 /// as a shell runs a foreground job.
@@ -289,12 +289,33 @@ async fn a_second_ctrl_c_stops_at_once() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (data, log) = (dir.path().join("data"), dir.path().join("up.log"));
     let mut up = Up::spawn(&data, &prefix(), &log)?;
-    up.ready(Duration::from_secs(60)).await?;
+    let base = up.ready(Duration::from_secs(60)).await?;
     let broker = broker_pid(&data).context("no broker pid file")?;
+    // A long job in hand, so that the drain the first Ctrl-C starts would wait for it.
+    let video = std::fs::read(fixtures().join("video/synthetic-1080p-60s.mp4"))?;
+    upload(&reqwest::Client::new(), &base, video)
+        .await
+        .context("video upload refused")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric_at(&base, "mediaflow_stage_in_flight{stage=\"video-worker\"}").await? < 1.0 {
+        ensure!(Instant::now() < deadline, "the video job never started");
+        // Polling the metrics for the job to start.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     up.signal_group("INT").await?;
+    // Two signals delivered before the first is handled count as one: the second Ctrl-C is sent
+    // once the first has started the drain, as a person pressing it again would.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log)?.contains("signal received: draining") {
+        ensure!(Instant::now() < deadline, "the first Ctrl-C was not seen");
+        // Polling the log for the first signal's line.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let second = Instant::now();
     up.signal_group("INT").await?;
     let exit = up.exit(Duration::from_secs(5)).await?;
     ensure!(exit.code() == Some(130), "exit after two Ctrl-C: {exit}");
+    eprintln!("second Ctrl-C: exit 130 after {:.1?}", second.elapsed());
     // The broker is told to die with its parent.
     let deadline = Instant::now() + Duration::from_secs(5);
     while Path::new(&format!("/proc/{broker}")).exists() {
