@@ -175,6 +175,20 @@ async fn status(http: &reqwest::Client, base: &str, id: &str) -> Result<String> 
     Ok(body["status"].as_str().unwrap_or_default().to_owned())
 }
 
+/// Waits up to 60 s until every media of `ids` is `done`; the error names the first that is not,
+/// and `when`.
+async fn all_done(http: &reqwest::Client, base: &str, ids: &[String], when: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for id in ids {
+        while status(http, base, id).await? != "done" {
+            ensure!(Instant::now() < deadline, "{id} not done {when}");
+            // Polling the API for the result.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
 /// A unique topic prefix, so that groups and topics are this test's own.
 fn prefix() -> String {
     format!("t{}.", &uuid::Uuid::new_v4().simple().to_string()[..12])
@@ -196,14 +210,7 @@ async fn ctrl_c_to_the_whole_group_drains_commits_and_leaves_nothing_behind() ->
                 .context("upload refused")?,
         );
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    for id in &ids {
-        while status(&http, &base, id).await? != "done" {
-            ensure!(Instant::now() < deadline, "{id} not done in time");
-            // Polling the API for the result.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+    all_done(&http, &base, &ids, "before Ctrl-C").await?;
     // Some more, not waited for: Ctrl-C may come while they are being processed.
     for _ in 0..3 {
         ids.push(
@@ -252,14 +259,7 @@ async fn ctrl_c_to_the_whole_group_drains_commits_and_leaves_nothing_behind() ->
     // routed once and processed once, with no output made a second time.
     let mut up = Up::spawn(&data, &prefix, &log)?;
     let base = up.ready(Duration::from_secs(60)).await?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    for id in &ids {
-        while status(&http, &base, id).await? != "done" {
-            ensure!(Instant::now() < deadline, "{id} not done after the restart");
-            // Polling the API for the result.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+    all_done(&http, &base, &ids, "after the restart").await?;
     let endpoints: mediaflow::Endpoints =
         serde_json::from_slice(&std::fs::read(data.join("endpoints.json"))?)?;
     let bus = Bus::new(BusConfig {
