@@ -1,19 +1,22 @@
 //! The stage runtime. A stage supplies a `Handler`; the runtime owns the consume loop: it takes
-//! messages (up to a bounded number at once, one at a time per key), runs the handler, retries
-//! transient failures with exponential backoff without holding up the rest of the partition,
-//! dead-letters what fails for good, and stores each partition's offset only past messages that
-//! are finished.
+//! messages (up to a bounded number at once, one at a time per key), runs the handler, publishes
+//! the outputs it returns on the topics their ports are bound to, retries transient failures
+//! with exponential backoff without holding up the rest of the partition, dead-letters what fails
+//! for good, and stores each partition's offset only past messages that are finished: handled and
+//! their outputs acknowledged by the broker.
 
 #[cfg(test)]
 mod loop_tests;
 mod offsets;
+mod output;
 mod seam;
 mod stage;
 mod watchdog;
 
 pub use offsets::OffsetTracker;
+pub use output::{Bound, Output, Ports};
 pub use seam::{Sink, Source};
-pub use stage::{DeadLetters, StageOptions, StageRun, Stopped, run_stage};
+pub use stage::{StageOptions, StageRun, Stopped, run_stage};
 pub use watchdog::{Observation, StageProbe, Verdict, Watchdog};
 
 use std::future::Future;
@@ -82,9 +85,11 @@ impl StageError {
 
 /// A stage's logic for one message.
 pub trait Handler: Send + Sync + 'static {
-    /// Processes one event. Returns only when every output is acknowledged (objects written,
-    /// rows committed, events acknowledged by the broker).
-    fn handle(&self, event: &Event) -> impl Future<Output = Result<(), StageError>> + Send;
+    /// Processes one event and returns the events it produces, each on an output port. Returns
+    /// only when its own effects are acknowledged (objects written, rows committed); the runtime
+    /// publishes the events and waits for the broker's acknowledgements before the input counts
+    /// as done.
+    fn handle(&self, event: &Event) -> impl Future<Output = Result<Vec<Output>, StageError>> + Send;
 
     /// Called once when the runtime stops trying `event` (None: the message was not a valid
     /// CloudEvent), before the message goes to the dead-letter topic. The stage records the

@@ -14,7 +14,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    DeadLetters, Handler, RetryPolicy, Sink, Source, StageError, StageOptions, StageProbe,
+    Handler, Output, Ports, RetryPolicy, Sink, Source, StageError, StageOptions, StageProbe,
     StageRun, Stopped, run_stage,
 };
 
@@ -99,9 +99,40 @@ impl Source for Arc<Memory> {
     }
 }
 
-/// A sink keeping what it is given.
+/// A sink keeping what it is given; it can refuse (`refusals` times, as a broker that is down
+/// would, or for good on `refused_topic`).
 #[derive(Default)]
-struct Kept(Mutex<Vec<(String, Event)>>);
+struct Kept {
+    kept: Mutex<Vec<(String, Event)>>,
+    /// Publishes refused so far, and how many more to refuse.
+    refused: Mutex<(u32, u32)>,
+    refused_topic: Option<String>,
+    /// How many positions the source had stored when each event was taken.
+    stored_before: Mutex<Vec<usize>>,
+    source: Mutex<Option<Arc<Memory>>>,
+    count: tokio::sync::watch::Sender<usize>,
+}
+
+impl Kept {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(String, Event)>> {
+        self.kept.lock().unwrap()
+    }
+
+    /// Waits until it has taken `n` events.
+    async fn taken(&self, n: usize) {
+        let mut count = self.count.subscribe();
+        count.wait_for(|c| *c >= n).await.unwrap();
+    }
+
+    /// The events it took on `topic`.
+    fn on(&self, topic: &str) -> Vec<Event> {
+        self.lock()
+            .iter()
+            .filter(|(t, _)| t == topic)
+            .map(|(_, e)| e.clone())
+            .collect()
+    }
+}
 
 impl Sink for Kept {
     fn source(&self) -> &str {
@@ -113,8 +144,33 @@ impl Sink for Kept {
         _key: &'a str,
         event: Event,
     ) -> BoxFuture<'a, Result<(), BusError>> {
-        self.0.lock().unwrap().push((topic.to_owned(), event));
-        Box::pin(async { Ok(()) })
+        let result = (|| {
+            if self.refused_topic.as_deref() == Some(topic) {
+                return Err(BusError::Encode("too large".into()));
+            }
+            let mut refused = self.refused.lock().unwrap();
+            if refused.1 > 0 {
+                refused.1 -= 1;
+                refused.0 += 1;
+                return Err(BusError::TopicsMissing {
+                    missing: vec![topic.to_owned()],
+                    waited_ms: 0,
+                });
+            }
+            drop(refused);
+            let stored = self
+                .source
+                .lock()
+                .unwrap()
+                .as_ref()
+                .map_or(0, |s| s.lock().stored.len());
+            self.stored_before.lock().unwrap().push(stored);
+            let mut kept = self.lock();
+            kept.push((topic.to_owned(), event));
+            self.count.send_replace(kept.len());
+            Ok(())
+        })();
+        Box::pin(async move { result })
     }
 }
 
@@ -124,6 +180,9 @@ struct Script {
     millis: u64,
     fails: u32,
     permanent: bool,
+    /// Events it produces on success, on port `port` (`out` when unset).
+    outputs: usize,
+    port: Option<&'static str>,
 }
 
 /// Runs each message as its script says; tells the test when one starts and when it succeeds.
@@ -135,7 +194,7 @@ struct Scripted {
 }
 
 impl Handler for Scripted {
-    async fn handle(&self, event: &Event) -> Result<(), StageError> {
+    async fn handle(&self, event: &Event) -> Result<Vec<Output>, StageError> {
         let id = event.id().to_owned();
         let script = self.scripts.get(&id).copied().unwrap_or_default();
         let attempt = {
@@ -153,8 +212,18 @@ impl Handler for Scripted {
                 StageError::transient(format!("{id} failed, try again"))
             });
         }
+        let outputs = (0..script.outputs)
+            .map(|n| {
+                Output::json(
+                    script.port.unwrap_or("out"),
+                    "test.out",
+                    &id,
+                    serde_json::json!({ "n": n }),
+                )
+            })
+            .collect::<Result<_, _>>()?;
         let _ = self.finished.send(id);
-        Ok(())
+        Ok(outputs)
     }
 
     async fn give_up(&self, _event: Option<&Event>, _error: &StageError) -> Result<(), StageError> {
@@ -190,6 +259,15 @@ struct Run {
 }
 
 fn start(messages: Vec<Delivery>, scripts: &[(&str, Script)], options: StageOptions) -> Run {
+    start_with(messages, scripts, options, Kept::default())
+}
+
+fn start_with(
+    messages: Vec<Delivery>,
+    scripts: &[(&str, Script)],
+    options: StageOptions,
+    sink: Kept,
+) -> Run {
     let (finished_tx, finished) = mpsc::unbounded_channel();
     let (started_tx, started) = mpsc::unbounded_channel();
     let handler = Arc::new(Scripted {
@@ -202,15 +280,19 @@ fn start(messages: Vec<Delivery>, scripts: &[(&str, Script)], options: StageOpti
         started: started_tx,
     });
     let source = Memory::with(messages);
-    let sink = Arc::new(Kept::default());
+    *sink.source.lock().unwrap() = Some(source.clone());
+    let sink = Arc::new(sink);
     let shutdown = CancellationToken::new();
     let run = StageRun {
         name: "test".into(),
         handler: handler.clone(),
-        dead_letters: DeadLetters {
-            publisher: sink.clone(),
-            topic: "dead-letters".into(),
-        },
+        sink: sink.clone(),
+        ports: Ports::new(
+            "test",
+            1,
+            BTreeMap::from([("out".to_owned(), "t.out".to_owned())]),
+        ),
+        dead_letters: "dead-letters".into(),
         options,
         metrics: Metrics::new(),
         probe: StageProbe::new(),
@@ -308,6 +390,7 @@ async fn a_transient_failure_is_retried_while_the_partition_flows_on() {
         millis: 0,
         fails: 2,
         permanent: false,
+        ..Script::default()
     };
     let mut run = start(messages, &[("m0", flaky)], options());
     let order = run.finished(3).await;
@@ -315,7 +398,7 @@ async fn a_transient_failure_is_retried_while_the_partition_flows_on() {
     assert_eq!(run.handler.attempts.lock().unwrap().get("m0"), Some(&3));
     let (_, source, sink) = run.stop().await;
     assert_eq!(source.positions().get(&0), Some(&3));
-    assert!(sink.0.lock().unwrap().is_empty(), "nothing dead-lettered");
+    assert!(sink.lock().is_empty(), "nothing dead-lettered");
 }
 
 #[tokio::test(start_paused = true)]
@@ -325,6 +408,7 @@ async fn a_permanent_failure_is_dead_lettered_once_and_passed() {
         millis: 0,
         fails: u32::MAX,
         permanent: true,
+        ..Script::default()
     };
     let mut run = start(messages, &[("m0", broken)], options());
     assert_eq!(run.finished(1).await, ["m1"]);
@@ -332,7 +416,7 @@ async fn a_permanent_failure_is_dead_lettered_once_and_passed() {
     let (_, source, sink) = run.stop().await;
     assert_eq!(source.positions().get(&0), Some(&2));
     assert_eq!(run_attempts(&sink), 1);
-    let letters = sink.0.lock().unwrap();
+    let letters = sink.lock();
     assert_eq!(letters[0].0, "dead-letters");
     let letter: mediaflow_events::DeadLetter = mediaflow_events::decode(&letters[0].1).unwrap();
     assert_eq!(
@@ -343,7 +427,7 @@ async fn a_permanent_failure_is_dead_lettered_once_and_passed() {
 }
 
 fn run_attempts(sink: &Kept) -> usize {
-    sink.0.lock().unwrap().len()
+    sink.lock().len()
 }
 
 #[tokio::test(start_paused = true)]
@@ -353,6 +437,7 @@ async fn a_transient_failure_that_lasts_is_dead_lettered_after_max_attempts() {
         millis: 0,
         fails: u32::MAX,
         permanent: false,
+        ..Script::default()
     };
     let mut run = start(messages, &[("m0", down)], options());
     // Attempts run with backoff between them; wait until the last one started.
@@ -360,7 +445,7 @@ async fn a_transient_failure_that_lasts_is_dead_lettered_after_max_attempts() {
         run.started.recv().await.unwrap();
     }
     let (_, source, sink) = run.stop().await;
-    let letters = sink.0.lock().unwrap();
+    let letters = sink.lock();
     let letter: mediaflow_events::DeadLetter = mediaflow_events::decode(&letters[0].1).unwrap();
     assert_eq!(
         (letter.error_class.as_str(), letter.attempts),
@@ -417,4 +502,90 @@ async fn at_capacity_it_pauses_fetching_and_resumes_when_there_is_room() {
         s.resumes
     );
     assert_eq!(s.stored.last(), Some(&(0, 6)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn outputs_are_acknowledged_before_the_position_moves_and_not_made_twice() {
+    let two = Script {
+        outputs: 2,
+        ..Script::default()
+    };
+    // The broker refuses the first three publishes (down, say): they are published again, the
+    // handler is not run again, and the position waits for both acknowledgements.
+    let sink = Kept {
+        refused: Mutex::new((0, 3)),
+        ..Kept::default()
+    };
+    let mut run = start_with(vec![delivery(0, "k")], &[("m0", two)], options(), sink);
+    run.finished(1).await;
+    run.sink.taken(2).await;
+    let (stopped, source, sink) = run.stop().await;
+    assert_eq!(stopped, Stopped::Drained);
+    assert_eq!(sink.refused.lock().unwrap().0, 3);
+    assert_eq!(sink.on("t.out").len(), 2);
+    assert_eq!(*sink.stored_before.lock().unwrap(), [0, 0]);
+    assert_eq!(source.positions().get(&0), Some(&1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_redelivered_message_makes_outputs_with_the_same_ids() {
+    let three = Script {
+        outputs: 3,
+        ..Script::default()
+    };
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let run = start(vec![delivery(0, "k")], &[("m0", three)], options());
+        run.sink.taken(3).await;
+        let (_, _, sink) = run.stop().await;
+        let mut these: Vec<String> = sink.on("t.out").iter().map(|e| e.id().to_owned()).collect();
+        these.sort();
+        ids.push(these);
+    }
+    assert_eq!(ids[0], ids[1]);
+    assert_eq!(
+        ids[0].iter().collect::<std::collections::HashSet<_>>().len(),
+        3
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_output_on_an_unbound_port_or_refused_for_good_is_dead_lettered_once() {
+    for (script, sink) in [
+        (
+            Script {
+                outputs: 1,
+                port: Some("nowhere"),
+                ..Script::default()
+            },
+            Kept::default(),
+        ),
+        (
+            Script {
+                outputs: 1,
+                ..Script::default()
+            },
+            Kept {
+                refused_topic: Some("t.out".into()),
+                ..Kept::default()
+            },
+        ),
+    ] {
+        let run = start_with(vec![delivery(0, "k")], &[("m0", script)], options(), sink);
+        run.sink.taken(1).await;
+        let handler = run.handler.clone();
+        let (_, source, sink) = run.stop().await;
+        assert_eq!(handler.attempts.lock().unwrap().get("m0"), Some(&1));
+        let letters = sink.on("dead-letters");
+        assert_eq!(letters.len(), 1);
+        let letter: mediaflow_events::DeadLetter = mediaflow_events::decode(&letters[0]).unwrap();
+        assert_eq!(letter.error_class, "permanent");
+        assert!(
+            letter.error.contains("nowhere") || letter.error.contains("t.out"),
+            "{}",
+            letter.error
+        );
+        assert!(sink.on("t.out").is_empty());
+        assert_eq!(source.positions().get(&0), Some(&1));
+    }
 }

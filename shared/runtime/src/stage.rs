@@ -26,7 +26,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    ErrorClass, Handler, OffsetTracker, RetryPolicy, Sink, Source, StageError, StageProbe,
+    Bound, ErrorClass, Handler, OffsetTracker, Ports, RetryPolicy, Sink, Source, StageError,
+    StageProbe,
 };
 
 /// How a stage instance runs.
@@ -52,13 +53,6 @@ impl Default for StageOptions {
             drain_deadline: Duration::from_secs(30),
         }
     }
-}
-
-/// Where a stage sends the messages it gives up on.
-#[derive(Clone)]
-pub struct DeadLetters {
-    pub publisher: Arc<dyn Sink>,
-    pub topic: String,
 }
 
 /// How a stage instance ended.
@@ -178,7 +172,9 @@ enum Outcome {
 struct Context<H> {
     stage: String,
     handler: Arc<H>,
-    dead_letters: DeadLetters,
+    sink: Arc<dyn Sink>,
+    ports: Ports,
+    dead_letters: String,
     options: StageOptions,
     metrics: Metrics,
     /// Cancelled when the stage stops taking work: waits between attempts end at once.
@@ -198,13 +194,18 @@ struct Loop<H> {
     paused: bool,
 }
 
-/// One stage instance to run: what it does, where its failures go, how it runs and who watches
-/// it.
+/// One stage instance to run: what it does, where its outputs and failures go, how it runs and
+/// who watches it.
 pub struct StageRun<H> {
     /// The stage's name, in logs and metrics.
     pub name: String,
     pub handler: Arc<H>,
-    pub dead_letters: DeadLetters,
+    /// Where its outputs and dead letters are published.
+    pub sink: Arc<dyn Sink>,
+    /// Its output ports, bound to topics.
+    pub ports: Ports,
+    /// The dead-letter topic.
+    pub dead_letters: String,
     pub options: StageOptions,
     pub metrics: Metrics,
     /// Filled in for the stage's watchdog; its rejoin request drains the instance like a
@@ -224,6 +225,8 @@ pub async fn run_stage<H: Handler, S: Source>(
     let StageRun {
         name,
         handler,
+        sink,
+        ports,
         dead_letters,
         options,
         metrics,
@@ -246,6 +249,8 @@ pub async fn run_stage<H: Handler, S: Source>(
     let ctx = Arc::new(Context {
         stage: stage.to_owned(),
         handler,
+        sink,
+        ports,
         dead_letters,
         options: StageOptions {
             concurrency: options.concurrency.max(1),
@@ -526,8 +531,16 @@ async fn attempts<H: Handler>(ctx: &Context<H>, delivery: &Delivery, event: &Eve
                     panic_text(&panic)
                 )))
             });
-        let err = match result {
-            Ok(()) => return Outcome::Done("ok"),
+        let err = match result.and_then(|outputs| ctx.ports.bind(event, outputs)) {
+            Ok(outputs) => match publish(ctx, outputs).await {
+                Published::All => return Outcome::Done("ok"),
+                Published::HandedBack => return Outcome::HandedBack,
+                // Refused for good: retrying the handler would not change that.
+                Published::Refused(err) => {
+                    tracing::warn!(stage = %ctx.stage, id = event.id(), attempt, error = %err, "giving up");
+                    return give_up(ctx, delivery, Some(event), &err, attempt).await;
+                }
+            },
             Err(err) => err,
         };
         if err.class == ErrorClass::Transient && attempt < ctx.options.max_attempts {
@@ -541,6 +554,53 @@ async fn attempts<H: Handler>(ctx: &Context<H>, delivery: &Delivery, event: &Eve
         }
         tracing::warn!(stage = %ctx.stage, id = event.id(), attempt, error = %err, "giving up");
         return give_up(ctx, delivery, Some(event), &err, attempt).await;
+    }
+}
+
+enum Published {
+    All,
+    HandedBack,
+    Refused(StageError),
+}
+
+/// Publishes a message's outputs and waits for every acknowledgement. What the broker could not
+/// take is published again with backoff, without running the handler again, until it is taken,
+/// refused for good, or the stage hands its work back.
+async fn publish<H: Handler>(ctx: &Context<H>, outputs: Vec<Bound>) -> Published {
+    let mut pending = outputs;
+    let mut tries = 0;
+    loop {
+        let sent = futures::future::join_all(
+            pending
+                .iter()
+                .map(|o| ctx.sink.publish(&o.topic, &o.key, o.event.clone())),
+        )
+        .await;
+        let mut failed = Vec::new();
+        for (output, result) in pending.into_iter().zip(sent) {
+            match result {
+                Ok(()) => ctx.metrics.stage_output(&ctx.stage, &output.port),
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(stage = %ctx.stage, topic = output.topic, error = %e, "could not publish an output; trying again");
+                    failed.push(output);
+                }
+                Err(e) => {
+                    return Published::Refused(StageError::permanent(format!(
+                        "publishing on `{}` (port `{}`): {e}",
+                        output.topic, output.port
+                    )));
+                }
+            }
+        }
+        if failed.is_empty() {
+            return Published::All;
+        }
+        ctx.metrics.stage_error(&ctx.stage, "publish");
+        if !pause(ctx.options.retry.backoff(tries), &ctx.hand_back).await {
+            return Published::HandedBack;
+        }
+        tries += 1;
+        pending = failed;
     }
 }
 
@@ -590,7 +650,7 @@ async fn give_up<H: Handler>(
     };
     let mut tries = 0;
     loop {
-        let event = match mediaflow_events::encode(&letter, ctx.dead_letters.publisher.source()) {
+        let event = match mediaflow_events::encode(&letter, ctx.sink.source()) {
             Ok(event) => event,
             Err(e) => {
                 // Our own record failed to serialize: nothing a retry would change.
@@ -599,9 +659,8 @@ async fn give_up<H: Handler>(
             }
         };
         match ctx
-            .dead_letters
-            .publisher
-            .publish(&ctx.dead_letters.topic, &letter.subject(), event)
+            .sink
+            .publish(&ctx.dead_letters, &letter.subject(), event)
             .await
         {
             Ok(_) => break,

@@ -52,6 +52,12 @@ struct SourceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PortLabels {
+    stage: String,
+    port: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StageOnly {
     stage: String,
 }
@@ -67,6 +73,7 @@ pub struct Metrics {
     stage_seconds: Family<StageOnly, Histogram>,
     stage_in_flight: Family<StageOnly, Gauge>,
     dead_letters: Family<StageLabels, Counter>,
+    stage_outputs: Family<PortLabels, Counter>,
     consumer_lag: Family<StageOnly, Gauge>,
     stage_restarts: Family<StageOnly, Counter>,
     stage_stalls: Family<StageOnly, Counter>,
@@ -105,6 +112,12 @@ impl Metrics {
             "stage_messages",
             "Messages a stage finished, by outcome (ok, transient, permanent, bad_input)",
             stage_messages.clone(),
+        );
+        let stage_outputs = Family::<PortLabels, Counter>::default();
+        registry.register(
+            "stage_outputs",
+            "Events a stage published, by output port (acknowledged by the broker)",
+            stage_outputs.clone(),
         );
         let stage_errors = Family::<StageLabels, Counter>::default();
         registry.register(
@@ -180,6 +193,7 @@ impl Metrics {
             source_items,
             stage_in_flight,
             dead_letters,
+            stage_outputs,
             uploads,
             upload_bytes,
             stage_messages,
@@ -241,6 +255,16 @@ impl Metrics {
                 stage: stage.to_owned(),
             })
             .set(lag);
+    }
+
+    /// A stage published an event on output `port`.
+    pub fn stage_output(&self, stage: &str, port: &str) {
+        self.stage_outputs
+            .get_or_create(&PortLabels {
+                stage: stage.to_owned(),
+                port: port.to_owned(),
+            })
+            .inc();
     }
 
     /// A stage sent a message to the dead-letter topic.
