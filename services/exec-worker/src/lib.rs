@@ -6,8 +6,8 @@
 //!   item's `data` exactly as the source served it,
 //! - `INPUT_FILE` (uploads): the uploaded object, downloaded,
 //! - `OUTPUT_DIR`: an empty folder; every regular file the command leaves there is uploaded under
-//!   a deterministic key, recorded as a result and announced on `media.processed` (uploads) or
-//!   `items.processed` (work items),
+//!   a deterministic key, recorded as a result and announced on the stage's port `out` as a
+//!   `mediaflow.media.processed` (uploads) or `mediaflow.item.processed` (work items) event,
 //! - `STAGE`, and `MEDIA_ID` (uploads) or `ITEM_ID` and `ITEM_NAME` (work items).
 //!
 //! Exit status 0 is success; 75 (`EX_TEMPFAIL`) a transient failure, retried; 65 (`EX_DATAERR`)
@@ -20,12 +20,11 @@ use std::time::Duration;
 use cloudevents::AttributesReader;
 use cloudevents::Event;
 use futures::StreamExt;
-use mediaflow_bus::{Bus, BusError, Publisher};
 use mediaflow_db::{Db, Entity, ResultRow};
 use mediaflow_events::{
-    EventData, ItemProcessed, MediaProcessed, MediaUploaded, ObjectRef, Output, Topics, WorkItem,
+    EventData, ItemProcessed, MediaProcessed, MediaUploaded, ObjectRef, Output, WorkItem,
 };
-use mediaflow_runtime::{Handler, StageError};
+use mediaflow_runtime::{Handler, Output as OutputEvent, StageError};
 use mediaflow_store::{ObjectStore, StoreError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -89,8 +88,6 @@ pub struct ExecWorker {
     work_dir: PathBuf,
     store: ObjectStore,
     db: Db,
-    publisher: Publisher,
-    topics: Topics,
 }
 
 /// A job's process group: every process in it is killed when this is dropped, so nothing a
@@ -190,21 +187,13 @@ impl ExecWorker {
         work_dir: PathBuf,
         store: ObjectStore,
         db: Db,
-        bus: &Bus,
-    ) -> Result<Self, BusError> {
-        let publisher = bus.publisher(&format!("/mediaflow/{}", config.name))?;
-        Ok(Self {
+    ) -> Self {
+        Self {
             config,
             work_dir,
             store,
             db,
-            publisher,
-            topics: bus.topics(),
-        })
-    }
-
-    pub fn input_topics(&self) -> Vec<String> {
-        vec![self.topics.name(&self.config.input_topic)]
+        }
     }
 
     async fn download(&self, object: &ObjectRef, to: &Path) -> Result<(), StageError> {
@@ -390,7 +379,7 @@ impl ExecWorker {
 }
 
 impl Handler for ExecWorker {
-    async fn handle(&self, event: &Event) -> Result<(), StageError> {
+    async fn handle(&self, event: &Event) -> Result<Vec<OutputEvent>, StageError> {
         let job = Job::from_event(event)?;
         tokio::fs::create_dir_all(&self.work_dir)
             .await
@@ -469,7 +458,7 @@ impl Handler for ExecWorker {
             .record_results(job.entity(), &rows)
             .await
             .map_err(|e| StageError::dependency(e.is_transient(), e.to_string()))?;
-        let published = match job {
+        let result = match job {
             Job::Media(upload) => {
                 let result = MediaProcessed {
                     media_id: upload.media_id,
@@ -478,9 +467,7 @@ impl Handler for ExecWorker {
                     input: upload.object,
                     outputs,
                 };
-                self.publisher
-                    .publish(&self.topics.media_processed(), &result)
-                    .await
+                OutputEvent::data("out", &result)
             }
             Job::Item(item) => {
                 let result = ItemProcessed {
@@ -491,13 +478,10 @@ impl Handler for ExecWorker {
                     stage_version: version.clone(),
                     outputs,
                 };
-                self.publisher
-                    .publish(&self.topics.items_processed(), &result)
-                    .await
+                OutputEvent::data("out", &result)
             }
         };
-        published.map_err(|e| StageError::transient(e.to_string()))?;
-        Ok(())
+        Ok(vec![result?])
     }
 
     async fn give_up(&self, event: Option<&Event>, error: &StageError) -> Result<(), StageError> {

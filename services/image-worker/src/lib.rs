@@ -1,16 +1,15 @@
 //! The image stage: reads an image upload from object storage, makes its renditions and tags on
 //! the blocking pool (one decode, renditions in parallel), writes them under deterministic keys,
-//! records them (result rows, an `image_tags` row), and announces them on the result topic
-//! `images.processed`. Returns only after all of it is acknowledged.
+//! records them (result rows, an `image_tags` row), and returns the `ImageProcessed` event on its
+//! port `out` (bound to `images.processed` in the shipped pipeline).
 
 use cloudevents::Event;
-use mediaflow_bus::{Bus, BusError, Publisher};
 use mediaflow_db::{Db, Entity, ImageTagsRow};
-use mediaflow_events::{ImageProcessed, MediaKind, MediaUploaded, Topics};
+use mediaflow_events::{ImageProcessed, MediaKind, MediaUploaded};
 use mediaflow_imaging::renditions::{Format, Mode, RenditionSpec};
 use mediaflow_imaging::{DecodeLimits, ImagingError};
 use mediaflow_outputs::{Outputs, Written, db_error, give_up_media, store_error};
-use mediaflow_runtime::{Handler, StageError};
+use mediaflow_runtime::{Handler, Output, StageError};
 use mediaflow_store::ObjectStore;
 use serde::{Deserialize, Serialize};
 
@@ -101,32 +100,18 @@ pub struct ImageWorker {
     store: ObjectStore,
     outputs: Outputs,
     db: Db,
-    publisher: Publisher,
-    topics: Topics,
 }
 
 impl ImageWorker {
-    pub fn new(
-        config: ImageWorkerConfig,
-        store: ObjectStore,
-        db: Db,
-        bus: &Bus,
-    ) -> Result<Self, BusError> {
+    pub fn new(config: ImageWorkerConfig, store: ObjectStore, db: Db) -> Self {
         let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-        Ok(Self {
+        Self {
             config,
             cpu: std::sync::Arc::new(tokio::sync::Semaphore::new(cores)),
             outputs: Outputs::new(store.clone(), STAGE, STAGE_VERSION),
             store,
             db,
-            publisher: bus.publisher("/mediaflow/image-worker")?,
-            topics: bus.topics(),
-        })
-    }
-
-    /// The work queue this stage reads.
-    pub fn input_topics(bus: &Bus) -> Vec<String> {
-        vec![bus.topics().jobs_image()]
+        }
     }
 
     fn limits(&self) -> DecodeLimits {
@@ -146,7 +131,7 @@ pub fn output_key(media_id: &str, file: &str) -> String {
 }
 
 impl Handler for ImageWorker {
-    async fn handle(&self, event: &Event) -> Result<(), StageError> {
+    async fn handle(&self, event: &Event) -> Result<Vec<Output>, StageError> {
         let upload: MediaUploaded =
             mediaflow_events::decode(event).map_err(|e| StageError::bad_input(e.to_string()))?;
         if upload.kind != MediaKind::Image {
@@ -240,12 +225,8 @@ impl Handler for ImageWorker {
             renditions,
             tags,
         };
-        self.publisher
-            .publish(&self.topics.images_processed(), &result)
-            .await
-            .map_err(|e| StageError::transient(e.to_string()))?;
         tracing::info!(media_id = %upload.media_id, width = t.width, height = t.height, renditions = result.renditions.len(), "image processed");
-        Ok(())
+        Ok(vec![Output::data("out", &result)?])
     }
 
     async fn give_up(&self, event: Option<&Event>, error: &StageError) -> Result<(), StageError> {

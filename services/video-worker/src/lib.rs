@@ -1,7 +1,7 @@
 //! The video stage: downloads a video upload to a local temporary file, and on the blocking pool
 //! probes it, chooses its frames, renders each in every configured rendition, makes a storyboard
 //! (sprite + WebVTT) and an animated preview (`mediaflow-video`); writes them under deterministic
-//! keys, records them as result rows, and announces them on `videos.processed`. A video the
+//! keys, records them as result rows, and returns the `VideoProcessed` event on its port `out`. A video the
 //! kernel refuses (empty, truncated, audio only, over a limit, a playlist or other reference
 //! format) is bad input: dead-lettered with the kernel's reason, never retried.
 
@@ -9,15 +9,14 @@ use std::path::Path;
 
 use cloudevents::Event;
 use futures::StreamExt;
-use mediaflow_bus::{Bus, BusError, Publisher};
 use mediaflow_db::{Db, Entity};
 use mediaflow_events::{
-    MediaKind, MediaUploaded, ObjectRef, PreviewRef, StoryboardRef, Topics, VideoFrame,
+    MediaKind, MediaUploaded, ObjectRef, PreviewRef, StoryboardRef, VideoFrame,
     VideoProcessed,
 };
 use mediaflow_imaging::renditions::{Format, Mode, Rendition, RenditionSpec};
 use mediaflow_outputs::{Outputs, db_error, enum_name, give_up_media, store_error};
-use mediaflow_runtime::{Handler, StageError};
+use mediaflow_runtime::{Handler, Output, StageError};
 use mediaflow_store::ObjectStore;
 use mediaflow_video::preview::{Preview, PreviewSpec};
 use mediaflow_video::select::Strategy;
@@ -133,8 +132,6 @@ pub struct VideoWorker {
     store: ObjectStore,
     outputs: Outputs,
     db: Db,
-    publisher: Publisher,
-    topics: Topics,
     work_dir: std::path::PathBuf,
 }
 
@@ -188,24 +185,16 @@ impl VideoWorker {
         work_dir: std::path::PathBuf,
         store: ObjectStore,
         db: Db,
-        bus: &Bus,
-    ) -> Result<Self, BusError> {
+    ) -> Self {
         let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-        Ok(Self {
+        Self {
             config,
             cpu: std::sync::Arc::new(tokio::sync::Semaphore::new(cores)),
             outputs: Outputs::new(store.clone(), STAGE, STAGE_VERSION),
             store,
             db,
-            publisher: bus.publisher("/mediaflow/video-worker")?,
-            topics: bus.topics(),
             work_dir,
-        })
-    }
-
-    /// The work queue this stage reads.
-    pub fn input_topics(bus: &Bus) -> Vec<String> {
-        vec![bus.topics().jobs_video()]
+        }
     }
 
     /// Streams `object` to `to`, within the input limit.
@@ -243,7 +232,7 @@ impl VideoWorker {
 }
 
 impl Handler for VideoWorker {
-    async fn handle(&self, event: &Event) -> Result<(), StageError> {
+    async fn handle(&self, event: &Event) -> Result<Vec<Output>, StageError> {
         let upload: MediaUploaded =
             mediaflow_events::decode(event).map_err(|e| StageError::bad_input(e.to_string()))?;
         if upload.kind != MediaKind::Video {
@@ -406,10 +395,6 @@ impl Handler for VideoWorker {
             storyboard,
             preview,
         };
-        self.publisher
-            .publish(&self.topics.videos_processed(), &result)
-            .await
-            .map_err(|e| StageError::transient(e.to_string()))?;
         tracing::info!(
             media_id = %id,
             duration_s = made.probe.duration_s,
@@ -417,7 +402,7 @@ impl Handler for VideoWorker {
             frames = result.frames.len(),
             "video processed"
         );
-        Ok(())
+        Ok(vec![Output::data("out", &result)?])
     }
 
     async fn give_up(&self, event: Option<&Event>, error: &StageError) -> Result<(), StageError> {

@@ -1,5 +1,6 @@
 //! The linking stages of ch. 11 (copier, filter, splitter, sharder, merger). Their declarations
-//! live in `mediaflow-pipeline`; this crate holds what they compute, as pure code: `ring`, the
-//! sharder's consistent hashing.
+//! (settings, ports) live in `mediaflow-pipeline`; this crate holds what they do: `ring`, the
+//! sharder's consistent hashing as a pure core, and `stages`, their handlers on the runtime.
 
 pub mod ring;
+pub mod stages;

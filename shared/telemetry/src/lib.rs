@@ -74,6 +74,7 @@ pub struct Metrics {
     stage_in_flight: Family<StageOnly, Gauge>,
     dead_letters: Family<StageLabels, Counter>,
     stage_outputs: Family<PortLabels, Counter>,
+    stage_dropped: Family<StageOnly, Counter>,
     consumer_lag: Family<StageOnly, Gauge>,
     stage_restarts: Family<StageOnly, Counter>,
     stage_stalls: Family<StageOnly, Counter>,
@@ -118,6 +119,12 @@ impl Metrics {
             "stage_outputs",
             "Events a stage published, by output port (acknowledged by the broker)",
             stage_outputs.clone(),
+        );
+        let stage_dropped = Family::<StageOnly, Counter>::default();
+        registry.register(
+            "stage_dropped",
+            "Events a filter or splitter passed on to no port",
+            stage_dropped.clone(),
         );
         let stage_errors = Family::<StageLabels, Counter>::default();
         registry.register(
@@ -194,6 +201,7 @@ impl Metrics {
             stage_in_flight,
             dead_letters,
             stage_outputs,
+            stage_dropped,
             uploads,
             upload_bytes,
             stage_messages,
@@ -263,6 +271,15 @@ impl Metrics {
             .get_or_create(&PortLabels {
                 stage: stage.to_owned(),
                 port: port.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A filter or splitter passed an event on to no port.
+    pub fn stage_dropped(&self, stage: &str) {
+        self.stage_dropped
+            .get_or_create(&StageOnly {
+                stage: stage.to_owned(),
             })
             .inc();
     }
