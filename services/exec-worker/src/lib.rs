@@ -40,6 +40,8 @@ pub const EXIT_BAD_INPUT: i32 = 65;
 #[serde(deny_unknown_fields)]
 pub struct ExecWorkerConfig {
     /// Stage name: its consumer group, part of its output keys, and `mediaflow run <name>`.
+    /// (A stage declared in a pipeline file takes the declared name.)
+    #[serde(default)]
     pub name: String,
     /// The command and its arguments; run without a shell.
     pub command: Vec<String>,
@@ -182,12 +184,7 @@ fn content_type_of(name: &str) -> &'static str {
 }
 
 impl ExecWorker {
-    pub fn new(
-        config: ExecWorkerConfig,
-        work_dir: PathBuf,
-        store: ObjectStore,
-        db: Db,
-    ) -> Self {
+    pub fn new(config: ExecWorkerConfig, work_dir: PathBuf, store: ObjectStore, db: Db) -> Self {
         Self {
             config,
             work_dir,

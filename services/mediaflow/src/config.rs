@@ -35,11 +35,16 @@ pub struct MediaflowConfig {
     /// The admin endpoints (`/healthz`, `/readyz`, `/metrics`) of `mediaflow run <stage>`; under
     /// `mediaflow up` and `run gateway` the gateway serves them.
     pub admin: AdminConfig,
-    /// The image stage.
+    /// The pipeline file (YAML) declaring topics and stages; the shipped
+    /// `pipelines/default.yaml` when unset.
+    pub pipeline: Option<PathBuf>,
+    /// Settings of `image` stages that give none in the pipeline file.
     pub image_worker: ImageWorkerConfig,
-    /// The video stage.
+    /// Settings of `video` stages that give none in the pipeline file.
     pub video_worker: VideoWorkerConfig,
-    /// Exec stages: any command run per item (`[[exec]]` tables).
+    /// Exec stages added to the pipeline: a command run per item (`[[exec]]` tables). Each
+    /// reads its `input_topic`; its results go to `items.processed` for work items, else
+    /// `media.processed`.
     pub exec: Vec<mediaflow_exec_worker::ExecWorkerConfig>,
     /// Sources polling servers that speak the book's `/api/v1/items` contract
     /// (`[[http_source]]` tables).

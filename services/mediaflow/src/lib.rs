@@ -13,4 +13,8 @@ pub mod tail;
 
 pub use config::MediaflowConfig;
 pub use mediaflow_runtime::Stopped;
-pub use platform::{Endpoints, Platform, STAGES, run_stage, stages};
+pub use platform::{
+    DEFAULT_PIPELINE, Endpoints, GATEWAY, Platform, Services, StageSpec, Topology, Wiring,
+    run_stage, run_stage_in,
+};
+pub use registry::{BuildContext, Built, Kind, Registry};

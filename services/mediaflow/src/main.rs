@@ -40,7 +40,8 @@ enum Command {
     /// Run the gateway or one stage against the configured infrastructure (as a Kubernetes
     /// Deployment does).
     Run {
-        /// gateway, router, image-worker, video-worker, or an exec stage or source by name.
+        /// `gateway`, or a stage of the pipeline (e.g. router, image-worker, video-worker), an
+        /// `[[exec]]` stage or a source, by name.
         stage: String,
     },
     /// Print the events on a topic as JSON lines.
@@ -326,7 +327,7 @@ async fn run(command: Command, config: MediaflowConfig) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Pipeline { command } => {
-            let kinds = mediaflow::registry::PlatformKinds;
+            let kinds = mediaflow::Registry::default();
             let file = match &command {
                 PipelineCommand::Check { file } | PipelineCommand::Graph { file, .. } => file,
             };

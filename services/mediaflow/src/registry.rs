@@ -1,54 +1,290 @@
-//! The stage kinds this platform knows, by name: the linking kinds of ch. 11 and the media
-//! stages. It checks a declared stage of each kind (its settings and ports) for `mediaflow
-//! pipeline check`; building the declared stages' handlers from it comes with running pipelines
-//! from their files.
+//! The stage kinds a platform knows, by name: the linking kinds of ch. 11, the media stages and
+//! exec. A kind checks a declared stage (its settings and ports, for `mediaflow pipeline check`
+//! and start-up) and builds its handler; the platform runs the handler on the stage runtime,
+//! its ports bound to the declared topics. A kind of one's own is added with `Registry::with`
+//! (README, "Writing a stage kind").
 
-use mediaflow_image_worker::ImageWorkerConfig;
-use mediaflow_pipeline::kinds::{LinkingKinds, ports, settings};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use anyhow::Result;
+use futures::future::BoxFuture;
+use mediaflow_exec_worker::{ExecWorker, ExecWorkerConfig};
+use mediaflow_image_worker::{ImageWorker, ImageWorkerConfig};
+use mediaflow_linking::stages::{Copier, Filter, Merger, ShardHealth, Sharder, Splitter};
+use mediaflow_pipeline::kinds::{
+    FilterConfig, LinkingKinds, SharderConfig, SplitterConfig, ports, settings,
+};
 use mediaflow_pipeline::{KindCatalog, Problem, StageDecl};
-use mediaflow_video_worker::VideoWorkerConfig;
+use mediaflow_runtime::{Handler, Stopped};
+use mediaflow_video_worker::{VideoWorker, VideoWorkerConfig};
 
-/// Every stage kind of the platform.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct PlatformKinds;
+use crate::MediaflowConfig;
+use crate::platform::{Services, StageSpec, Topology, Wiring, consume, watch_shards};
 
-/// The media kinds: one output port, `out`, for their result events.
-const MEDIA: [&str; 2] = ["image", "video"];
+/// A kind of stage: what a declaration of it must hold, and how its handler is made.
+pub trait Kind: Send + Sync + 'static {
+    /// The name pipeline files use (`kind: <name>`).
+    fn name(&self) -> &str;
 
-impl KindCatalog for PlatformKinds {
+    /// Problems with a declared stage of this kind: its settings and its ports.
+    fn check(&self, stage: &StageDecl) -> Vec<Problem>;
+
+    /// Builds the stage declared as `stage` (already checked).
+    fn build(&self, stage: &StageSpec, ctx: &BuildContext<'_>) -> Result<Built>;
+}
+
+/// What a kind can use to build a stage.
+pub struct BuildContext<'a> {
+    pub config: &'a MediaflowConfig,
+    pub services: &'a Services,
+    pub topology: &'a Topology,
+}
+
+type Run = Box<dyn FnOnce(Wiring) -> BoxFuture<'static, Result<Stopped>> + Send>;
+
+/// A built stage: its handler on the stage runtime, and tasks that run beside it while it runs
+/// (a sharder's health watch).
+pub struct Built {
+    run: Run,
+    alongside: Vec<BoxFuture<'static, ()>>,
+}
+
+impl Built {
+    /// `handler` run on the stage runtime.
+    pub fn handler<H: Handler>(handler: H) -> Self {
+        Self {
+            run: Box::new(move |wiring| Box::pin(consume(handler, wiring))),
+            alongside: Vec::new(),
+        }
+    }
+
+    /// With `task` running beside the stage; it is stopped when the stage stops.
+    pub fn alongside(mut self, task: impl Future<Output = ()> + Send + 'static) -> Self {
+        self.alongside.push(Box::pin(task));
+        self
+    }
+
+    pub(crate) async fn run(self, wiring: Wiring) -> Result<Stopped> {
+        let beside: Vec<_> = self.alongside.into_iter().map(tokio::spawn).collect();
+        let stopped = (self.run)(wiring).await;
+        for task in beside {
+            task.abort();
+        }
+        stopped
+    }
+}
+
+/// Kinds by name.
+#[derive(Clone)]
+pub struct Registry {
+    kinds: BTreeMap<String, Arc<dyn Kind>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.kinds.keys()).finish()
+    }
+}
+
+impl Default for Registry {
+    /// Every kind the platform ships: copier, filter, splitter, sharder, merger, image, video,
+    /// exec.
+    fn default() -> Self {
+        let empty = Self {
+            kinds: BTreeMap::new(),
+        };
+        LinkingKinds
+            .kinds()
+            .into_iter()
+            .fold(empty, |r, k| r.with(Linking(k)))
+            .with(Image)
+            .with(Video)
+            .with(Exec)
+    }
+}
+
+impl Registry {
+    /// This registry with `kind` added (replacing a kind of the same name).
+    pub fn with(mut self, kind: impl Kind) -> Self {
+        self.kinds.insert(kind.name().to_owned(), Arc::new(kind));
+        self
+    }
+
+    pub fn kind(&self, name: &str) -> Option<&Arc<dyn Kind>> {
+        self.kinds.get(name)
+    }
+}
+
+impl KindCatalog for Registry {
     fn kinds(&self) -> Vec<String> {
-        let mut kinds = LinkingKinds.kinds();
-        kinds.extend(MEDIA.iter().map(|k| (*k).to_owned()));
-        kinds
+        self.kinds.keys().cloned().collect()
     }
 
     fn check(&self, stage: &StageDecl) -> Option<Vec<Problem>> {
-        let out = ["out".to_owned()];
-        let checked = |r: Result<(), String>| {
-            r.err().map(|e| {
-                Problem::at(
-                    stage.config_at(),
-                    format!("stage `{}`: {e}", stage.name.value),
-                )
-            })
-        };
-        let settings_problem = match stage.kind.value.as_str() {
-            "image" => match settings::<ImageWorkerConfig>(stage) {
-                Ok(c) => checked(c.check()),
-                Err(p) => Some(p),
-            },
-            "video" => match settings::<VideoWorkerConfig>(stage) {
-                Ok(c) => checked(c.check()),
-                Err(p) => Some(p),
-            },
-            _ => return LinkingKinds.check(stage),
-        };
-        Some(
-            settings_problem
-                .into_iter()
-                .chain(ports(stage, &out, false))
-                .collect(),
+        self.kind(&stage.kind.value).map(|k| k.check(stage))
+    }
+}
+
+/// Ports `out` only: the media and exec kinds.
+fn out_only(stage: &StageDecl, settings_problem: Option<Problem>) -> Vec<Problem> {
+    settings_problem
+        .into_iter()
+        .chain(ports(stage, &["out".to_owned()], false))
+        .collect()
+}
+
+/// A problem with a stage's settings that the settings' own check found.
+fn checked(stage: &StageDecl, r: Result<(), String>) -> Option<Problem> {
+    r.err().map(|e| {
+        Problem::at(
+            stage.config_at(),
+            format!("stage `{}`: {e}", stage.name.value),
         )
+    })
+}
+
+/// A linking kind of ch. 11; `LinkingKinds` checks its declaration.
+struct Linking(String);
+
+impl Kind for Linking {
+    fn name(&self) -> &str {
+        &self.0
+    }
+
+    fn check(&self, stage: &StageDecl) -> Vec<Problem> {
+        LinkingKinds.check(stage).unwrap_or_default()
+    }
+
+    fn build(&self, stage: &StageSpec, ctx: &BuildContext<'_>) -> Result<Built> {
+        let metrics = ctx.services.metrics.clone();
+        let name = &stage.name;
+        let invalid = |e: String| anyhow::anyhow!("stage `{name}`: {e}");
+        Ok(match self.0.as_str() {
+            "copier" => Built::handler(Copier::new(stage.outputs.keys().cloned())),
+            "filter" => Built::handler(
+                Filter::new(name, &stage.settings::<FilterConfig>()?, metrics).map_err(invalid)?,
+            ),
+            "splitter" => Built::handler(
+                Splitter::new(name, &stage.settings::<SplitterConfig>()?, metrics)
+                    .map_err(invalid)?,
+            ),
+            "sharder" => {
+                let config = stage.settings::<SharderConfig>()?;
+                let health = ShardHealth::new(config.shards);
+                let sharder = Sharder::new(&config, health.clone()).map_err(invalid)?;
+                let watch = watch_shards(stage, &config, health, ctx);
+                Built::handler(sharder).alongside(watch)
+            }
+            "merger" => Built::handler(Merger),
+            other => anyhow::bail!("`{other}` is not a linking kind"),
+        })
+    }
+}
+
+/// The image stage: renditions and tags. Its settings are the stage's `config`, else
+/// `[image_worker]` of the configuration.
+struct Image;
+
+impl Kind for Image {
+    fn name(&self) -> &str {
+        "image"
+    }
+
+    fn check(&self, stage: &StageDecl) -> Vec<Problem> {
+        let problem = match stage.config_value() {
+            serde_json::Value::Null => None,
+            _ => match settings::<ImageWorkerConfig>(stage) {
+                Ok(c) => checked(stage, c.check()),
+                Err(p) => Some(p),
+            },
+        };
+        out_only(stage, problem)
+    }
+
+    fn build(&self, stage: &StageSpec, ctx: &BuildContext<'_>) -> Result<Built> {
+        let config = stage.settings_or::<ImageWorkerConfig>(&ctx.config.image_worker)?;
+        config.check().map_err(anyhow::Error::msg)?;
+        let s = ctx.services;
+        Ok(Built::handler(ImageWorker::new(
+            config,
+            s.store.clone(),
+            s.db.clone(),
+        )))
+    }
+}
+
+/// The video stage: frames, storyboard, preview. Its settings are the stage's `config`, else
+/// `[video_worker]` of the configuration.
+struct Video;
+
+impl Kind for Video {
+    fn name(&self) -> &str {
+        "video"
+    }
+
+    fn check(&self, stage: &StageDecl) -> Vec<Problem> {
+        let problem = match stage.config_value() {
+            serde_json::Value::Null => None,
+            _ => match settings::<VideoWorkerConfig>(stage) {
+                Ok(c) => checked(stage, c.check()),
+                Err(p) => Some(p),
+            },
+        };
+        out_only(stage, problem)
+    }
+
+    fn build(&self, stage: &StageSpec, ctx: &BuildContext<'_>) -> Result<Built> {
+        let config = stage.settings_or::<VideoWorkerConfig>(&ctx.config.video_worker)?;
+        config.check().map_err(anyhow::Error::msg)?;
+        let s = ctx.services;
+        Ok(Built::handler(VideoWorker::new(
+            config,
+            ctx.config.data_dir.join("video"),
+            s.store.clone(),
+            s.db.clone(),
+        )))
+    }
+}
+
+/// A command run on each event (ch. 10's one-shot worker). Settings: `command`, `timeout_secs`,
+/// `max_input_bytes`, `max_outputs`, `max_output_bytes` (as `[[exec]]`).
+struct Exec;
+
+impl Exec {
+    fn settings(stage: &StageSpec) -> Result<ExecWorkerConfig> {
+        let mut config = stage.settings::<ExecWorkerConfig>()?;
+        config.name.clone_from(&stage.name);
+        config.version = stage.version.to_string();
+        Ok(config)
+    }
+}
+
+impl Kind for Exec {
+    fn name(&self) -> &str {
+        "exec"
+    }
+
+    fn check(&self, stage: &StageDecl) -> Vec<Problem> {
+        let problem = match settings::<ExecWorkerConfig>(stage) {
+            Ok(c) if c.command.is_empty() => Some(Problem::at(
+                stage.config_at(),
+                format!("stage `{}`: `command` is empty", stage.name.value),
+            )),
+            Ok(_) => None,
+            Err(p) => Some(p),
+        };
+        out_only(stage, problem)
+    }
+
+    fn build(&self, stage: &StageSpec, ctx: &BuildContext<'_>) -> Result<Built> {
+        let s = ctx.services;
+        Ok(Built::handler(ExecWorker::new(
+            Self::settings(stage)?,
+            ctx.config.data_dir.join("exec"),
+            s.store.clone(),
+            s.db.clone(),
+        )))
     }
 }
 
@@ -60,12 +296,13 @@ mod tests {
     fn the_shipped_pipeline_is_valid_and_media_settings_are_checked() {
         let file = concat!(env!("CARGO_MANIFEST_DIR"), "/../../pipelines/default.yaml");
         let text = std::fs::read_to_string(file).unwrap();
-        mediaflow_pipeline::parse(&text, file, &PlatformKinds).unwrap();
+        let registry = Registry::default();
+        mediaflow_pipeline::parse(&text, file, &registry).unwrap();
         let bad = text.replace(
             "    version: 2\n",
             "    version: 2\n    config:\n      max_sidee: 10\n",
         );
-        let err = mediaflow_pipeline::parse(&bad, "bad.yaml", &PlatformKinds).unwrap_err();
+        let err = mediaflow_pipeline::parse(&bad, "bad.yaml", &registry).unwrap_err();
         assert!(
             err.to_string().contains("unknown field `max_sidee`"),
             "{err}"

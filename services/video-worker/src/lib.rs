@@ -11,8 +11,7 @@ use cloudevents::Event;
 use futures::StreamExt;
 use mediaflow_db::{Db, Entity};
 use mediaflow_events::{
-    MediaKind, MediaUploaded, ObjectRef, PreviewRef, StoryboardRef, VideoFrame,
-    VideoProcessed,
+    MediaKind, MediaUploaded, ObjectRef, PreviewRef, StoryboardRef, VideoFrame, VideoProcessed,
 };
 use mediaflow_imaging::renditions::{Format, Mode, Rendition, RenditionSpec};
 use mediaflow_outputs::{Outputs, db_error, enum_name, give_up_media, store_error};

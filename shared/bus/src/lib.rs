@@ -236,6 +236,28 @@ impl Bus {
         .map_err(|e| BusError::Internal(e.to_string()))?
     }
 
+    /// How many members consumer group `group` has now (0 when it has none or does not exist).
+    pub async fn group_members(&self, group: &str) -> Result<usize, BusError> {
+        let cfg = self.client_config();
+        let timeout = self.config.request_timeout();
+        let group = group.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer<Quiet> =
+                cfg.create_with_context(Quiet).map_err(BusError::Client)?;
+            let groups = consumer
+                .fetch_group_list(Some(&group), timeout)
+                .map_err(BusError::Client)?;
+            Ok(groups
+                .groups()
+                .iter()
+                .filter(|g| g.name() == group)
+                .map(|g| g.members().len())
+                .sum())
+        })
+        .await
+        .map_err(|e| BusError::Internal(e.to_string()))?
+    }
+
     /// Checks that the cluster answers a metadata request within `timeout`.
     pub async fn ping(&self, timeout: Duration) -> Result<(), BusError> {
         let probe = {

@@ -57,6 +57,16 @@ impl Publisher {
         })
     }
 
+    /// A publisher sharing this one's producer (its connections and buffers) that stamps
+    /// `source` on the events it builds.
+    pub fn with_source(&self, source: &str) -> Self {
+        Self {
+            producer: self.producer.clone(),
+            source: source.to_owned(),
+            timeout: self.timeout,
+        }
+    }
+
     /// The CloudEvents `source` this publisher stamps on events.
     pub fn source(&self) -> &str {
         &self.source

@@ -1,4 +1,6 @@
-//! The topics mediaflow declares, with their partition counts and retention.
+//! The platform's own topics, with their partition counts and retention: where uploads enter,
+//! where sources put work items, where exec stages' results go by default, and the dead letters.
+//! The topics between stages are declared in the pipeline file.
 //!
 //! Topic names are part of the event contract. A deployment can prefix them all (tests give each
 //! run its own prefix) but never rename one.
@@ -38,26 +40,6 @@ impl Topics {
         self.name("media.uploaded")
     }
 
-    /// Work queue of image uploads, fed by the router.
-    pub fn jobs_image(&self) -> String {
-        self.name("jobs.image")
-    }
-
-    /// Work queue of video uploads, fed by the router.
-    pub fn jobs_video(&self) -> String {
-        self.name("jobs.video")
-    }
-
-    /// Result topic of the image stage: renditions and tags (`mediaflow.image.processed`).
-    pub fn images_processed(&self) -> String {
-        self.name("images.processed")
-    }
-
-    /// Result topic of the video stage: frames, storyboard, preview (`mediaflow.video.processed`).
-    pub fn videos_processed(&self) -> String {
-        self.name("videos.processed")
-    }
-
     /// Result topic of generic stages such as exec workers (`mediaflow.media.processed`).
     pub fn media_processed(&self) -> String {
         self.name("media.processed")
@@ -87,12 +69,8 @@ impl Topics {
         };
         vec![
             spec(self.media_uploaded(), 7 * DAY),
-            spec(self.jobs_image(), 7 * DAY),
-            spec(self.jobs_video(), 7 * DAY),
             spec(self.media_processed(), 30 * DAY),
             spec(self.dead_letters(), 30 * DAY),
-            spec(self.images_processed(), 30 * DAY),
-            spec(self.videos_processed(), 30 * DAY),
             spec(self.jobs_items(), 7 * DAY),
             spec(self.items_processed(), 30 * DAY),
         ]
@@ -107,12 +85,12 @@ mod tests {
     fn prefix_applies_to_every_declared_topic() {
         let topics = Topics::new("t1.");
         let declared = topics.declared(3);
-        assert_eq!(declared.len(), 9);
+        assert_eq!(declared.len(), 5);
         assert!(
             declared
                 .iter()
                 .all(|t| t.name.starts_with("t1.") && t.partitions == 3)
         );
-        assert_eq!(topics.jobs_image(), "t1.jobs.image");
+        assert_eq!(topics.media_uploaded(), "t1.media.uploaded");
     }
 }

@@ -151,15 +151,29 @@ mod tests {
 
     #[test]
     fn predicates_and_keys_read_attributes_and_data() {
-        let data = serde_json::json!({"kind": "image", "object": {"size": 512}, "tags": ["a"], "r": 0.5});
+        let data =
+            serde_json::json!({"kind": "image", "object": {"size": 512}, "tags": ["a"], "r": 0.5});
         let e = view(&data);
         let holds = |s: &str| Expr::compile(s).unwrap().holds(&e);
-        assert_eq!(holds("data.kind == 'image' && data.object.size < 1000"), Ok(true));
-        assert_eq!(holds("type == 'mediaflow.media.uploaded' && subject == 'm1'"), Ok(true));
+        assert_eq!(
+            holds("data.kind == 'image' && data.object.size < 1000"),
+            Ok(true)
+        );
+        assert_eq!(
+            holds("type == 'mediaflow.media.uploaded' && subject == 'm1'"),
+            Ok(true)
+        );
         assert_eq!(holds("'a' in data.tags && data.r > 0.25"), Ok(true));
         assert_eq!(holds("has(data.user)"), Ok(false));
-        assert!(holds("data.user.zone == 'x'").is_err(), "a missing field is an error");
-        assert!(holds("data.kind").unwrap_err().contains("not true or false"));
+        assert!(
+            holds("data.user.zone == 'x'").is_err(),
+            "a missing field is an error"
+        );
+        assert!(
+            holds("data.kind")
+                .unwrap_err()
+                .contains("not true or false")
+        );
         let key = |s: &str| Expr::compile(s).unwrap().key(&e);
         assert_eq!(key("subject"), Ok("m1".to_owned()));
         assert_eq!(key("data.object.size"), Ok("512".to_owned()));

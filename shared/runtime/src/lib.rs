@@ -89,7 +89,8 @@ pub trait Handler: Send + Sync + 'static {
     /// only when its own effects are acknowledged (objects written, rows committed); the runtime
     /// publishes the events and waits for the broker's acknowledgements before the input counts
     /// as done.
-    fn handle(&self, event: &Event) -> impl Future<Output = Result<Vec<Output>, StageError>> + Send;
+    fn handle(&self, event: &Event)
+    -> impl Future<Output = Result<Vec<Output>, StageError>> + Send;
 
     /// Called once when the runtime stops trying `event` (None: the message was not a valid
     /// CloudEvent), before the message goes to the dead-letter topic. The stage records the

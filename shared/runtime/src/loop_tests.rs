@@ -544,7 +544,10 @@ async fn a_redelivered_message_makes_outputs_with_the_same_ids() {
     }
     assert_eq!(ids[0], ids[1]);
     assert_eq!(
-        ids[0].iter().collect::<std::collections::HashSet<_>>().len(),
+        ids[0]
+            .iter()
+            .collect::<std::collections::HashSet<_>>()
+            .len(),
         3
     );
 }

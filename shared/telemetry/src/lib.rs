@@ -75,6 +75,7 @@ pub struct Metrics {
     dead_letters: Family<StageLabels, Counter>,
     stage_outputs: Family<PortLabels, Counter>,
     stage_dropped: Family<StageOnly, Counter>,
+    shard_healthy: Family<PortLabels, Gauge>,
     consumer_lag: Family<StageOnly, Gauge>,
     stage_restarts: Family<StageOnly, Counter>,
     stage_stalls: Family<StageOnly, Counter>,
@@ -125,6 +126,12 @@ impl Metrics {
             "stage_dropped",
             "Events a filter or splitter passed on to no port",
             stage_dropped.clone(),
+        );
+        let shard_healthy = Family::<PortLabels, Gauge>::default();
+        registry.register(
+            "sharder_shard_healthy",
+            "Whether a sharder routes to a shard (1) or around it (0), by port",
+            shard_healthy.clone(),
         );
         let stage_errors = Family::<StageLabels, Counter>::default();
         registry.register(
@@ -202,6 +209,7 @@ impl Metrics {
             dead_letters,
             stage_outputs,
             stage_dropped,
+            shard_healthy,
             uploads,
             upload_bytes,
             stage_messages,
@@ -282,6 +290,16 @@ impl Metrics {
                 stage: stage.to_owned(),
             })
             .inc();
+    }
+
+    /// Whether sharder `stage` routes to its shard on `port` now.
+    pub fn shard_healthy(&self, stage: &str, port: &str, healthy: bool) {
+        self.shard_healthy
+            .get_or_create(&PortLabels {
+                stage: stage.to_owned(),
+                port: port.to_owned(),
+            })
+            .set(i64::from(healthy));
     }
 
     /// A stage sent a message to the dead-letter topic.

@@ -5,20 +5,23 @@
 use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
-use mediaflow_bus::Bus;
+use mediaflow_bus::{Bus, Publisher};
 use mediaflow_db::Db;
 use mediaflow_embedded::{EmbeddedKafka, EmbeddedS3};
 use mediaflow_store::ObjectStore;
 use mediaflow_telemetry::Metrics;
 
+use super::wiring::Topology;
 use crate::MediaflowConfig;
 
 /// Connections shared by the gateway and the stages.
-pub(super) struct Services {
-    pub(super) bus: Bus,
-    pub(super) store: ObjectStore,
-    pub(super) db: Db,
-    pub(super) metrics: Metrics,
+pub struct Services {
+    pub bus: Bus,
+    /// The producer every stage of the process publishes with.
+    pub publisher: Publisher,
+    pub store: ObjectStore,
+    pub db: Db,
+    pub metrics: Metrics,
 }
 
 /// Starts the embedded services the configuration asks for and fills in their addresses.
@@ -71,12 +74,25 @@ pub(super) async fn start_infrastructure(
     Ok((kafka, s3))
 }
 
-/// Connects to Kafka, S3 and the database, creating topics, bucket and schema as needed.
-pub(super) async fn connect(config: &MediaflowConfig, metrics: Metrics) -> Result<Services> {
+/// Connects to Kafka, S3 and the database, creating topics (the platform's and those `topology`
+/// declares), bucket and schema as needed.
+pub(super) async fn connect(
+    config: &MediaflowConfig,
+    topology: &Topology,
+    metrics: Metrics,
+) -> Result<Services> {
     let bus = Bus::new(config.bus.clone());
-    bus.ensure_platform_topics()
+    let mut topics = bus.topics().declared(config.bus.partitions);
+    for declared in topology.topic_specs(&config.bus.topic_prefix, config.bus.partitions) {
+        match topics.iter_mut().find(|t| t.name == declared.name) {
+            Some(t) => *t = declared,
+            None => topics.push(declared),
+        }
+    }
+    bus.ensure_topics(&topics)
         .await
         .with_context(|| format!("declaring topics on Kafka at {}", config.bus.brokers))?;
+    let publisher = bus.publisher("/mediaflow")?;
     let store = ObjectStore::new(&config.store);
     match store.ensure_bucket().await {
         Ok(()) => {}
@@ -100,6 +116,7 @@ pub(super) async fn connect(config: &MediaflowConfig, metrics: Metrics) -> Resul
         .context("connecting to the database")?;
     Ok(Services {
         bus,
+        publisher,
         store,
         db,
         metrics,

@@ -1,81 +1,51 @@
 //! Starting the platform: embedded infrastructure (when configured), schema, topics and bucket,
-//! then the gateway and every stage as tracked tasks under one cancellation token. Start-up of
-//! the infrastructure is `infra`, a consuming stage under its watchdog is `watch`, restarts and
-//! failures are `supervise`; what stays here is which stages there are and how each is run.
+//! then the gateway and every declared stage as tracked tasks under one cancellation token.
+//! Which stages there are comes from the pipeline file (`wiring`); a stage's kind in the
+//! `Registry` builds its handler, which runs on the stage runtime under its watchdog (`watch`);
+//! restarts and failures are `supervise`; infrastructure start-up is `infra`; a sharder's view of
+//! its shards is `shards`.
 
 mod infra;
+mod shards;
 mod supervise;
 mod watch;
+mod wiring;
 
-use infra::{Services, connect, start_infrastructure};
+pub use infra::Services;
+pub(crate) use shards::watch_shards;
+pub use watch::Wiring;
+pub(crate) use watch::consume;
+pub use wiring::{DEFAULT_PIPELINE, GATEWAY, StageSpec, Topology};
+
+use infra::{connect, start_infrastructure};
 use supervise::{Failure, supervise};
-use watch::consume;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use mediaflow_embedded::{EmbeddedKafka, EmbeddedS3};
 use mediaflow_gateway::Gateway;
-use mediaflow_image_worker::ImageWorker;
-use mediaflow_router::Router;
-use mediaflow_runtime::Stopped;
+use mediaflow_runtime::{Ports, Stopped};
 use mediaflow_telemetry::Metrics;
-use mediaflow_video_worker::VideoWorker;
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::MediaflowConfig;
 use crate::http_source::HttpSource;
+use crate::registry::{BuildContext, Registry};
 
-/// The built-in stages; configured exec stages come on top (`stages`).
-pub const STAGES: &[&str] = &[
-    mediaflow_router::STAGE,
-    mediaflow_image_worker::STAGE,
-    mediaflow_video_worker::STAGE,
-];
-
-const GATEWAY: &str = "gateway";
-
-/// Every stage `config` defines: the built-in ones, its exec stages, then its sources (which run
-/// and are supervised like stages).
-pub fn stages(config: &MediaflowConfig) -> Vec<String> {
-    STAGES
-        .iter()
-        .map(|s| (*s).to_owned())
-        .chain(config.exec.iter().map(|e| e.name.clone()))
-        .chain(config.http_source.iter().map(|s| s.name.clone()))
-        .collect()
-}
-
-/// Checks the stage definitions: exec and source names are unique and do not shadow anything.
-fn check_stages(config: &MediaflowConfig) -> Result<()> {
-    config.image_worker.check().map_err(anyhow::Error::msg)?;
-    config.video_worker.check().map_err(anyhow::Error::msg)?;
-    let mut seen = std::collections::HashSet::from([GATEWAY.to_owned()]);
-    for name in stages(config) {
-        if !seen.insert(name.clone()) {
-            bail!(
-                "stage name `{name}` is used twice (exec stages and sources need names of their own)"
-            );
-        }
-    }
-    if let Some(unknown) = config
-        .stages
-        .enabled
-        .iter()
-        .flatten()
-        .find(|s| !stages(config).contains(s))
-    {
-        bail!(
-            "stages.enabled names unknown stage `{unknown}`; stages: {}",
-            stages(config).join(", ")
-        );
-    }
-    Ok(())
+/// What every stage of a process runs with: the configuration, the pipeline, the kinds, and the
+/// shared connections.
+pub(crate) struct Running {
+    config: MediaflowConfig,
+    topology: Topology,
+    registry: Registry,
+    services: Arc<Services>,
 }
 
 /// Where a running platform can be reached; written to `<data_dir>/endpoints.json`.
@@ -123,14 +93,26 @@ pub async fn run_stage(
     shutdown: CancellationToken,
     metrics: Metrics,
 ) -> Result<Stopped> {
-    check_stages(config)?;
-    if name != GATEWAY && !stages(config).iter().any(|s| s == name) {
+    run_stage_in(name, config, Registry::default(), shutdown, metrics).await
+}
+
+/// Runs the gateway or one stage, its kind found in `registry`, until `shutdown` is cancelled.
+pub async fn run_stage_in(
+    name: &str,
+    config: &MediaflowConfig,
+    registry: Registry,
+    shutdown: CancellationToken,
+    metrics: Metrics,
+) -> Result<Stopped> {
+    let topology = Topology::load(config, &registry)?;
+    let runnable = topology.runnable(config);
+    if name != GATEWAY && !runnable.iter().any(|s| s == name) {
         bail!(
-            "unknown stage `{name}`; runnable: gateway, {}",
-            stages(config).join(", ")
+            "unknown stage `{name}`; runnable: {GATEWAY}, {}",
+            runnable.join(", ")
         );
     }
-    let services = connect(config, metrics).await?;
+    let services = Arc::new(connect(config, &topology, metrics).await?);
     if name == GATEWAY {
         let listener = bind_gateway(config).await?;
         tracing::info!(addr = %listener.local_addr()?, "gateway listening");
@@ -152,7 +134,13 @@ pub async fn run_stage(
             .with_graceful_shutdown(shutdown.clone().cancelled_owned())
             .into_future(),
     );
-    let result = run_stage_with(name, config, &services, shutdown.clone()).await;
+    let running = Running {
+        config: config.clone(),
+        topology,
+        registry,
+        services,
+    };
+    let result = run_stage_with(name, &running, shutdown.clone()).await;
     shutdown.cancel();
     let _ = admin.await;
     result
@@ -193,91 +181,77 @@ async fn serve_gateway(
         .context("serving the gateway")
 }
 
+/// Runs stage or source `name` of `running` until `shutdown` is cancelled.
 async fn run_stage_with(
     name: &str,
-    config: &MediaflowConfig,
-    s: &Services,
+    running: &Running,
     shutdown: CancellationToken,
 ) -> Result<Stopped> {
-    match name {
-        mediaflow_router::STAGE => {
-            let handler = Router::new(&s.bus)?;
-            consume(
-                name,
-                &Router::input_topics(&s.bus),
-                handler,
-                config,
-                s,
-                shutdown,
-            )
-            .await
-        }
-        mediaflow_image_worker::STAGE => {
-            let handler = ImageWorker::new(
-                config.image_worker.clone(),
-                s.store.clone(),
-                s.db.clone(),
-                &s.bus,
-            )?;
-            consume(
-                name,
-                &ImageWorker::input_topics(&s.bus),
-                handler,
-                config,
-                s,
-                shutdown,
-            )
-            .await
-        }
-        mediaflow_video_worker::STAGE => {
-            let handler = VideoWorker::new(
-                config.video_worker.clone(),
-                config.data_dir.join("video"),
-                s.store.clone(),
-                s.db.clone(),
-                &s.bus,
-            )?;
-            consume(
-                name,
-                &VideoWorker::input_topics(&s.bus),
-                handler,
-                config,
-                s,
-                shutdown,
-            )
-            .await
-        }
-        other => {
-            if let Some(source) = config.http_source.iter().find(|h| h.name == other) {
-                HttpSource::new(source.clone(), s.db.clone(), &s.bus, s.metrics.clone())
-                    .await?
-                    .run(shutdown)
-                    .await?;
-                return Ok(Stopped::Drained);
-            }
-            let exec = config
-                .exec
-                .iter()
-                .find(|e| e.name == other)
-                .with_context(|| format!("unknown stage `{other}`"))?;
-            let work_dir = config.data_dir.join("exec");
-            let handler = mediaflow_exec_worker::ExecWorker::new(
-                exec.clone(),
-                work_dir,
-                s.store.clone(),
-                s.db.clone(),
-                &s.bus,
-            )?;
-            let inputs = handler.input_topics();
-            consume(name, &inputs, handler, config, s, shutdown).await
-        }
+    let Running {
+        config,
+        topology,
+        registry,
+        services,
+    } = running;
+    if let Some(source) = config.http_source.iter().find(|h| h.name == name) {
+        HttpSource::new(
+            source.clone(),
+            services.db.clone(),
+            &services.bus,
+            services.metrics.clone(),
+        )
+        .await?
+        .run(shutdown)
+        .await?;
+        return Ok(Stopped::Drained);
     }
+    let spec = topology
+        .stage(name)
+        .with_context(|| format!("unknown stage `{name}`"))?;
+    let kind = registry
+        .kind(&spec.kind)
+        .with_context(|| format!("stage `{name}`: unknown kind `{}`", spec.kind))?;
+    let built = kind.build(
+        spec,
+        &BuildContext {
+            config,
+            services,
+            topology,
+        },
+    )?;
+    let prefix = &config.bus.topic_prefix;
+    let ports: BTreeMap<String, String> = spec
+        .outputs
+        .iter()
+        .map(|(port, topic)| (port.clone(), format!("{prefix}{topic}")))
+        .collect();
+    let mut options = config.stages.options();
+    if let Some(n) = spec.concurrency {
+        options.concurrency = n.max(1);
+    }
+    let wiring = Wiring {
+        name: name.to_owned(),
+        group: format!("{prefix}{name}"),
+        inputs: spec.inputs.iter().map(|i| format!("{prefix}{i}")).collect(),
+        ports: Ports::new(name, spec.version, ports),
+        options,
+        stall_timeout: config.stages.stall_timeout(),
+        services: services.clone(),
+        shutdown,
+    };
+    built.run(wiring).await
 }
 
 impl Platform {
     /// Starts everything `config` asks for: embedded infrastructure, the gateway and every stage.
-    pub async fn start(mut config: MediaflowConfig) -> Result<Self> {
-        check_stages(&config)?;
+    pub async fn start(config: MediaflowConfig) -> Result<Self> {
+        Self::start_with(config, Registry::default()).await
+    }
+
+    /// Starts the platform with the stage kinds of `registry` (the shipped ones plus one's own).
+    pub async fn start_with(mut config: MediaflowConfig, registry: Registry) -> Result<Self> {
+        // A wrong pipeline stops here, before anything starts.
+        let topology = Topology::load(&config, &registry)?;
         let enabled = config.stages.enabled.clone();
         let (kafka, s3) = start_infrastructure(&mut config).await?;
         if kafka.is_some() && config.bus.group_instance_id.is_none() {
@@ -287,7 +261,7 @@ impl Platform {
             // a crash. With an external broker, set `bus.group_instance_id` per process.
             config.bus.group_instance_id = Some("up".into());
         }
-        let services = Arc::new(connect(&config, Metrics::new()).await?);
+        let services = Arc::new(connect(&config, &topology, Metrics::new()).await?);
 
         let listener = bind_gateway(&config).await?;
         let gateway_addr = listener.local_addr()?;
@@ -304,16 +278,19 @@ impl Platform {
                 }
             });
         }
-        let running = stages(&config)
+        let running = Arc::new(Running {
+            config: config.clone(),
+            topology,
+            registry,
+            services: services.clone(),
+        });
+        let stages = running
+            .topology
+            .runnable(&config)
             .into_iter()
             .filter(|s| enabled.as_ref().is_none_or(|e| e.contains(s)));
-        for stage in running {
-            tasks.spawn(supervise(
-                stage,
-                config.clone(),
-                services.clone(),
-                shutdown.clone(),
-            ));
+        for stage in stages {
+            tasks.spawn(supervise(stage, running.clone(), shutdown.clone()));
         }
         tasks.close();
         if let Some(kafka) = &kafka {

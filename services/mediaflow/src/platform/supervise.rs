@@ -7,9 +7,7 @@ use std::time::Duration;
 use mediaflow_runtime::Stopped;
 use tokio_util::sync::CancellationToken;
 
-use super::infra::Services;
-use super::run_stage_with;
-use crate::MediaflowConfig;
+use super::{Running, run_stage_with};
 
 /// Backoff before the first restart of a failed stage; doubles per failure in a row.
 const RESTART_BACKOFF: Duration = Duration::from_secs(1);
@@ -21,23 +19,13 @@ const HEALTHY_RUN: Duration = Duration::from_secs(60);
 /// Runs `stage` under `mediaflow up` until `shutdown`, as an orchestrator would: when it fails
 /// (returns an error or panics) it is restarted after a backoff that doubles with each failure in
 /// a row, while the rest of the platform keeps running.
-pub(super) async fn supervise(
-    stage: String,
-    config: MediaflowConfig,
-    services: Arc<Services>,
-    shutdown: CancellationToken,
-) {
+pub(super) async fn supervise(stage: String, running: Arc<Running>, shutdown: CancellationToken) {
     let mut failures: u32 = 0;
     loop {
         let started = std::time::Instant::now();
         let run = {
-            let (stage, config, services, token) = (
-                stage.clone(),
-                config.clone(),
-                services.clone(),
-                shutdown.clone(),
-            );
-            tokio::spawn(async move { run_stage_with(&stage, &config, &services, token).await })
+            let (stage, running, token) = (stage.clone(), running.clone(), shutdown.clone());
+            tokio::spawn(async move { run_stage_with(&stage, &running, token).await })
         };
         let error = match run.await {
             Ok(Ok(Stopped::Drained)) => return,
@@ -61,7 +49,7 @@ pub(super) async fn supervise(
             .min(MAX_RESTART_BACKOFF);
         failures += 1;
         tracing::error!(stage, error, failures, restart_in = ?wait, "stage failed; restarting it");
-        services.metrics.stage_restarted(&stage);
+        running.services.metrics.stage_restarted(&stage);
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(wait) => {}

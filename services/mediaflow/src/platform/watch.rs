@@ -7,31 +7,46 @@ use std::time::Duration;
 use anyhow::Result;
 use mediaflow_bus::{Bus, StartFrom};
 use mediaflow_runtime::{
-    DeadLetters, Handler, Observation, StageProbe, StageRun, Stopped, Verdict, Watchdog,
+    Handler, Observation, Ports, StageOptions, StageProbe, StageRun, Stopped, Verdict, Watchdog,
 };
 use mediaflow_telemetry::Metrics;
 use tokio_util::sync::CancellationToken;
 
 use super::infra::Services;
-use crate::MediaflowConfig;
 
-/// Runs `handler` as stage `name` over `inputs` on the stage runtime, under a watchdog: an
+/// Everything a stage's handler runs with: its inputs and bound ports (topic names under the
+/// prefix), its options, the shared connections, and the token that stops it.
+pub struct Wiring {
+    pub(crate) name: String,
+    /// The consumer group: the stage name under the topic prefix, so test runs never share one.
+    pub(crate) group: String,
+    pub(crate) inputs: Vec<String>,
+    pub(crate) ports: Ports,
+    pub(crate) options: StageOptions,
+    pub(crate) stall_timeout: Duration,
+    pub(crate) services: Arc<Services>,
+    pub(crate) shutdown: CancellationToken,
+}
+
+/// Runs `handler` as the stage `wiring` describes on the stage runtime, under a watchdog: an
 /// instance found wedged is drained and joins its group again, as often as it takes.
-pub(super) async fn consume<H: Handler>(
-    name: &str,
-    inputs: &[String],
-    handler: H,
-    config: &MediaflowConfig,
-    s: &Services,
-    shutdown: CancellationToken,
-) -> Result<Stopped> {
-    // The consumer group is the stage name under the topic prefix, so test runs never share one.
-    let group = format!("{}{name}", config.bus.topic_prefix);
+pub(crate) async fn consume<H: Handler>(handler: H, wiring: Wiring) -> Result<Stopped> {
+    let Wiring {
+        name,
+        group,
+        inputs,
+        ports,
+        options,
+        stall_timeout,
+        services: s,
+        shutdown,
+    } = wiring;
+    let name = name.as_str();
+    let inputs = inputs.as_slice();
     let handler = Arc::new(handler);
-    let dead_letters = DeadLetters {
-        publisher: Arc::new(s.bus.publisher(&format!("/mediaflow/{name}"))?),
-        topic: s.bus.topics().dead_letters(),
-    };
+    // One producer for every stage of the process; each stamps its own source.
+    let sink: Arc<dyn mediaflow_runtime::Sink> =
+        Arc::new(s.publisher.with_source(&format!("/mediaflow/{name}")));
     loop {
         let probe = StageProbe::new();
         let watch = tokio::spawn(watch_stage(
@@ -39,15 +54,17 @@ pub(super) async fn consume<H: Handler>(
             group.clone(),
             inputs.to_vec(),
             probe.clone(),
-            config.stages.stall_timeout(),
+            stall_timeout,
             s.bus.clone(),
             s.metrics.clone(),
         ));
         let run = StageRun {
             name: name.to_owned(),
             handler: handler.clone(),
-            dead_letters: dead_letters.clone(),
-            options: config.stages.options(),
+            sink: sink.clone(),
+            ports: ports.clone(),
+            dead_letters: s.bus.topics().dead_letters(),
+            options,
             metrics: s.metrics.clone(),
             probe: probe.clone(),
         };
