@@ -189,6 +189,15 @@ impl TestPlatform {
         backend: Backend,
         adjust: impl FnOnce(&mut MediaflowConfig),
     ) -> Result<Self> {
+        Self::start_registry(backend, mediaflow::Registry::default(), adjust).await
+    }
+
+    /// A platform whose stage kinds come from `registry` (one's own kinds added).
+    pub async fn start_registry(
+        backend: Backend,
+        registry: mediaflow::Registry,
+        adjust: impl FnOnce(&mut MediaflowConfig),
+    ) -> Result<Self> {
         mediaflow_telemetry::init_logging(mediaflow_telemetry::LogFormat::Pretty);
         let dir = tempfile::tempdir()?;
         let mut config = MediaflowConfig::with_defaults();
@@ -236,16 +245,24 @@ impl TestPlatform {
             }
         };
         adjust(&mut config);
-        let mut tp = Self::restart(config, dir).await?;
+        let mut tp = Self::launch(config, dir, registry).await?;
         tp.external = external;
         Ok(tp)
     }
 
     /// Starts a platform on an existing configuration and data folder.
-    pub async fn restart(mut config: MediaflowConfig, dir: tempfile::TempDir) -> Result<Self> {
+    pub async fn restart(config: MediaflowConfig, dir: tempfile::TempDir) -> Result<Self> {
+        Self::launch(config, dir, mediaflow::Registry::default()).await
+    }
+
+    async fn launch(
+        mut config: MediaflowConfig,
+        dir: tempfile::TempDir,
+        registry: mediaflow::Registry,
+    ) -> Result<Self> {
         config.embedded.kafka_port = 0;
         config.embedded.s3_port = 0;
-        let platform = Platform::start(config.clone()).await?;
+        let platform = Platform::start_with(config.clone(), registry).await?;
         let base = platform.endpoints.gateway.clone();
         let bus = Bus::new(BusConfig {
             brokers: platform.endpoints.kafka.clone(),
@@ -455,7 +472,11 @@ impl TestPlatform {
             .create(true)
             .append(true)
             .open(dir.join(format!("{name}.log")))?;
-        tokio::process::Command::new(mediaflow_bin())
+        let mut command = tokio::process::Command::new(mediaflow_bin());
+        if let Some(pipeline) = &c.pipeline {
+            command.env("MEDIAFLOW__PIPELINE", pipeline);
+        }
+        command
             .args(["run", stage])
             .env("MEDIAFLOW__EMBEDDED__KAFKA", "false")
             .env("MEDIAFLOW__EMBEDDED__S3", "false")
@@ -476,6 +497,69 @@ impl TestPlatform {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting a {stage} process"))
+    }
+
+    /// Publishes JSON events on `topic` (without prefix) as an outside producer would: event
+    /// `(id, subject, data)` of type `type_`, keyed by its subject, all acknowledged.
+    pub async fn publish_json(
+        &self,
+        topic: &str,
+        type_: &str,
+        events: &[(String, String, serde_json::Value)],
+    ) -> Result<()> {
+        use cloudevents::{EventBuilder, EventBuilderV10};
+        let topic = format!("{}{topic}", self.config.bus.topic_prefix);
+        let publisher = self.bus.publisher("/test")?;
+        for chunk in events.chunks(500) {
+            let sends = chunk.iter().map(|(id, subject, data)| {
+                let event = EventBuilderV10::new()
+                    .id(id)
+                    .ty(type_)
+                    .source("/test")
+                    .subject(subject)
+                    .data("application/json", data.clone())
+                    .build();
+                let (publisher, topic) = (&publisher, &topic);
+                async move {
+                    publisher
+                        .publish_event(topic, subject, event.map_err(anyhow::Error::msg)?)
+                        .await?;
+                    anyhow::Ok(())
+                }
+            });
+            for sent in futures::future::join_all(sends).await {
+                sent?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads `count` events of `topic` (without prefix) with kafka-python, an independent
+    /// client: one JSON object per message (`key`, `headers`, `data`).
+    pub async fn read_with_kafka_python(
+        &self,
+        topic: &str,
+        count: usize,
+    ) -> Result<Vec<serde_json::Value>> {
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("py/read_topic.py");
+        let out = tokio::process::Command::new(python())
+            .arg(script)
+            .arg(&self.config.bus.brokers)
+            .arg(format!("{}{topic}", self.config.bus.topic_prefix))
+            .arg(count.to_string())
+            .arg("60")
+            .output()
+            .await?;
+        if !out.status.success() {
+            bail!(
+                "kafka-python read of {topic} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        String::from_utf8(out.stdout)?
+            .lines()
+            .map(|l| serde_json::from_str(l).map_err(anyhow::Error::from))
+            .collect()
     }
 
     /// Stops the external Kafka broker (production-like platforms only).
@@ -554,9 +638,20 @@ impl TestPlatform {
 
     /// Waits until stage `stage` has committed every message of `topic` (names without prefix).
     pub async fn wait_caught_up(&self, stage: &str, topic: &str) -> Result<()> {
+        self.wait_caught_up_within(stage, topic, Duration::from_secs(60))
+            .await
+    }
+
+    /// Waits up to `timeout` until stage `stage` has committed every message of `topic`.
+    pub async fn wait_caught_up_within(
+        &self,
+        stage: &str,
+        topic: &str,
+        timeout: Duration,
+    ) -> Result<()> {
         let prefix = &self.config.bus.topic_prefix;
         let (group, topic) = (format!("{prefix}{stage}"), format!("{prefix}{topic}"));
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + timeout;
         loop {
             let lag = self.bus.group_lag(&group, &topic).await?;
             if lag == 0 {

@@ -236,6 +236,61 @@ impl Bus {
         .map_err(|e| BusError::Internal(e.to_string()))?
     }
 
+    /// Moves consumer group `group` back to the oldest retained message of every partition of
+    /// `topics`, so its stage handles them all again (an operator's offset reset). The group
+    /// must have no other members: this joins it to commit, as brokers take commits from members
+    /// only.
+    pub async fn rewind_group(&self, group: &str, topics: &[String]) -> Result<(), BusError> {
+        let mut cfg = self.client_config();
+        cfg.set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set(
+                "session.timeout.ms",
+                self.config.session_timeout_ms.to_string(),
+            );
+        let timeout = self.config.request_timeout();
+        let topics = topics.to_vec();
+        let group = group.to_owned();
+        tokio::task::spawn_blocking(move || {
+            use rdkafka::consumer::CommitMode;
+            let consumer: BaseConsumer<Quiet> =
+                cfg.create_with_context(Quiet).map_err(BusError::Client)?;
+            let mut wanted = rdkafka::TopicPartitionList::new();
+            for topic in &topics {
+                for (partition, low, _) in watermarks(&consumer, topic, timeout)? {
+                    wanted
+                        .add_partition_offset(topic, partition, rdkafka::Offset::Offset(low))
+                        .map_err(BusError::Client)?;
+                }
+            }
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            consumer.subscribe(&names).map_err(BusError::Client)?;
+            // Joined once every partition is assigned to this lone member.
+            let until = std::time::Instant::now() + timeout * 4;
+            loop {
+                if let Some(Err(e)) = consumer.poll(Duration::from_millis(100)) {
+                    tracing::debug!(error = %e, "while joining to rewind");
+                }
+                let held = consumer.assignment().map_err(BusError::Client)?.count();
+                if held >= wanted.count() {
+                    break;
+                }
+                if std::time::Instant::now() > until {
+                    return Err(BusError::Internal(format!(
+                        "could not join group `{group}` to rewind it (does it have other members?)"
+                    )));
+                }
+            }
+            consumer
+                .commit(&wanted, CommitMode::Sync)
+                .map_err(BusError::Client)?;
+            consumer.unsubscribe();
+            Ok(())
+        })
+        .await
+        .map_err(|e| BusError::Internal(e.to_string()))?
+    }
+
     /// How many members consumer group `group` has now (0 when it has none or does not exist).
     pub async fn group_members(&self, group: &str) -> Result<usize, BusError> {
         let cfg = self.client_config();
