@@ -117,7 +117,7 @@ async fn each_linking_kind_does_what_it_says_on_the_real_broker() -> Result<()> 
         ensure!(copies.len() == 100, "{topic}: {} events", copies.len());
         ensure!(ids(&copies) == all_a, "{topic} holds other events");
         let sample = copies.iter().find(|e| e.id() == "a-42").context("a-42")?;
-        ensure!(sample.subject() == Some("k0") && sample.source().to_string() == "/test");
+        ensure!(sample.subject() == Some("k0") && *sample.source() == "/mediaflow/copy");
         ensure!(data(sample) == serde_json::json!({"n": 42, "from": "a"}));
     }
 

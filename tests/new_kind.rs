@@ -124,7 +124,7 @@ async fn a_kind_of_ones_own_runs_from_a_pipeline_file() -> Result<()> {
     texts.sort();
     ensure!(texts == ["HELLO!", "QUIET PLEASE!"], "{texts:?}");
     for e in &shouted {
-        ensure!(e.ty() == "example.shouted" && e.source().to_string() == "/mediaflow/shout");
+        ensure!(e.ty() == "example.shouted" && *e.source() == "/mediaflow/shout");
         ensure!(
             e.id() != "s0" && e.id() != "s1",
             "a new event gets an id of its own"

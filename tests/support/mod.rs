@@ -42,6 +42,38 @@ pub struct TestPlatform {
     external: Option<External>,
 }
 
+/// Makes a failed assertion in the test itself end the test process at once. Unwinding would
+/// drop the running platform inside the test's runtime, whose consumers then wait out their
+/// drain and close deadlines: the test would hang instead of failing. Panics on the platform's
+/// own threads (tokio's, rayon's) are left to the stage runtime, which turns them into failures.
+fn fail_fast() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            report(info);
+            let thread = std::thread::current();
+            let platform_thread = thread
+                .name()
+                .is_none_or(|n| n.starts_with("tokio-") || n.starts_with("rayon"));
+            if !platform_thread {
+                eprintln!("the test failed: ending its process now");
+                // The stage processes it started would outlive it.
+                let children = SPAWNED.lock().map(|c| c.clone()).unwrap_or_default();
+                for pid in children {
+                    let _ = std::process::Command::new("kill")
+                        .args(["-KILL", &pid.to_string()])
+                        .status();
+                }
+                std::process::exit(101);
+            }
+        }));
+    });
+}
+
+/// Processes `spawn_stage` started, killed by `fail_fast`.
+static SPAWNED: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
 /// A small deterministic generator (xorshift) for crash schedules.
 pub struct Rng(u64);
 
@@ -199,6 +231,7 @@ impl TestPlatform {
         adjust: impl FnOnce(&mut MediaflowConfig),
     ) -> Result<Self> {
         mediaflow_telemetry::init_logging(mediaflow_telemetry::LogFormat::Pretty);
+        fail_fast();
         let dir = tempfile::tempdir()?;
         let mut config = MediaflowConfig::with_defaults();
         config.data_dir = dir.path().join("data");
@@ -496,6 +529,11 @@ impl TestPlatform {
             .stderr(log)
             .kill_on_drop(true)
             .spawn()
+            .inspect(|child| {
+                if let (Some(pid), Ok(mut spawned)) = (child.id(), SPAWNED.lock()) {
+                    spawned.push(pid);
+                }
+            })
             .with_context(|| format!("starting a {stage} process"))
     }
 

@@ -1,5 +1,5 @@
-//! The linking stages at run time: handlers that pass events on unchanged (same id, source,
-//! subject and key), choosing the ports they go out on. Predicates and keys are CEL over the
+//! The linking stages at run time: handlers that pass events on (same id, subject, data and
+//! key; the stage becomes their source), choosing the ports they go out on. Predicates and keys are CEL over the
 //! event (`mediaflow_pipeline::expr`); an event an expression cannot be evaluated on (a field it
 //! lacks, a value of the wrong type) is bad input, dead-lettered with the reason, never dropped
 //! silently.

@@ -5,7 +5,9 @@
 //! Output ids are deterministic, so a redelivered input produces the same events again and
 //! consumers recognise the duplicates: an event built from a payload keeps the payload's own id
 //! (`EventData::id`), a forwarded event keeps its id, and any other event gets an id derived
-//! from the input's id, the stage, its version, the port and the output's position.
+//! from the input's id, the stage, its version, the port and the output's position. The stage is
+//! the `source` of every event it publishes, forwarded ones included: (source, id) stays unique,
+//! as CloudEvents asks, and a reader can tell which stage a copy came through.
 
 use std::collections::BTreeMap;
 
@@ -28,7 +30,7 @@ pub struct Output {
 enum Origin {
     /// Built from a payload with its own deterministic id; the stage is its source.
     Payload,
-    /// Passed on unchanged (a linking stage): its id, source and time stay.
+    /// Passed on (a linking stage): its id, subject, time and data stay.
     Forwarded,
     /// Built by the stage without an id of its own: one is derived from the input.
     Derived,
@@ -47,8 +49,8 @@ impl Output {
         })
     }
 
-    /// `event` passed on unchanged on `port`, keyed as it was keyed when it came in (its subject,
-    /// else its id).
+    /// `event` passed on on `port` with its id, subject, time and data, keyed as it was keyed
+    /// when it came in (its subject, else its id).
     pub fn forward(port: &str, event: &Event) -> Self {
         let key = event
             .subject()
@@ -161,9 +163,7 @@ impl Ports {
                     ))
                 })?;
                 let mut event = o.event;
-                if o.origin != Origin::Forwarded {
-                    event.set_source(self.source.as_str());
-                }
+                event.set_source(self.source.as_str());
                 if o.origin == Origin::Derived {
                     event.set_id(self.derived_id(input.id(), &o.port, position));
                 }
@@ -234,7 +234,7 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_events_stay_as_they_are_and_ports_map_to_topics() {
+    fn forwarded_events_keep_their_id_and_ports_map_to_topics() {
         let p = ports();
         let bound = p
             .bind(&input("i1"), vec![Output::forward("b", &input("i1"))])
@@ -242,7 +242,8 @@ mod tests {
         assert_eq!(bound[0].topic, "t.b");
         assert_eq!(bound[0].key, "k1");
         assert_eq!(bound[0].event.id(), "i1");
-        assert_eq!(bound[0].event.source().to_string(), "/in");
+        assert_eq!(bound[0].event.subject(), Some("k1"));
+        assert_eq!(bound[0].event.source().to_string(), "/mediaflow/s");
         let made = p
             .bind(
                 &input("i1"),
