@@ -385,9 +385,16 @@ async fn a_declared_chain_runs_end_to_end_and_an_independent_client_reads_it() -
     for topic in ["archived", "indexed"] {
         let read = tp.read_with_kafka_python(topic, uploaded.len()).await?;
         let mut seen = BTreeMap::new();
+        let copier = if topic == "archived" {
+            "archive"
+        } else {
+            "search"
+        };
         for msg in &read {
             ensure!(msg["headers"]["ce_type"] == "mediaflow.media.processed");
-            ensure!(msg["headers"]["ce_source"] == "/mediaflow/size");
+            // Each stage it passed through is its source in turn; its payload names its maker.
+            ensure!(msg["headers"]["ce_source"] == format!("/mediaflow/{copier}"));
+            ensure!(msg["data"]["stage"] == "size", "{msg}");
             let media = msg["data"]["media_id"].as_str().context("media_id")?;
             let output = &msg["data"]["outputs"][0];
             ensure!(output["name"] == "size.txt", "{msg}");
@@ -507,4 +514,32 @@ async fn redelivering_every_input_makes_no_event_with_a_new_id() -> Result<()> {
         }
     }
     tp.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_pipeline_file_starts_nothing_and_says_where_it_is_wrong() -> Result<()> {
+    let files = tempfile::tempdir()?;
+    let wrong = KINDS.replace("kind: merger", "kind: joiner");
+    let path = pipeline_file(&files, &wrong);
+    let mut config = mediaflow::MediaflowConfig::with_defaults();
+    config.data_dir = files.path().join("data");
+    config.pipeline = Some(path.clone());
+    let err = mediaflow::Platform::start(config)
+        .await
+        .err()
+        .context("a platform started on a wrong pipeline")?;
+    let message = format!("{err:#}");
+    let line = wrong
+        .lines()
+        .position(|l| l.contains("joiner"))
+        .context("the line")?
+        + 1;
+    ensure!(
+        message.contains(&format!("{}:{line}:", path.display())),
+        "{message}"
+    );
+    ensure!(message.contains("unknown stage kind `joiner`"), "{message}");
+    // Nothing was started: not even the data folder of the embedded services.
+    ensure!(!files.path().join("data").exists(), "{message}");
+    Ok(())
 }

@@ -59,10 +59,6 @@ impl Handler for Shouter {
             serde_json::json!({ "text": loud }),
         )?])
     }
-
-    async fn give_up(&self, _: Option<&Event>, _: &StageError) -> Result<(), StageError> {
-        Ok(())
-    }
 }
 
 // ---- the kind at work ----

@@ -52,7 +52,15 @@ async fn an_s3_prefix_is_backfilled_once() -> Result<()> {
 
     let db = mediaflow_db::Db::connect(&tp.config.database_url(), 1).await?;
     let store = mediaflow_store::ObjectStore::new(&tp.config.store);
-    let report = backfill::backfill(&store, &legacy, "photos/", &db, &tp.bus).await?;
+    let report = backfill::backfill(
+        &store,
+        &legacy,
+        "photos/",
+        &db,
+        &tp.bus,
+        &tp.platform.topology().upload_stages(),
+    )
+    .await?;
     assert_eq!((report.enqueued, report.already), (3, 0));
     assert_eq!(
         report.skipped,
@@ -84,7 +92,15 @@ async fn an_s3_prefix_is_backfilled_once() -> Result<()> {
     assert_eq!(inputs, want, "thumbnails read the originals in place");
 
     // A second run finds nothing new; the result topic keeps one result per object.
-    let again = backfill::backfill(&store, &legacy, "photos/", &db, &tp.bus).await?;
+    let again = backfill::backfill(
+        &store,
+        &legacy,
+        "photos/",
+        &db,
+        &tp.bus,
+        &tp.platform.topology().upload_stages(),
+    )
+    .await?;
     assert_eq!(
         again,
         Report {

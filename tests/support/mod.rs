@@ -34,6 +34,9 @@ struct External {
 
 /// A platform started for one test.
 pub struct TestPlatform {
+    /// Drains the platform if the test ends without stopping it (a failed `?` or `ensure!`);
+    /// first, so it is dropped before the platform and its embedded broker.
+    guard: DrainOnDrop,
     pub platform: Platform,
     pub base: String,
     pub bus: Bus,
@@ -69,6 +72,28 @@ fn fail_fast() {
             }
         }));
     });
+}
+
+/// Drains a platform the test did not stop, so that a test ending in an error fails instead of
+/// hanging: left running, its stages would be dropped with the test's runtime, and their
+/// consumers would wait out drain and close deadlines.
+struct DrainOnDrop(Option<mediaflow::Stopper>);
+
+impl Drop for DrainOnDrop {
+    fn drop(&mut self) {
+        let Some(stopper) = self.0.take() else {
+            return;
+        };
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+            eprintln!("the test ended without stopping its platform: draining it");
+            tokio::task::block_in_place(|| {
+                handle.block_on(stopper.drain(Duration::from_secs(30)));
+            });
+        }
+    }
 }
 
 /// Processes `spawn_stage` started, killed by `fail_fast`.
@@ -304,6 +329,7 @@ impl TestPlatform {
         config.bus.brokers = platform.endpoints.kafka.clone();
         config.store.endpoint = platform.endpoints.s3.clone();
         Ok(Self {
+            guard: DrainOnDrop(Some(platform.stopper())),
             platform,
             base,
             bus,
@@ -704,7 +730,8 @@ impl TestPlatform {
     }
 
     /// Stops the platform and drops its scratch database, if it had one.
-    pub async fn stop(self) -> Result<()> {
+    pub async fn stop(mut self) -> Result<()> {
+        self.guard.0 = None;
         self.platform.stop(Duration::from_secs(30)).await?;
         let url = &self.config.database.url;
         if let Some(name) = url.strip_prefix(&format!("{}/", postgres_server())) {
@@ -714,7 +741,8 @@ impl TestPlatform {
     }
 
     /// Stops the platform and hands back what `restart` needs to start it again on the same data.
-    pub async fn stop_keeping_data(self) -> Result<(MediaflowConfig, tempfile::TempDir)> {
+    pub async fn stop_keeping_data(mut self) -> Result<(MediaflowConfig, tempfile::TempDir)> {
+        self.guard.0 = None;
         self.platform.stop(Duration::from_secs(30)).await?;
         Ok((self.config, self.dir))
     }

@@ -480,16 +480,6 @@ impl Handler for ExecWorker {
         };
         Ok(vec![result?])
     }
-
-    async fn give_up(&self, event: Option<&Event>, error: &StageError) -> Result<(), StageError> {
-        let Some(job) = event.and_then(|e| Job::from_event(e).ok()) else {
-            return Ok(());
-        };
-        self.db
-            .mark_failed(job.entity(), &error.to_string())
-            .await
-            .map_err(|e| StageError::dependency(e.is_transient(), e.to_string()))
-    }
 }
 
 #[cfg(test)]

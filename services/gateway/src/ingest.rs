@@ -2,7 +2,7 @@
 //! on `media.uploaded`. Shared by uploads and by sources (the S3 backfill).
 
 use mediaflow_bus::{Bus, BusError, Publisher};
-use mediaflow_db::{Db, DbError, MediaRow, MediaStatus};
+use mediaflow_db::{Db, DbError, Entity, MediaRow, MediaStatus};
 use mediaflow_events::{MediaKind, MediaUploaded, ObjectRef};
 
 /// Why an object could not be admitted.
@@ -14,17 +14,30 @@ pub enum IngestError {
     Bus(#[from] BusError),
 }
 
-/// Records `object` as media item `id` and announces it. If the announcement fails the row is
-/// removed again, so a retry starts clean: an item is queued exactly when it was announced.
+/// Where admitted media is announced: `media.uploaded` (under the bus's prefix) through a
+/// publisher, and the stages that read it, for which each item is queued.
+pub struct Intake<'a> {
+    pub bus: &'a Bus,
+    pub publisher: &'a Publisher,
+    pub stages: &'a [String],
+}
+
+/// Records `object` as media item `id`, queued for the intake's stages, and announces it. If
+/// the announcement fails the row is removed again, so a retry starts clean: an item is queued
+/// exactly when it was announced.
 pub async fn record_and_announce(
     db: &Db,
-    bus: &Bus,
-    publisher: &Publisher,
+    intake: &Intake<'_>,
     id: &str,
     kind: MediaKind,
     object: ObjectRef,
     filename: Option<String>,
 ) -> Result<MediaUploaded, IngestError> {
+    let Intake {
+        bus,
+        publisher,
+        stages,
+    } = intake;
     let now = Db::now_ms();
     let row = MediaRow {
         id: id.to_owned(),
@@ -41,6 +54,12 @@ pub async fn record_and_announce(
         updated_at_ms: now,
     };
     db.insert_media(&row).await?;
+    if let Err(e) = db.queue_stages(Entity::Media(id), stages).await {
+        if let Err(del) = db.delete_media(id).await {
+            tracing::error!(media_id = %id, error = %del, "could not remove unannounced media");
+        }
+        return Err(e.into());
+    }
     let event = MediaUploaded {
         media_id: id.to_owned(),
         kind,

@@ -73,6 +73,8 @@ struct Inner {
     bus: Bus,
     publisher: Publisher,
     metrics: Metrics,
+    /// The stages that read `media.uploaded`: an upload is queued for each.
+    upload_stages: Vec<String>,
 }
 
 /// The stage name the gateway stamps on its events.
@@ -101,8 +103,18 @@ impl Gateway {
                 bus,
                 publisher,
                 metrics,
+                upload_stages: Vec::new(),
             }),
         })
+    }
+
+    /// With `stages` as the stages an upload is queued for (those reading `media.uploaded`).
+    #[must_use]
+    pub fn with_upload_stages(mut self, stages: Vec<String>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.upload_stages = stages;
+        }
+        self
     }
 
     /// The HTTP routes.
@@ -291,16 +303,12 @@ async fn commit_upload(
         content_type: format.content_type.to_owned(),
     };
     let inner = &gw.inner;
-    ingest::record_and_announce(
-        &inner.db,
-        &inner.bus,
-        &inner.publisher,
-        &id,
-        format.kind,
-        object,
-        filename,
-    )
-    .await?;
+    let intake = ingest::Intake {
+        bus: &inner.bus,
+        publisher: &inner.publisher,
+        stages: &inner.upload_stages,
+    };
+    ingest::record_and_announce(&inner.db, &intake, &id, format.kind, object, filename).await?;
     tracing::info!(media_id = %id, kind = %format.kind, size = spooled.size, "upload accepted");
     Ok(Accepted {
         status_url: format!("/v1/media/{id}"),
@@ -359,7 +367,19 @@ pub struct MediaView {
     pub original: ObjectLocation,
     pub created_at: String,
     pub updated_at: String,
+    /// Each stage's own state for this media: `status` is derived from them (failed if one
+    /// failed, queued while one is queued or running, done when all are done).
+    pub stages: Vec<StageView>,
     pub results: Vec<ResultView>,
+}
+
+/// One stage's state for a media item.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StageView {
+    pub stage: String,
+    pub state: mediaflow_db::StageState,
+    pub error: Option<String>,
+    pub updated_at: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -430,6 +450,19 @@ async fn media_status(
         },
         created_at: rfc3339(media.created_at_ms),
         updated_at: rfc3339(media.updated_at_ms),
+        stages: gw
+            .inner
+            .db
+            .stage_states(&id)
+            .await?
+            .into_iter()
+            .map(|s| StageView {
+                stage: s.stage,
+                state: s.state,
+                error: s.error,
+                updated_at: rfc3339(s.updated_at_ms),
+            })
+            .collect(),
         results,
     }))
 }

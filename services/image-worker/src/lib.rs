@@ -8,7 +8,7 @@ use mediaflow_db::{Db, Entity, ImageTagsRow};
 use mediaflow_events::{ImageProcessed, MediaKind, MediaUploaded};
 use mediaflow_imaging::renditions::{Format, Mode, RenditionSpec};
 use mediaflow_imaging::{DecodeLimits, ImagingError};
-use mediaflow_outputs::{Outputs, Written, db_error, give_up_media, store_error};
+use mediaflow_outputs::{Outputs, Written, db_error, store_error};
 use mediaflow_runtime::{Handler, Output, StageError};
 use mediaflow_store::ObjectStore;
 use serde::{Deserialize, Serialize};
@@ -227,10 +227,6 @@ impl Handler for ImageWorker {
         };
         tracing::info!(media_id = %upload.media_id, width = t.width, height = t.height, renditions = result.renditions.len(), "image processed");
         Ok(vec![Output::data("out", &result)?])
-    }
-
-    async fn give_up(&self, event: Option<&Event>, error: &StageError) -> Result<(), StageError> {
-        give_up_media(&self.db, event, error).await
     }
 }
 

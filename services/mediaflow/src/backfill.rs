@@ -7,7 +7,7 @@ use futures::StreamExt;
 use mediaflow_bus::Bus;
 use mediaflow_db::Db;
 use mediaflow_events::ObjectRef;
-use mediaflow_gateway::ingest::record_and_announce;
+use mediaflow_gateway::ingest::{Intake, record_and_announce};
 use mediaflow_store::ObjectStore;
 use sha2::{Digest, Sha256};
 
@@ -30,13 +30,15 @@ pub fn media_id(bucket: &str, key: &str, size: u64) -> String {
     uuid::Uuid::new_v5(&NAMESPACE, format!("s3://{bucket}/{key}#{size}").as_bytes()).to_string()
 }
 
-/// Admits every object under `prefix` in `bucket` (on the platform's S3 endpoint).
+/// Admits every object under `prefix` in `bucket` (on the platform's S3 endpoint), each queued
+/// for `stages` (those reading `media.uploaded`: `Topology::upload_stages`).
 pub async fn backfill(
     store: &ObjectStore,
     bucket: &str,
     prefix: &str,
     db: &Db,
     bus: &Bus,
+    stages: &[String],
 ) -> Result<Report> {
     let source = store.in_bucket(bucket);
     let publisher = bus.publisher("/mediaflow/backfill")?;
@@ -89,7 +91,12 @@ pub async fn backfill(
             .next()
             .filter(|n| !n.is_empty())
             .map(str::to_owned);
-        record_and_announce(db, bus, &publisher, &id, format.kind, object, filename).await?;
+        let intake = Intake {
+            bus,
+            publisher: &publisher,
+            stages,
+        };
+        record_and_announce(db, &intake, &id, format.kind, object, filename).await?;
         report.enqueued += 1;
     }
     Ok(report)

@@ -14,7 +14,7 @@ pub mod tail;
 pub use config::MediaflowConfig;
 pub use mediaflow_runtime::Stopped;
 pub use platform::{
-    DEFAULT_PIPELINE, Endpoints, GATEWAY, Platform, Services, StageSpec, Topology, Wiring,
+    DEFAULT_PIPELINE, Endpoints, GATEWAY, Platform, Services, StageSpec, Stopper, Topology, Wiring,
     run_stage, run_stage_in,
 };
 pub use registry::{BuildContext, Built, Kind, Registry};

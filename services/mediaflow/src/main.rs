@@ -284,7 +284,10 @@ async fn run(command: Command, config: MediaflowConfig) -> Result<ExitCode> {
             let bus = Bus::new(config.bus.clone());
             let store = mediaflow_store::ObjectStore::new(&config.store);
             let db = mediaflow_db::Db::connect(&config.database_url(), 2).await?;
-            let report = mediaflow::backfill::backfill(&store, &bucket, &prefix, &db, &bus).await?;
+            let stages = mediaflow::Topology::load(&config, &mediaflow::Registry::default())?
+                .upload_stages();
+            let report =
+                mediaflow::backfill::backfill(&store, &bucket, &prefix, &db, &bus, &stages).await?;
             for (key, why) in &report.skipped {
                 println!("skipped s3://{bucket}/{key}: {why}");
             }

@@ -14,7 +14,7 @@ use mediaflow_events::{
     MediaKind, MediaUploaded, ObjectRef, PreviewRef, StoryboardRef, VideoFrame, VideoProcessed,
 };
 use mediaflow_imaging::renditions::{Format, Mode, Rendition, RenditionSpec};
-use mediaflow_outputs::{Outputs, db_error, enum_name, give_up_media, store_error};
+use mediaflow_outputs::{Outputs, db_error, enum_name, store_error};
 use mediaflow_runtime::{Handler, Output, StageError};
 use mediaflow_store::ObjectStore;
 use mediaflow_video::preview::{Preview, PreviewSpec};
@@ -402,10 +402,6 @@ impl Handler for VideoWorker {
             "video processed"
         );
         Ok(vec![Output::data("out", &result)?])
-    }
-
-    async fn give_up(&self, event: Option<&Event>, error: &StageError) -> Result<(), StageError> {
-        give_up_media(&self.db, event, error).await
     }
 }
 

@@ -93,6 +93,75 @@ impl FromStr for MediaStatus {
     }
 }
 
+/// One stage's state for one media item or work item.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageState {
+    /// An event about the entity waits on a topic the stage reads.
+    Queued,
+    /// The stage is handling it.
+    Running,
+    /// The stage finished with it.
+    Done,
+    /// The stage gave up on it; `error` says why.
+    Failed,
+}
+
+impl StageState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StageState::Queued => "queued",
+            StageState::Running => "running",
+            StageState::Done => "done",
+            StageState::Failed => "failed",
+        }
+    }
+}
+
+impl FromStr for StageState {
+    type Err = DbError;
+    fn from_str(s: &str) -> Result<Self, DbError> {
+        match s {
+            "queued" => Ok(StageState::Queued),
+            "running" => Ok(StageState::Running),
+            "done" => Ok(StageState::Done),
+            "failed" => Ok(StageState::Failed),
+            other => Err(DbError::Corrupt(format!("unknown stage state `{other}`"))),
+        }
+    }
+}
+
+/// A stage's state for an entity, as `GET /v1/media/{id}` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StageStatusRow {
+    pub stage: String,
+    pub state: StageState,
+    pub error: Option<String>,
+    pub updated_at_ms: i64,
+}
+
+/// The entity's status given its stages' states: failed if one failed (with the first failed
+/// stage's reason), queued while one is queued or running, done when all are; None without any.
+pub fn derive_status(stages: &[StageStatusRow]) -> Option<(MediaStatus, Option<String>)> {
+    if stages.is_empty() {
+        return None;
+    }
+    if let Some(failed) = stages.iter().find(|s| s.state == StageState::Failed) {
+        let why = failed.error.as_deref().unwrap_or("failed");
+        return Some((
+            MediaStatus::Failed,
+            Some(format!("{}: {why}", failed.stage)),
+        ));
+    }
+    if stages
+        .iter()
+        .any(|s| matches!(s.state, StageState::Queued | StageState::Running))
+    {
+        return Some((MediaStatus::Queued, None));
+    }
+    Some((MediaStatus::Done, None))
+}
+
 /// A media item as recorded at upload.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct MediaRow {
@@ -176,6 +245,54 @@ pub struct ResultRow {
     /// Pixel size, for image outputs.
     pub width: Option<i64>,
     pub height: Option<i64>,
+}
+
+/// Every stage's state for `entity_id`, by stage name.
+async fn stage_states_in<'e, E>(db: E, entity_id: &str) -> Result<Vec<StageStatusRow>, DbError>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
+    let rows = sqlx::query(
+        "SELECT stage, state, error, updated_at_ms FROM stage_status WHERE entity_id = $1 \
+         ORDER BY stage",
+    )
+    .bind(entity_id)
+    .fetch_all(db)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(StageStatusRow {
+                stage: r.try_get("stage")?,
+                state: r.try_get::<String, _>("state")?.parse()?,
+                error: r.try_get("error")?,
+                updated_at_ms: r.try_get("updated_at_ms")?,
+            })
+        })
+        .collect()
+}
+
+/// Writes `entity`'s status as its stages' states say, inside `tx`.
+async fn derive_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    entity: Entity<'_>,
+    now: i64,
+) -> Result<(), DbError> {
+    let stages = stage_states_in(&mut **tx, entity.id()).await?;
+    let Some((status, error)) = derive_status(&stages) else {
+        return Ok(());
+    };
+    let update = format!(
+        "UPDATE {} SET status = $1, error = $2, updated_at_ms = $3 WHERE id = $4",
+        entity.table()
+    );
+    sqlx::query(&update)
+        .bind(status.as_str())
+        .bind(error)
+        .bind(now)
+        .bind(entity.id())
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 fn now_ms() -> i64 {
@@ -264,10 +381,16 @@ impl Db {
 
     /// Removes an upload that was never announced (its event could not be published).
     pub async fn delete_media(&self, id: &str) -> Result<(), DbError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM stage_status WHERE entity_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("DELETE FROM media WHERE id = $1")
             .bind(id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -298,8 +421,9 @@ impl Db {
         .transpose()
     }
 
-    /// Stores a stage's outputs and marks `entity` done, in one transaction. Idempotent: the
-    /// same (entity, stage, version, name) overwrites its row.
+    /// Stores a stage's outputs, in one transaction. Idempotent: the same (entity, stage,
+    /// version, name) overwrites its row. (Whether the entity is done is for its stages' states
+    /// to say: `set_stage_state`.)
     pub async fn record_results(
         &self,
         entity: Entity<'_>,
@@ -332,34 +456,66 @@ impl Db {
             .execute(&mut *tx)
             .await?;
         }
-        let set_done = format!(
-            "UPDATE {} SET status = $1, error = NULL, updated_at_ms = $2 WHERE id = $3",
-            entity.table()
-        );
-        sqlx::query(&set_done)
-            .bind(MediaStatus::Done.as_str())
-            .bind(now)
-            .bind(entity.id())
-            .execute(&mut *tx)
-            .await?;
         tx.commit().await?;
         Ok(())
     }
 
-    /// Marks `entity` failed with the reason a stage gave up.
-    pub async fn mark_failed(&self, entity: Entity<'_>, error: &str) -> Result<(), DbError> {
-        let set_failed = format!(
-            "UPDATE {} SET status = $1, error = $2, updated_at_ms = $3 WHERE id = $4",
-            entity.table()
-        );
-        sqlx::query(&set_failed)
-            .bind(MediaStatus::Failed.as_str())
-            .bind(error)
-            .bind(now_ms())
+    /// Queues `entity` for `stages` (those not already holding a state for it), then derives
+    /// its status again.
+    pub async fn queue_stages(&self, entity: Entity<'_>, stages: &[String]) -> Result<(), DbError> {
+        if stages.is_empty() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        for stage in stages {
+            sqlx::query(
+                "INSERT INTO stage_status (entity_id, stage, state, error, updated_at_ms) \
+                 VALUES ($1, $2, $3, NULL, $4) ON CONFLICT (entity_id, stage) DO NOTHING",
+            )
             .bind(entity.id())
-            .execute(&self.pool)
+            .bind(stage)
+            .bind(StageState::Queued.as_str())
+            .bind(now)
+            .execute(&mut *tx)
             .await?;
+        }
+        derive_in(&mut tx, entity, now).await?;
+        tx.commit().await?;
         Ok(())
+    }
+
+    /// Sets `stage`'s state for `entity` (with the reason, when it failed), then derives the
+    /// entity's status again.
+    pub async fn set_stage_state(
+        &self,
+        entity: Entity<'_>,
+        stage: &str,
+        state: StageState,
+        error: Option<&str>,
+    ) -> Result<(), DbError> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO stage_status (entity_id, stage, state, error, updated_at_ms) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (entity_id, stage) DO UPDATE SET \
+             state = excluded.state, error = excluded.error, updated_at_ms = excluded.updated_at_ms",
+        )
+        .bind(entity.id())
+        .bind(stage)
+        .bind(state.as_str())
+        .bind(error)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        derive_in(&mut tx, entity, now).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Every stage's state for an entity, by stage name.
+    pub async fn stage_states(&self, entity_id: &str) -> Result<Vec<StageStatusRow>, DbError> {
+        stage_states_in(&self.pool, entity_id).await
     }
 
     /// Every result recorded for an entity, in a stable order.

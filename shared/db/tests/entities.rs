@@ -1,7 +1,7 @@
 //! The database through its public API on a real SQLite file: media and work items, their
 //! results, and the migration that made results belong to either.
 
-use mediaflow_db::{Db, Entity, MediaRow, MediaStatus, ResultRow};
+use mediaflow_db::{Db, Entity, MediaRow, MediaStatus, ResultRow, StageState};
 
 fn result(entity: &str, name: &str) -> ResultRow {
     ResultRow {
@@ -53,7 +53,7 @@ async fn work_items_are_recorded_once_and_carry_their_results() {
     names.sort();
     assert_eq!(names, ["first", "second"]);
 
-    // Results twice: upserted, one row per output; the item is done.
+    // Results twice: upserted, one row per output; the item is done once its stage is.
     for _ in 0..2 {
         db.record_results(
             Entity::Item("i1"),
@@ -67,20 +67,32 @@ async fn work_items_are_recorded_once_and_carry_their_results() {
     assert_eq!(rows[0], result("i1", "a.txt"));
     assert_eq!(
         db.item("i1").await.unwrap().unwrap().status,
+        MediaStatus::Queued
+    );
+    db.set_stage_state(Entity::Item("i1"), "s", StageState::Done, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        db.item("i1").await.unwrap().unwrap().status,
         MediaStatus::Done
     );
 
-    db.mark_failed(Entity::Item("i2"), "exit 1").await.unwrap();
+    db.set_stage_state(Entity::Item("i2"), "s", StageState::Failed, Some("exit 1"))
+        .await
+        .unwrap();
     let failed = db.item("i2").await.unwrap().unwrap();
     assert_eq!(
         (failed.status, failed.error.as_deref()),
-        (MediaStatus::Failed, Some("exit 1"))
+        (MediaStatus::Failed, Some("s: exit 1"))
     );
     assert!(db.item("nope").await.unwrap().is_none());
 
     // Media results live beside them and mark the media, not an item, done.
     db.insert_media(&media("m1")).await.unwrap();
     db.record_results(Entity::Media("m1"), &[result("m1", "a.txt")])
+        .await
+        .unwrap();
+    db.set_stage_state(Entity::Media("m1"), "s", StageState::Done, None)
         .await
         .unwrap();
     assert_eq!(
@@ -133,4 +145,71 @@ async fn results_recorded_before_work_items_existed_survive_the_migration() {
         ),
         ("m1", "thumb-256", Some(256))
     );
+}
+
+#[tokio::test]
+async fn a_media_item_is_done_only_when_every_stage_it_was_queued_for_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::connect(&format!("sqlite://{}/t.db", dir.path().display()), 2)
+        .await
+        .unwrap();
+    db.insert_media(&media("m1")).await.unwrap();
+    let m1 = Entity::Media("m1");
+    let status = || async { db.media("m1").await.unwrap().unwrap() };
+    db.queue_stages(m1, &["router".to_owned()]).await.unwrap();
+    db.set_stage_state(m1, "router", StageState::Running, None)
+        .await
+        .unwrap();
+    // Two stages read the router's output: both are queued before it is done.
+    db.queue_stages(m1, &["thumbs".to_owned(), "exif".to_owned()])
+        .await
+        .unwrap();
+    db.set_stage_state(m1, "router", StageState::Done, None)
+        .await
+        .unwrap();
+    assert_eq!(status().await.status, MediaStatus::Queued);
+    db.set_stage_state(m1, "thumbs", StageState::Done, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        status().await.status,
+        MediaStatus::Queued,
+        "exif is still queued"
+    );
+    // Queuing again (a redelivery) does not undo what a stage finished.
+    db.queue_stages(m1, &["thumbs".to_owned()]).await.unwrap();
+    db.set_stage_state(
+        m1,
+        "exif",
+        StageState::Failed,
+        Some("bad_input error: no EXIF"),
+    )
+    .await
+    .unwrap();
+    let failed = status().await;
+    assert_eq!(
+        (failed.status, failed.error.as_deref()),
+        (MediaStatus::Failed, Some("exif: bad_input error: no EXIF"))
+    );
+    let states: Vec<(String, StageState)> = db
+        .stage_states("m1")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.stage, s.state))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("exif".to_owned(), StageState::Failed),
+            ("router".to_owned(), StageState::Done),
+            ("thumbs".to_owned(), StageState::Done),
+        ]
+    );
+    // Replayed and done: the media is done, its error gone.
+    db.set_stage_state(m1, "exif", StageState::Done, None)
+        .await
+        .unwrap();
+    let done = status().await;
+    assert_eq!((done.status, done.error), (MediaStatus::Done, None));
 }

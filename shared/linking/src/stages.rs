@@ -58,10 +58,6 @@ impl Handler for Copier {
             .map(|p| Output::forward(p, event))
             .collect())
     }
-
-    async fn give_up(&self, _: Option<&Event>, _: &StageError) -> Result<(), StageError> {
-        Ok(())
-    }
 }
 
 /// filter: the events its predicate holds for, on port `out`.
@@ -90,10 +86,6 @@ impl Handler for Filter {
             self.metrics.stage_dropped(&self.stage);
             Ok(Vec::new())
         }
-    }
-
-    async fn give_up(&self, _: Option<&Event>, _: &StageError) -> Result<(), StageError> {
-        Ok(())
     }
 }
 
@@ -142,10 +134,6 @@ impl Handler for Splitter {
             }
         }
         Ok(outputs)
-    }
-
-    async fn give_up(&self, _: Option<&Event>, _: &StageError) -> Result<(), StageError> {
-        Ok(())
     }
 }
 
@@ -211,10 +199,6 @@ impl Handler for Sharder {
         let key = with_view(event, |v| self.key.key(v)).map_err(|e| bad(event, e))?;
         Ok(vec![Output::forward(&self.port_for(&key), event)])
     }
-
-    async fn give_up(&self, _: Option<&Event>, _: &StageError) -> Result<(), StageError> {
-        Ok(())
-    }
 }
 
 /// merger: every input onto port `out`. Events of one key are handled one after another, and
@@ -225,10 +209,6 @@ pub struct Merger;
 impl Handler for Merger {
     async fn handle(&self, event: &Event) -> Result<Vec<Output>, StageError> {
         Ok(vec![Output::forward("out", event)])
-    }
-
-    async fn give_up(&self, _: Option<&Event>, _: &StageError) -> Result<(), StageError> {
-        Ok(())
     }
 }
 

@@ -4,9 +4,8 @@
 //! described by an [`ObjectRef`] and a [`ResultRow`], with store and database failures classified
 //! for the runtime (bad input, transient, permanent).
 
-use cloudevents::Event;
-use mediaflow_db::{Db, DbError, Entity, ResultRow};
-use mediaflow_events::{MediaUploaded, ObjectRef, RenditionRef};
+use mediaflow_db::{DbError, ResultRow};
+use mediaflow_events::{ObjectRef, RenditionRef};
 use mediaflow_imaging::renditions::Rendition;
 use mediaflow_runtime::StageError;
 use mediaflow_store::{ObjectStore, StoreError};
@@ -112,21 +111,6 @@ impl Outputs {
         };
         Ok((reference, row))
     }
-}
-
-/// What a media stage does when the runtime gives up on a message: the upload it names, if it
-/// names one, is marked `failed` with the reason.
-pub async fn give_up_media(
-    db: &Db,
-    event: Option<&Event>,
-    error: &StageError,
-) -> Result<(), StageError> {
-    let Some(upload) = event.and_then(|e| mediaflow_events::decode::<MediaUploaded>(e).ok()) else {
-        return Ok(());
-    };
-    db.mark_failed(Entity::Media(&upload.media_id), &error.to_string())
-        .await
-        .map_err(db_error)
 }
 
 /// `derived/<media_id>/<stage>/v<version>/<file>`.

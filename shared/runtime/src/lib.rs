@@ -15,7 +15,7 @@ mod watchdog;
 
 pub use offsets::OffsetTracker;
 pub use output::{Bound, Output, Ports};
-pub use seam::{Sink, Source};
+pub use seam::{Sink, Source, Tracker};
 pub use stage::{StageOptions, StageRun, Stopped, run_stage};
 pub use watchdog::{Observation, StageProbe, Verdict, Watchdog};
 
@@ -93,13 +93,17 @@ pub trait Handler: Send + Sync + 'static {
     -> impl Future<Output = Result<Vec<Output>, StageError>> + Send;
 
     /// Called once when the runtime stops trying `event` (None: the message was not a valid
-    /// CloudEvent), before the message goes to the dead-letter topic. The stage records the
-    /// failure where users can see it.
+    /// CloudEvent), before the message goes to the dead-letter topic, for a stage with more to
+    /// clean up. (The runtime itself records the stage as failed for the entity the event is
+    /// about, through its `Tracker`, and dead-letters the message.)
     fn give_up(
         &self,
         event: Option<&Event>,
         error: &StageError,
-    ) -> impl Future<Output = Result<(), StageError>> + Send;
+    ) -> impl Future<Output = Result<(), StageError>> + Send {
+        let _ = (event, error);
+        async { Ok(()) }
+    }
 }
 
 /// How a stage backs off between attempts at a transiently failing message.

@@ -14,8 +14,8 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Handler, Output, Ports, RetryPolicy, Sink, Source, StageError, StageOptions, StageProbe,
-    StageRun, Stopped, run_stage,
+    Bound, Handler, Output, Ports, RetryPolicy, Sink, Source, StageError, StageOptions, StageProbe,
+    StageRun, Stopped, Tracker, run_stage,
 };
 
 #[derive(Default)]
@@ -259,7 +259,62 @@ struct Run {
 }
 
 fn start(messages: Vec<Delivery>, scripts: &[(&str, Script)], options: StageOptions) -> Run {
-    start_with(messages, scripts, options, Kept::default())
+    start_with(messages, scripts, options, Kept::default(), None)
+}
+
+/// A tracker writing down what it is told, with how many events the sink had taken by then.
+#[derive(Default)]
+struct Journal {
+    sink: Mutex<Option<Arc<Kept>>>,
+    entries: Mutex<Vec<String>>,
+}
+
+impl Journal {
+    fn note(&self, what: String) {
+        let taken = self
+            .sink
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map_or(0, |s| s.on("t.out").len());
+        self.entries
+            .lock()
+            .unwrap()
+            .push(format!("{what} ({taken} published)"));
+    }
+}
+
+impl Tracker for Journal {
+    fn running<'a>(
+        &'a self,
+        stage: &'a str,
+        input: &'a Event,
+    ) -> BoxFuture<'a, Result<(), StageError>> {
+        self.note(format!("{stage} running {}", input.id()));
+        Box::pin(async { Ok(()) })
+    }
+    fn queued<'a>(&'a self, outputs: &'a [Bound]) -> BoxFuture<'a, Result<(), StageError>> {
+        let topics: Vec<&str> = outputs.iter().map(|o| o.topic.as_str()).collect();
+        self.note(format!("queued on {}", topics.join(",")));
+        Box::pin(async { Ok(()) })
+    }
+    fn done<'a>(
+        &'a self,
+        stage: &'a str,
+        input: &'a Event,
+    ) -> BoxFuture<'a, Result<(), StageError>> {
+        self.note(format!("{stage} done {}", input.id()));
+        Box::pin(async { Ok(()) })
+    }
+    fn failed<'a>(
+        &'a self,
+        stage: &'a str,
+        input: &'a Event,
+        error: &'a StageError,
+    ) -> BoxFuture<'a, Result<(), StageError>> {
+        self.note(format!("{stage} failed {}: {}", input.id(), error.message));
+        Box::pin(async { Ok(()) })
+    }
 }
 
 fn start_with(
@@ -267,6 +322,7 @@ fn start_with(
     scripts: &[(&str, Script)],
     options: StageOptions,
     sink: Kept,
+    tracker: Option<Arc<Journal>>,
 ) -> Run {
     let (finished_tx, finished) = mpsc::unbounded_channel();
     let (started_tx, started) = mpsc::unbounded_channel();
@@ -282,6 +338,9 @@ fn start_with(
     let source = Memory::with(messages);
     *sink.source.lock().unwrap() = Some(source.clone());
     let sink = Arc::new(sink);
+    if let Some(t) = &tracker {
+        *t.sink.lock().unwrap() = Some(sink.clone());
+    }
     let shutdown = CancellationToken::new();
     let run = StageRun {
         name: "test".into(),
@@ -293,6 +352,7 @@ fn start_with(
             BTreeMap::from([("out".to_owned(), "t.out".to_owned())]),
         ),
         dead_letters: "dead-letters".into(),
+        tracker: tracker.map(|t| t as Arc<dyn Tracker>),
         options,
         metrics: Metrics::new(),
         probe: StageProbe::new(),
@@ -516,7 +576,13 @@ async fn outputs_are_acknowledged_before_the_position_moves_and_not_made_twice()
         refused: Mutex::new((0, 3)),
         ..Kept::default()
     };
-    let mut run = start_with(vec![delivery(0, "k")], &[("m0", two)], options(), sink);
+    let mut run = start_with(
+        vec![delivery(0, "k")],
+        &[("m0", two)],
+        options(),
+        sink,
+        None,
+    );
     run.finished(1).await;
     run.sink.taken(2).await;
     let (stopped, source, sink) = run.stop().await;
@@ -574,7 +640,13 @@ async fn an_output_on_an_unbound_port_or_refused_for_good_is_dead_lettered_once(
             },
         ),
     ] {
-        let run = start_with(vec![delivery(0, "k")], &[("m0", script)], options(), sink);
+        let run = start_with(
+            vec![delivery(0, "k")],
+            &[("m0", script)],
+            options(),
+            sink,
+            None,
+        );
         run.sink.taken(1).await;
         let handler = run.handler.clone();
         let (_, source, sink) = run.stop().await;
@@ -591,4 +663,39 @@ async fn an_output_on_an_unbound_port_or_refused_for_good_is_dead_lettered_once(
         assert!(sink.on("t.out").is_empty());
         assert_eq!(source.positions().get(&0), Some(&1));
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_tracker_hears_running_then_queued_before_publishing_then_done_or_failed() {
+    let journal = Arc::new(Journal::default());
+    let one = Script {
+        outputs: 1,
+        ..Script::default()
+    };
+    let broken = Script {
+        fails: u32::MAX,
+        permanent: true,
+        ..Script::default()
+    };
+    // One key: m0 is finished before m1 starts.
+    let run = start_with(
+        vec![delivery(0, "a"), delivery(1, "a")],
+        &[("m0", one), ("m1", broken)],
+        options(),
+        Kept::default(),
+        Some(journal.clone()),
+    );
+    run.sink.taken(2).await;
+    let (_, source, _) = run.stop().await;
+    assert_eq!(source.positions().get(&0), Some(&2));
+    assert_eq!(
+        *journal.entries.lock().unwrap(),
+        [
+            "test running m0 (0 published)",
+            "queued on t.out (0 published)",
+            "test done m0 (1 published)",
+            "test running m1 (1 published)",
+            "test failed m1: m1 is broken (1 published)",
+        ]
+    );
 }

@@ -6,6 +6,8 @@ use cloudevents::Event;
 use futures::future::BoxFuture;
 use mediaflow_bus::{BusError, Consumer, Delivery, Publisher};
 
+use crate::{Bound, StageError};
+
 /// A stage's input: a consumer-group member's view of its partitions.
 pub trait Source: Send + Sync + 'static {
     /// The consumer group.
@@ -76,4 +78,30 @@ impl Sink for Publisher {
             Ok(())
         })
     }
+}
+
+/// Where a stage's progress on the entities its events are about is recorded (a media item's
+/// per-stage status). Each call is retried until it succeeds, like publishing.
+pub trait Tracker: Send + Sync + 'static {
+    /// `stage` started on `input`.
+    fn running<'a>(
+        &'a self,
+        stage: &'a str,
+        input: &'a Event,
+    ) -> BoxFuture<'a, Result<(), StageError>>;
+    /// `outputs` are about to be published: the stages that read their topics have work queued.
+    fn queued<'a>(&'a self, outputs: &'a [Bound]) -> BoxFuture<'a, Result<(), StageError>>;
+    /// `stage` finished with `input`, its outputs published.
+    fn done<'a>(
+        &'a self,
+        stage: &'a str,
+        input: &'a Event,
+    ) -> BoxFuture<'a, Result<(), StageError>>;
+    /// `stage` gave up on `input` for `error`.
+    fn failed<'a>(
+        &'a self,
+        stage: &'a str,
+        input: &'a Event,
+        error: &'a StageError,
+    ) -> BoxFuture<'a, Result<(), StageError>>;
 }

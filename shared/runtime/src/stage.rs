@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Bound, ErrorClass, Handler, OffsetTracker, Ports, RetryPolicy, Sink, Source, StageError,
-    StageProbe,
+    StageProbe, Tracker,
 };
 
 /// How a stage instance runs.
@@ -175,6 +175,7 @@ struct Context<H> {
     sink: Arc<dyn Sink>,
     ports: Ports,
     dead_letters: String,
+    tracker: Option<Arc<dyn Tracker>>,
     options: StageOptions,
     metrics: Metrics,
     /// Cancelled when the stage stops taking work: waits between attempts end at once.
@@ -206,6 +207,8 @@ pub struct StageRun<H> {
     pub ports: Ports,
     /// The dead-letter topic.
     pub dead_letters: String,
+    /// Where its progress on each entity is recorded, if anywhere.
+    pub tracker: Option<Arc<dyn Tracker>>,
     pub options: StageOptions,
     pub metrics: Metrics,
     /// Filled in for the stage's watchdog; its rejoin request drains the instance like a
@@ -228,6 +231,7 @@ pub async fn run_stage<H: Handler, S: Source>(
         sink,
         ports,
         dead_letters,
+        tracker,
         options,
         metrics,
         probe,
@@ -252,6 +256,7 @@ pub async fn run_stage<H: Handler, S: Source>(
         sink,
         ports,
         dead_letters,
+        tracker,
         options: StageOptions {
             concurrency: options.concurrency.max(1),
             ..options
@@ -522,18 +527,35 @@ async fn attempts<H: Handler>(ctx: &Context<H>, delivery: &Delivery, event: &Eve
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let result = AssertUnwindSafe(ctx.handler.handle(event))
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|panic| {
-                Err(StageError::permanent(format!(
-                    "the stage panicked: {}",
-                    panic_text(&panic)
-                )))
-            });
-        let err = match result.and_then(|outputs| ctx.ports.bind(event, outputs)) {
+        let started = match &ctx.tracker {
+            Some(t) => t.running(&ctx.stage, event).await,
+            None => Ok(()),
+        };
+        let result = match started {
+            Ok(()) => AssertUnwindSafe(ctx.handler.handle(event))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| {
+                    Err(StageError::permanent(format!(
+                        "the stage panicked: {}",
+                        panic_text(&panic)
+                    )))
+                }),
+            Err(e) => Err(e),
+        };
+        let queued = |outputs: Vec<Bound>| async {
+            match &ctx.tracker {
+                Some(t) => t.queued(&outputs).await.map(|()| outputs),
+                None => Ok(outputs),
+            }
+        };
+        let bound = match result.and_then(|outputs| ctx.ports.bind(event, outputs)) {
+            Ok(outputs) => queued(outputs).await,
+            Err(err) => Err(err),
+        };
+        let err = match bound {
             Ok(outputs) => match publish(ctx, outputs).await {
-                Published::All => return Outcome::Done("ok"),
+                Published::All => return finish(ctx, event).await,
                 Published::HandedBack => return Outcome::HandedBack,
                 // Refused for good: retrying the handler would not change that.
                 Published::Refused(err) => {
@@ -554,6 +576,27 @@ async fn attempts<H: Handler>(ctx: &Context<H>, delivery: &Delivery, event: &Eve
         }
         tracing::warn!(stage = %ctx.stage, id = event.id(), attempt, error = %err, "giving up");
         return give_up(ctx, delivery, Some(event), &err, attempt).await;
+    }
+}
+
+/// Records the message as done for its entity, trying until that succeeds.
+async fn finish<H: Handler>(ctx: &Context<H>, event: &Event) -> Outcome {
+    let Some(tracker) = &ctx.tracker else {
+        return Outcome::Done("ok");
+    };
+    let mut tries = 0;
+    loop {
+        match tracker.done(&ctx.stage, event).await {
+            Ok(()) => return Outcome::Done("ok"),
+            Err(e) => {
+                tracing::warn!(stage = %ctx.stage, id = event.id(), error = %e, "could not record a finished message")
+            }
+        }
+        ctx.metrics.stage_error(&ctx.stage, "track");
+        if !pause(ctx.options.retry.backoff(tries), &ctx.hand_back).await {
+            return Outcome::HandedBack;
+        }
+        tries += 1;
     }
 }
 
@@ -615,10 +658,19 @@ async fn give_up<H: Handler>(
 ) -> Outcome {
     let mut tries = 0;
     loop {
-        match AssertUnwindSafe(ctx.handler.give_up(event, err))
-            .catch_unwind()
-            .await
-        {
+        let tracked = match (&ctx.tracker, event) {
+            (Some(t), Some(event)) => t.failed(&ctx.stage, event, err).await,
+            _ => Ok(()),
+        };
+        let recorded = match tracked {
+            Ok(()) => {
+                AssertUnwindSafe(ctx.handler.give_up(event, err))
+                    .catch_unwind()
+                    .await
+            }
+            Err(e) => Ok(Err(e)),
+        };
+        match recorded {
             Ok(Ok(())) => break,
             Ok(Err(e)) => {
                 tracing::error!(stage = %ctx.stage, error = %e, "could not record a failure")

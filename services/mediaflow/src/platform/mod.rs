@@ -7,6 +7,7 @@
 
 mod infra;
 mod shards;
+mod status;
 mod supervise;
 mod watch;
 mod wiring;
@@ -46,6 +47,30 @@ pub(crate) struct Running {
     topology: Topology,
     registry: Registry,
     services: Arc<Services>,
+    /// Records each stage's state per media item and work item.
+    tracker: Arc<dyn mediaflow_runtime::Tracker>,
+}
+
+impl Running {
+    fn new(
+        config: MediaflowConfig,
+        topology: Topology,
+        registry: Registry,
+        services: Arc<Services>,
+    ) -> Self {
+        let tracker = Arc::new(status::StageStatus::new(
+            services.db.clone(),
+            &topology,
+            &config.bus.topic_prefix,
+        ));
+        Self {
+            config,
+            topology,
+            registry,
+            services,
+            tracker,
+        }
+    }
 }
 
 /// Where a running platform can be reached; written to `<data_dir>/endpoints.json`.
@@ -65,11 +90,30 @@ impl Endpoints {
     }
 }
 
+/// Drains a platform's stages: see `Platform::stopper`.
+#[derive(Clone, Debug)]
+pub struct Stopper {
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Stopper {
+    /// Stops intake and waits up to `deadline` for the stages to finish and commit; false if
+    /// they did not.
+    pub async fn drain(&self, deadline: Duration) -> bool {
+        self.shutdown.cancel();
+        tokio::time::timeout(deadline, self.tasks.wait())
+            .await
+            .is_ok()
+    }
+}
+
 /// A running platform.
 pub struct Platform {
     pub endpoints: Endpoints,
     pub gateway_addr: SocketAddr,
     config: MediaflowConfig,
+    running: Arc<Running>,
     shutdown: CancellationToken,
     failure: Failure,
     tasks: TaskTracker,
@@ -116,7 +160,7 @@ pub async fn run_stage_in(
     if name == GATEWAY {
         let listener = bind_gateway(config).await?;
         tracing::info!(addr = %listener.local_addr()?, "gateway listening");
-        serve_gateway(config, &services, listener, shutdown).await?;
+        serve_gateway(config, &services, &topology, listener, shutdown).await?;
         return Ok(Stopped::Drained);
     }
     let admin = tokio::net::TcpListener::bind(config.admin.listen)
@@ -134,12 +178,7 @@ pub async fn run_stage_in(
             .with_graceful_shutdown(shutdown.clone().cancelled_owned())
             .into_future(),
     );
-    let running = Running {
-        config: config.clone(),
-        topology,
-        registry,
-        services,
-    };
+    let running = Running::new(config.clone(), topology, registry, services);
     let result = run_stage_with(name, &running, shutdown.clone()).await;
     shutdown.cancel();
     let _ = admin.await;
@@ -157,6 +196,7 @@ async fn bind_gateway(config: &MediaflowConfig) -> Result<tokio::net::TcpListene
 async fn serve_gateway(
     config: &MediaflowConfig,
     s: &Services,
+    topology: &Topology,
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> Result<()> {
@@ -174,7 +214,8 @@ async fn serve_gateway(
         s.db.clone(),
         s.bus.clone(),
         s.metrics.clone(),
-    )?;
+    )?
+    .with_upload_stages(topology.upload_stages());
     axum::serve(listener, gateway.router())
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
@@ -192,6 +233,7 @@ async fn run_stage_with(
         topology,
         registry,
         services,
+        tracker,
     } = running;
     if let Some(source) = config.http_source.iter().find(|h| h.name == name) {
         HttpSource::new(
@@ -237,6 +279,7 @@ async fn run_stage_with(
         options,
         stall_timeout: config.stages.stall_timeout(),
         services: services.clone(),
+        tracker: tracker.clone(),
         shutdown,
     };
     built.run(wiring).await
@@ -271,19 +314,20 @@ impl Platform {
         let tasks = TaskTracker::new();
         {
             let (services, config, token) = (services.clone(), config.clone(), shutdown.clone());
-            let failure = failure.clone();
+            let (failure, topology) = (failure.clone(), topology.clone());
             tasks.spawn(async move {
-                if let Err(e) = serve_gateway(&config, &services, listener, token).await {
+                if let Err(e) = serve_gateway(&config, &services, &topology, listener, token).await
+                {
                     failure.record(format!("gateway failed: {e:#}"));
                 }
             });
         }
-        let running = Arc::new(Running {
-            config: config.clone(),
+        let running = Arc::new(Running::new(
+            config.clone(),
             topology,
             registry,
-            services: services.clone(),
-        });
+            services.clone(),
+        ));
         let stages = running
             .topology
             .runnable(&config)
@@ -322,12 +366,18 @@ impl Platform {
             endpoints,
             gateway_addr,
             config,
+            running,
             shutdown,
             failure,
             tasks,
             kafka,
             _s3: s3,
         })
+    }
+
+    /// The pipeline it runs.
+    pub fn topology(&self) -> &Topology {
+        &self.running.topology
     }
 
     pub fn config(&self) -> &MediaflowConfig {
@@ -343,13 +393,18 @@ impl Platform {
     /// embedded services. Gives up waiting after `deadline`. Fails if any part of the platform
     /// failed while it ran.
     pub async fn stop(self, deadline: Duration) -> Result<()> {
-        self.shutdown.cancel();
-        let drained = tokio::time::timeout(deadline, self.tasks.wait())
-            .await
-            .is_ok();
+        let drained = self.drain(deadline).await;
         if let Some(kafka) = self.kafka {
             kafka.stop().await;
         }
+        drained
+    }
+
+    /// Stops intake and lets the stages finish their current message and commit, leaving the
+    /// embedded services running (they stop when the platform is dropped). Gives up waiting
+    /// after `deadline`. Fails if any part of the platform failed while it ran.
+    pub async fn drain(&self, deadline: Duration) -> Result<()> {
+        let drained = self.stopper().drain(deadline).await;
         if let Some(failure) = self.failure.take() {
             bail!("{failure}");
         }
@@ -357,6 +412,15 @@ impl Platform {
             bail!("stages did not drain within {deadline:?}");
         }
         Ok(())
+    }
+
+    /// A handle that drains the platform's stages from where the platform itself is not at hand
+    /// (a guard that must not leave them running).
+    pub fn stopper(&self) -> Stopper {
+        Stopper {
+            shutdown: self.shutdown.clone(),
+            tasks: self.tasks.clone(),
+        }
     }
 
     /// Waits until the platform is stopped (by its token or a failed part).

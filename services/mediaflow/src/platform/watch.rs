@@ -25,6 +25,7 @@ pub struct Wiring {
     pub(crate) options: StageOptions,
     pub(crate) stall_timeout: Duration,
     pub(crate) services: Arc<Services>,
+    pub(crate) tracker: Arc<dyn mediaflow_runtime::Tracker>,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -39,6 +40,7 @@ pub(crate) async fn consume<H: Handler>(handler: H, wiring: Wiring) -> Result<St
         options,
         stall_timeout,
         services: s,
+        tracker,
         shutdown,
     } = wiring;
     let name = name.as_str();
@@ -64,6 +66,7 @@ pub(crate) async fn consume<H: Handler>(handler: H, wiring: Wiring) -> Result<St
             sink: sink.clone(),
             ports: ports.clone(),
             dead_letters: s.bus.topics().dead_letters(),
+            tracker: Some(tracker.clone()),
             options,
             metrics: s.metrics.clone(),
             probe: probe.clone(),

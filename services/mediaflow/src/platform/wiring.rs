@@ -173,6 +173,13 @@ impl Topology {
         self.stages.iter().find(|s| s.name == name)
     }
 
+    /// The stages an upload is queued for: those reading `media.uploaded`.
+    pub fn upload_stages(&self) -> Vec<String> {
+        self.readers("media.uploaded")
+            .map(|s| s.name.clone())
+            .collect()
+    }
+
     /// The stages that read `topic`.
     pub fn readers<'a>(&'a self, topic: &'a str) -> impl Iterator<Item = &'a StageSpec> + 'a {
         self.stages

@@ -1,0 +1,157 @@
+//! Status that fan-out cannot break: two stages read the image queue; a media item is done only
+//! when both are, failed (naming the stage and its reason) when one gives up, and
+//! `GET /v1/media/{id}` shows each stage's own state.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use mediaflow_db::{MediaStatus, StageState};
+use mediaflow_gateway::MediaView;
+use support::{Backend, TestPlatform, fixtures};
+
+/// The shipped upload pipeline plus an `exif` exec stage on the image queue that waits for a
+/// gate file before it answers, and refuses PNGs.
+fn pipeline(gate: &std::path::Path) -> String {
+    format!(
+        r#"
+topics:
+  - {{name: media.uploaded, produced_by: gateway}}
+  - {{name: jobs.image}}
+  - {{name: jobs.video}}
+  - {{name: images.processed}}
+  - {{name: videos.processed}}
+  - {{name: exif.done}}
+stages:
+  - name: router
+    kind: splitter
+    inputs: [media.uploaded]
+    outputs: {{image: jobs.image, video: jobs.video}}
+    config:
+      routes: {{image: 'data.kind == "image"', video: 'data.kind == "video"'}}
+  - {{name: image-worker, kind: image, version: 2, inputs: [jobs.image], outputs: {{out: images.processed}}}}
+  - {{name: video-worker, kind: video, inputs: [jobs.video], outputs: {{out: videos.processed}}}}
+  - name: exif
+    kind: exec
+    inputs: [jobs.image]
+    outputs: {{out: exif.done}}
+    config:
+      command:
+        - sh
+        - -c
+        - |
+          while [ ! -e '{gate}' ]; do sleep 0.05; done
+          case "$INPUT_FILE" in *.png) echo "exif takes no PNGs" >&2; exit 65;; esac
+          echo ok > "$OUTPUT_DIR/exif.txt"
+"#,
+        gate = gate.display()
+    )
+}
+
+async fn view(tp: &TestPlatform, id: &str) -> Result<MediaView> {
+    Ok(reqwest::get(format!("{}/v1/media/{id}", tp.base))
+        .await?
+        .error_for_status()?
+        .json()
+        .await?)
+}
+
+fn state(v: &MediaView, stage: &str) -> Option<StageState> {
+    v.stages.iter().find(|s| s.stage == stage).map(|s| s.state)
+}
+
+/// Polls the media's view until `done` holds for it.
+async fn until(
+    tp: &TestPlatform,
+    id: &str,
+    what: &str,
+    done: impl Fn(&MediaView) -> bool,
+) -> Result<MediaView> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let v = view(tp, id).await?;
+        if done(&v) {
+            return Ok(v);
+        }
+        ensure!(Instant::now() < deadline, "{what}: never; last {v:?}");
+        // Polling the API, as a client would.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn upload(tp: &TestPlatform, name: &str) -> Result<String> {
+    let bytes = std::fs::read(fixtures().join(name))?;
+    let form = reqwest::multipart::Form::new().part(
+        "file",
+        reqwest::multipart::Part::bytes(bytes).file_name(name.to_owned()),
+    );
+    let body: serde_json::Value = reqwest::Client::new()
+        .post(format!("{}/v1/media", tp.base))
+        .multipart(form)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    Ok(body["id"].as_str().context("id")?.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_media_item_is_done_when_every_stage_reading_its_queue_is() -> Result<()> {
+    let files = tempfile::tempdir()?;
+    let gate = files.path().join("gate");
+    let path = files.path().join("pipeline.yaml");
+    std::fs::write(&path, pipeline(&gate))?;
+    let tp = TestPlatform::start_with(Backend::Sqlite, |c| c.pipeline = Some(path)).await?;
+
+    let jpeg = upload(&tp, "rocket.jpg").await?;
+    let png = upload(&tp, "chelsea.png").await?;
+    // The image stage finishes while exif waits at its gate: not done, whatever finished last.
+    for id in [&jpeg, &png] {
+        let v = until(&tp, id, "image-worker done", |v| {
+            state(v, "image-worker") == Some(StageState::Done)
+                && state(v, "exif") == Some(StageState::Running)
+        })
+        .await?;
+        ensure!(v.status == MediaStatus::Queued, "{v:?}");
+        ensure!(state(&v, "router") == Some(StageState::Done), "{v:?}");
+        ensure!(
+            state(&v, "video-worker").is_none(),
+            "an image is not queued for video"
+        );
+        ensure!(
+            !v.results.is_empty(),
+            "the image stage's results are already shown"
+        );
+    }
+
+    std::fs::write(&gate, b"open")?;
+    let done = until(&tp, &jpeg, "jpeg done", |v| v.status != MediaStatus::Queued).await?;
+    ensure!(done.status == MediaStatus::Done, "{done:?}");
+    ensure!(done.error.is_none());
+    ensure!(
+        done.stages.iter().all(|s| s.state == StageState::Done),
+        "{done:?}"
+    );
+    ensure!(done.results.iter().any(|r| r.stage == "exif"), "{done:?}");
+
+    let failed = until(&tp, &png, "png final", |v| v.status != MediaStatus::Queued).await?;
+    ensure!(failed.status == MediaStatus::Failed, "{failed:?}");
+    let error = failed.error.as_deref().unwrap_or_default();
+    ensure!(
+        error.starts_with("exif: ") && error.contains("exif takes no PNGs"),
+        "{error}"
+    );
+    ensure!(state(&failed, "image-worker") == Some(StageState::Done));
+    let exif = failed
+        .stages
+        .iter()
+        .find(|s| s.stage == "exif")
+        .context("exif")?;
+    ensure!(
+        exif.state == StageState::Failed && exif.error.is_some(),
+        "{exif:?}"
+    );
+    tp.stop().await
+}
