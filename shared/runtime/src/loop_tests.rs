@@ -529,29 +529,49 @@ async fn the_drain_deadline_hands_back_what_outlasts_it() {
     assert!(source.positions().is_empty(), "{:?}", source.lock().stored);
 }
 
-#[tokio::test(start_paused = true)]
-async fn at_capacity_it_pauses_fetching_and_resumes_when_there_is_room() {
-    let messages = (0..6).map(|o| delivery(o, &format!("k{o}"))).collect();
-    let scripts: Vec<(String, Script)> = (0..6)
+fn same_length(n: i64, millis: u64) -> Vec<(String, Script)> {
+    (0..n)
         .map(|o| {
             (
                 format!("m{o}"),
                 Script {
-                    millis: 50,
+                    millis,
                     ..Script::default()
                 },
             )
         })
-        .collect();
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn at_capacity_with_quick_messages_it_waits_without_pausing_fetching() {
+    let messages = (0..6).map(|o| delivery(o, &format!("k{o}"))).collect();
+    let scripts = same_length(6, 50);
     let scripts: Vec<(&str, Script)> = scripts.iter().map(|(id, s)| (id.as_str(), *s)).collect();
-    let mut run = start(
-        messages,
-        &scripts,
-        StageOptions {
-            concurrency: 2,
-            ..options()
-        },
-    );
+    let options = StageOptions {
+        concurrency: 2,
+        ..options()
+    };
+    let mut run = start(messages, &scripts, options);
+    run.finished(6).await;
+    let (_, source, _) = run.stop().await;
+    let s = source.lock();
+    // A slot frees every 50 ms: pausing (and refetching) would only slow it down.
+    assert_eq!((s.pauses, s.resumes), (0, 0));
+    assert_eq!(s.stored.last(), Some(&(0, 6)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn full_with_long_jobs_it_pauses_fetching_and_resumes_when_there_is_room() {
+    let messages = (0..6).map(|o| delivery(o, &format!("k{o}"))).collect();
+    let scripts = same_length(6, 5_000);
+    let scripts: Vec<(&str, Script)> = scripts.iter().map(|(id, s)| (id.as_str(), *s)).collect();
+    let options = StageOptions {
+        concurrency: 2,
+        drain_deadline: Duration::from_secs(10),
+        ..options()
+    };
+    let mut run = start(messages, &scripts, options);
     run.finished(6).await;
     let (_, source, _) = run.stop().await;
     let s = source.lock();

@@ -1,7 +1,10 @@
 //! The consume loop of one stage instance, and the life of one message in it.
 //!
-//! The loop keeps polling the consumer so that long jobs never cost the group membership: when
-//! it has as many messages in flight as allowed, it pauses fetching instead of stopping to poll.
+//! The loop keeps polling the consumer so that long jobs never cost the group membership. When
+//! it has as many messages in flight as allowed it stops taking messages; if it is still full
+//! after `HOLD_BEFORE_PAUSE` it pauses fetching and polls on. (Pausing at once would cost a
+//! refetch of what the consumer had prefetched each time a slot frees: a quick stage would spend
+//! its time waiting for fetches.)
 //! Each message runs as its own task; messages with the same key run one after another, in
 //! order. A finished message moves its partition's commit position only as far as every earlier
 //! message of that partition is finished too (`OffsetTracker`); the task stores that position
@@ -29,6 +32,10 @@ use crate::{
     Bound, ErrorClass, Handler, OffsetTracker, Ports, RetryPolicy, Sink, Source, StageError,
     StageProbe, Tracker,
 };
+
+/// How long the loop may stay full without polling the consumer before it pauses fetching and
+/// polls again (for rebalances and the poll interval); far below `max.poll.interval.ms`.
+const HOLD_BEFORE_PAUSE: Duration = Duration::from_secs(1);
 
 /// How a stage instance runs.
 #[derive(Clone, Copy, Debug)]
@@ -275,7 +282,16 @@ pub async fn run_stage<H: Handler, S: Source>(
     };
     let rejoin = probe.rejoin_token().clone();
     let mut fatal = None;
+    // Since when the loop has been full and not polling.
+    let mut full_since: Option<tokio::time::Instant> = None;
     loop {
+        let full = l.at_capacity() || !l.overflow.is_empty();
+        if !full || l.paused {
+            full_since = None;
+        } else if full_since.is_none() {
+            full_since = Some(tokio::time::Instant::now());
+        }
+        let pause_at = full_since.map(|since| since + HOLD_BEFORE_PAUSE);
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
@@ -287,7 +303,11 @@ pub async fn run_stage<H: Handler, S: Source>(
                 l.finished(joined);
                 l.refill();
             }
-            delivery = l.consumer.recv() => {
+            // Full for a while (long jobs): pause fetching and poll on, keeping the membership.
+            () = tokio::time::sleep_until(pause_at.unwrap_or_else(tokio::time::Instant::now)), if pause_at.is_some() => {
+                l.pause();
+            }
+            delivery = l.consumer.recv(), if !full || l.paused => {
                 // A rebalance runs inside `recv`: drop what waits for partitions that left.
                 l.forget_revoked();
                 l.refill();
@@ -336,14 +356,16 @@ impl<H: Handler> Loop<H> {
         if self.at_capacity() || !self.overflow.is_empty() {
             self.overflow.push_back(delivery);
             // Paused again each time: partitions assigned since the last pause fetch otherwise.
-            match self.consumer.pause_all() {
-                Ok(()) => self.paused = true,
-                Err(e) => {
-                    tracing::warn!(stage = %self.ctx.stage, error = %e, "could not pause")
-                }
-            }
+            self.pause();
         } else {
             self.take(delivery);
+        }
+    }
+
+    fn pause(&mut self) {
+        match self.consumer.pause_all() {
+            Ok(()) => self.paused = true,
+            Err(e) => tracing::warn!(stage = %self.ctx.stage, error = %e, "could not pause"),
         }
     }
 
