@@ -2,7 +2,9 @@
 //! handler, as `mediaflow run` runs it) against a raw consume -> produce loop in Python's
 //! `confluent-kafka` (librdkafka), on the same embedded broker, in the same run.
 //!
-//! usage: copier --python PY --work DIR [--events 20000] [--size 1024] [--concurrency 64]
+//! usage: copier --python PY --work DIR [--events 20000] [--size 1024] [--concurrency 512]
+//!
+//! The concurrency defaults to what a declared linking stage gets (`stages::CONCURRENCY`).
 //!
 //! Both sides copy the same `events` CloudEvents of `size` bytes (binary mode: `ce_*` headers,
 //! JSON payload) from a 4-partition topic to a topic of their own, at least once: mediaflow
@@ -44,7 +46,7 @@ fn args() -> Result<Args> {
         work: std::env::temp_dir().join("mediaflow-copier-bench"),
         events: 20_000,
         size: 1024,
-        concurrency: 64,
+        concurrency: mediaflow_linking::stages::CONCURRENCY,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {

@@ -32,6 +32,12 @@ pub trait Kind: Send + Sync + 'static {
 
     /// Builds the stage declared as `stage` (already checked).
     fn build(&self, stage: &StageSpec, ctx: &BuildContext<'_>) -> Result<Built>;
+
+    /// Messages a stage of this kind has in flight when its declaration does not say;
+    /// `stages.concurrency` when None.
+    fn concurrency(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// What a kind can use to build a stage.
@@ -154,6 +160,10 @@ impl Kind for Linking {
 
     fn check(&self, stage: &StageDecl) -> Vec<Problem> {
         LinkingKinds.check(stage).unwrap_or_default()
+    }
+
+    fn concurrency(&self) -> Option<usize> {
+        Some(mediaflow_linking::stages::CONCURRENCY)
     }
 
     fn build(&self, stage: &StageSpec, ctx: &BuildContext<'_>) -> Result<Built> {

@@ -15,7 +15,12 @@ use mediaflow_telemetry::Metrics;
 
 use crate::ring::Ring;
 
-/// Runs `f` on what an expression sees of `event`. Data that is not JSON is seen as `null`.
+/// Events a linking stage has in flight when its declaration does not say. Passing an event on
+/// costs next to nothing but a broker round trip, so the window is wide: with the stage default
+/// of 4 a copier would wait on the broker most of the time (`BENCHMARKS.md`, copier).
+pub const CONCURRENCY: usize = 512;
+
+/// Runs `f` on what an expression sees of an event. Data that is not JSON is seen as `null`.
 fn with_view<T>(event: &Event, f: impl FnOnce(&EventView<'_>) -> T) -> T {
     let data = mediaflow_events::data_json(event).unwrap_or(serde_json::Value::Null);
     let source = event.source().to_string();

@@ -268,7 +268,7 @@ async fn run_stage_with(
         .map(|(port, topic)| (port.clone(), format!("{prefix}{topic}")))
         .collect();
     let mut options = config.stages.options();
-    if let Some(n) = spec.concurrency {
+    if let Some(n) = spec.concurrency.or_else(|| kind.concurrency()) {
         options.concurrency = n.max(1);
     }
     let wiring = Wiring {
