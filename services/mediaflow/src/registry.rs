@@ -140,14 +140,25 @@ fn out_only(stage: &StageDecl, settings_problem: Option<Problem>) -> Vec<Problem
         .collect()
 }
 
-/// A problem with a stage's settings that the settings' own check found.
-fn checked(stage: &StageDecl, r: Result<(), String>) -> Option<Problem> {
-    r.err().map(|e| {
-        Problem::at(
-            stage.config_at(),
-            format!("stage `{}`: {e}", stage.name.value),
-        )
-    })
+/// A media kind's declaration: settings of type `T` if it gives any (else the configuration's
+/// apply), which `check` accepts, and port `out` only.
+fn media_check<T: serde::de::DeserializeOwned>(
+    stage: &StageDecl,
+    check: impl FnOnce(&T) -> Result<(), String>,
+) -> Vec<Problem> {
+    let problem = match stage.config_value() {
+        serde_json::Value::Null => None,
+        _ => match settings::<T>(stage) {
+            Ok(c) => check(&c).err().map(|e| {
+                Problem::at(
+                    stage.config_at(),
+                    format!("stage `{}`: {e}", stage.name.value),
+                )
+            }),
+            Err(p) => Some(p),
+        },
+    };
+    out_only(stage, problem)
 }
 
 /// A linking kind of ch. 11; `LinkingKinds` checks its declaration.
@@ -202,14 +213,7 @@ impl Kind for Image {
     }
 
     fn check(&self, stage: &StageDecl) -> Vec<Problem> {
-        let problem = match stage.config_value() {
-            serde_json::Value::Null => None,
-            _ => match settings::<ImageWorkerConfig>(stage) {
-                Ok(c) => checked(stage, c.check()),
-                Err(p) => Some(p),
-            },
-        };
-        out_only(stage, problem)
+        media_check(stage, ImageWorkerConfig::check)
     }
 
     fn build(&self, stage: &StageSpec, ctx: &BuildContext<'_>) -> Result<Built> {
@@ -234,14 +238,7 @@ impl Kind for Video {
     }
 
     fn check(&self, stage: &StageDecl) -> Vec<Problem> {
-        let problem = match stage.config_value() {
-            serde_json::Value::Null => None,
-            _ => match settings::<VideoWorkerConfig>(stage) {
-                Ok(c) => checked(stage, c.check()),
-                Err(p) => Some(p),
-            },
-        };
-        out_only(stage, problem)
+        media_check(stage, VideoWorkerConfig::check)
     }
 
     fn build(&self, stage: &StageSpec, ctx: &BuildContext<'_>) -> Result<Built> {
