@@ -6,7 +6,7 @@
 use cloudevents::Event;
 use mediaflow_db::{Db, Entity, ImageTagsRow};
 use mediaflow_events::{ImageProcessed, MediaKind, MediaUploaded};
-use mediaflow_imaging::renditions::{Format, Mode, RenditionSpec};
+use mediaflow_imaging::renditions::RenditionSpec;
 use mediaflow_imaging::{DecodeLimits, ImagingError};
 use mediaflow_outputs::{Outputs, Written, db_error, store_error};
 use mediaflow_runtime::{Handler, Output, StageError};
@@ -39,15 +39,7 @@ impl Default for ImageWorkerConfig {
     fn default() -> Self {
         let limits = DecodeLimits::default();
         Self {
-            renditions: vec![RenditionSpec {
-                name: "thumb-256".into(),
-                width: 256,
-                height: 256,
-                mode: Mode::Fit,
-                format: Format::Jpeg,
-                quality: 85,
-                metadata: Default::default(),
-            }],
+            renditions: vec![RenditionSpec::thumbnail("thumb-256", 256, 85)],
             max_input_bytes: 256 * 1024 * 1024,
             max_side: limits.max_side,
             max_pixels: limits.max_pixels,
@@ -57,34 +49,13 @@ impl Default for ImageWorkerConfig {
 }
 
 impl ImageWorkerConfig {
-    /// Checks the rendition list: at least one; names unique, made of letters, digits, `.`, `_`
-    /// and `-`, not `tags`; sides from 1 to 16384; quality from 1 to 100.
+    /// Checks the rendition list (`renditions::check_specs`, sides up to 16384); `tags` is not
+    /// a rendition name (the tags are stored as `tags`).
     pub fn check(&self) -> Result<(), String> {
-        if self.renditions.is_empty() {
-            return Err("image_worker.renditions is empty: the image stage needs one".into());
-        }
-        let mut seen = std::collections::HashSet::new();
-        for r in &self.renditions {
-            let name = &r.name;
-            if name.is_empty()
-                || name == "tags"
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-            {
-                return Err(format!(
-                    "rendition name `{name}` is not allowed (letters, digits, `.`, `_`, `-`; not `tags`)"
-                ));
-            }
-            if !seen.insert(name) {
-                return Err(format!("rendition name `{name}` is used twice"));
-            }
-            if !(1..=16_384).contains(&r.width) || !(1..=16_384).contains(&r.height) {
-                return Err(format!("rendition `{name}`: sides must be 1 to 16384 px"));
-            }
-            if !(1..=100).contains(&r.quality) {
-                return Err(format!("rendition `{name}`: quality must be 1 to 100"));
-            }
+        mediaflow_imaging::renditions::check_specs(&self.renditions, 16_384)
+            .map_err(|e| format!("image_worker: {e}"))?;
+        if self.renditions.iter().any(|r| r.name == "tags") {
+            return Err("image_worker: rendition name `tags` is not allowed (the tags are stored as `tags`)".into());
         }
         Ok(())
     }
@@ -239,8 +210,14 @@ mod tests {
         let a = output_key("m1", "thumb-256.jpg");
         assert_eq!(a, output_key("m1", "thumb-256.jpg"));
         assert_eq!(a, "derived/m1/image-worker/v2/thumb-256.jpg");
-        assert_eq!(mediaflow_outputs::enum_name(&Mode::Fill), "fill");
-        assert_eq!(mediaflow_outputs::enum_name(&Format::Webp), "webp");
+        assert_eq!(
+            mediaflow_outputs::enum_name(&mediaflow_imaging::renditions::Mode::Fill),
+            "fill"
+        );
+        assert_eq!(
+            mediaflow_outputs::enum_name(&mediaflow_imaging::renditions::Format::Webp),
+            "webp"
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The stage kinds a platform knows, by name: the linking kinds of ch. 11, the media stages and
-//! exec. A kind checks a declared stage (its settings and ports, for `mediaflow pipeline check`
+//! The stage kinds a platform knows, by name: the linking kinds of ch. 11, the media stages,
+//! exec, and chains of reusable workers (ch. 10). A kind checks a declared stage (its settings and ports, for `mediaflow pipeline check`
 //! and start-up) and builds its handler; the platform runs the handler on the stage runtime,
 //! its ports bound to the declared topics. A kind of one's own is added with `Registry::with`
 //! (README, "Writing a stage kind").
@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use futures::future::BoxFuture;
+use mediaflow_chain_worker::{Chain, ChainConfig, Workers};
 use mediaflow_exec_worker::{ExecWorker, ExecWorkerConfig};
 use mediaflow_image_worker::{ImageWorker, ImageWorkerConfig};
 use mediaflow_linking::stages::{Copier, Filter, Merger, ShardHealth, Sharder, Splitter};
@@ -95,7 +96,7 @@ impl std::fmt::Debug for Registry {
 
 impl Default for Registry {
     /// Every kind the platform ships: copier, filter, splitter, sharder, merger, image, video,
-    /// exec.
+    /// exec, and chain (with the shipped workers).
     fn default() -> Self {
         let empty = Self {
             kinds: BTreeMap::new(),
@@ -107,6 +108,7 @@ impl Default for Registry {
             .with(Image)
             .with(Video)
             .with(Exec)
+            .with(ChainKind::new(Workers::default()))
     }
 }
 
@@ -295,9 +297,90 @@ impl Kind for Exec {
     }
 }
 
+/// A chain of reusable workers run in one process on one local copy of the input (ch. 10's
+/// aggregator). Settings: `steps` (each a `worker`, optional `name` and `config`),
+/// `max_input_bytes`, `image_limits`, `video_limits`. A platform with workers of its own uses
+/// `Registry::default().with(ChainKind::new(Workers::default().with(MyWorker)))`.
+pub struct ChainKind {
+    workers: Workers,
+}
+
+impl ChainKind {
+    pub fn new(workers: Workers) -> Self {
+        Self { workers }
+    }
+}
+
+impl Kind for ChainKind {
+    fn name(&self) -> &str {
+        "chain"
+    }
+
+    fn check(&self, stage: &StageDecl) -> Vec<Problem> {
+        let problem = match settings::<ChainConfig>(stage) {
+            Ok(c) => self.workers.steps(&c).err().map(|e| {
+                Problem::at(
+                    stage.config_at(),
+                    format!("stage `{}`: {e}", stage.name.value),
+                )
+            }),
+            Err(p) => Some(p),
+        };
+        out_only(stage, problem)
+    }
+
+    fn build(&self, stage: &StageSpec, ctx: &BuildContext<'_>) -> Result<Built> {
+        let s = ctx.services;
+        let chain = Chain::new(
+            &stage.name,
+            &stage.version.to_string(),
+            stage.settings::<ChainConfig>()?,
+            &self.workers,
+            ctx.config.data_dir.join("chain"),
+            s.store.clone(),
+            s.db.clone(),
+        )
+        .map_err(|e| anyhow::anyhow!("stage `{}`: {e}", stage.name))?
+        .with_metrics(s.metrics.clone());
+        Ok(Built::handler(chain))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_shipped_pipeline_is_valid() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../pipelines");
+        let registry = Registry::default();
+        let mut checked = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let file = path.display().to_string();
+            mediaflow_pipeline::parse(&text, &file, &registry)
+                .unwrap_or_else(|e| panic!("{file}: {e}"));
+            checked += 1;
+        }
+        assert!(checked >= 2, "{checked} pipeline files");
+    }
+
+    #[test]
+    fn chain_steps_are_checked_where_they_are_declared() {
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/../../pipelines/chains.yaml");
+        let text = std::fs::read_to_string(file).unwrap();
+        let registry = Registry::default();
+        let bad = text.replace("        - worker: tag\n", "        - worker: tagg\n");
+        let err = mediaflow_pipeline::parse(&bad, "bad.yaml", &registry).unwrap_err();
+        let err = err.to_string();
+        assert!(
+            err.contains("bad.yaml:")
+                && err.contains("step 3")
+                && err.contains("unknown worker `tagg`"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn the_shipped_pipeline_is_valid_and_media_settings_are_checked() {

@@ -8,13 +8,12 @@
 use std::path::Path;
 
 use cloudevents::Event;
-use futures::StreamExt;
 use mediaflow_db::{Db, Entity};
 use mediaflow_events::{
-    MediaKind, MediaUploaded, ObjectRef, PreviewRef, StoryboardRef, VideoFrame, VideoProcessed,
+    MediaKind, MediaUploaded, PreviewRef, StoryboardRef, VideoFrame, VideoProcessed,
 };
-use mediaflow_imaging::renditions::{Format, Mode, Rendition, RenditionSpec};
-use mediaflow_outputs::{Outputs, db_error, enum_name, store_error};
+use mediaflow_imaging::renditions::{Rendition, RenditionSpec};
+use mediaflow_outputs::{Outputs, db_error, enum_name};
 use mediaflow_runtime::{Handler, Output, StageError};
 use mediaflow_store::ObjectStore;
 use mediaflow_video::preview::{Preview, PreviewSpec};
@@ -22,7 +21,6 @@ use mediaflow_video::select::Strategy;
 use mediaflow_video::storyboard::{Storyboard, StoryboardSpec};
 use mediaflow_video::{Limits, Probe, Seek, Video, VideoError};
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncWriteExt;
 
 /// The kernel, for the types of the configuration.
 pub use mediaflow_video as video;
@@ -62,15 +60,7 @@ impl Default for VideoWorkerConfig {
         Self {
             frames: Strategy::Representative { count: 4 },
             seek: Seek::Keyframe,
-            renditions: vec![RenditionSpec {
-                name: "thumb-320".into(),
-                width: 320,
-                height: 320,
-                mode: Mode::Fit,
-                format: Format::Jpeg,
-                quality: 80,
-                metadata: Default::default(),
-            }],
+            renditions: vec![RenditionSpec::thumbnail("thumb-320", 320, 80)],
             storyboard_enabled: true,
             storyboard: StoryboardSpec::default(),
             preview_enabled: true,
@@ -89,36 +79,8 @@ impl VideoWorkerConfig {
         self.limits.check().map_err(wrong)?;
         self.storyboard.check().map_err(wrong)?;
         self.preview.check().map_err(wrong)?;
-        if self.renditions.is_empty() {
-            return Err("video_worker.renditions is empty: frames need at least one".into());
-        }
-        let mut seen = std::collections::HashSet::new();
-        for r in &self.renditions {
-            if r.name.is_empty()
-                || !r
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-            {
-                return Err(format!(
-                    "video_worker rendition name `{}` is not allowed (letters, digits, `.`, `_`, `-`)",
-                    r.name
-                ));
-            }
-            if !seen.insert(&r.name) {
-                return Err(format!(
-                    "video_worker rendition `{}` is named twice",
-                    r.name
-                ));
-            }
-            if !(1..=8192).contains(&r.width) || !(1..=8192).contains(&r.height) {
-                return Err(format!(
-                    "video_worker rendition `{}`: sides must be 1 to 8192 px",
-                    r.name
-                ));
-            }
-        }
-        Ok(())
+        mediaflow_imaging::renditions::check_specs(&self.renditions, 8192)
+            .map_err(|e| format!("video_worker: {e}"))
     }
 }
 
@@ -195,39 +157,6 @@ impl VideoWorker {
             work_dir,
         }
     }
-
-    /// Streams `object` to `to`, within the input limit.
-    async fn download(&self, object: &ObjectRef, to: &Path) -> Result<(), StageError> {
-        let key = &object.key;
-        let limit = self.config.max_input_bytes;
-        let over =
-            || StageError::bad_input(format!("input `{key}` is over the limit of {limit} bytes"));
-        // The original may live in another bucket (a backfilled one).
-        let stream = self
-            .store
-            .in_bucket(&object.bucket)
-            .get_stream(key)
-            .await
-            .map_err(store_error)?;
-        if stream.size.is_some_and(|s| s > limit) {
-            return Err(over());
-        }
-        let local =
-            |e: std::io::Error| StageError::transient(format!("writing the input file: {e}"));
-        let mut file = tokio::fs::File::create(to).await.map_err(local)?;
-        let mut body = stream.body;
-        let mut written = 0u64;
-        while let Some(chunk) = body.next().await {
-            let chunk =
-                chunk.map_err(|e| StageError::transient(format!("downloading `{key}`: {e}")))?;
-            written += chunk.len() as u64;
-            if written > limit {
-                return Err(over());
-            }
-            file.write_all(&chunk).await.map_err(local)?;
-        }
-        file.flush().await.map_err(local)
-    }
 }
 
 impl Handler for VideoWorker {
@@ -249,7 +178,13 @@ impl Handler for VideoWorker {
             .tempdir_in(&self.work_dir)
             .map_err(|e| StageError::transient(format!("work dir: {e}")))?;
         let input = dir.path().join("input");
-        self.download(&upload.object, &input).await?;
+        mediaflow_outputs::download(
+            &self.store,
+            &upload.object,
+            &input,
+            self.config.max_input_bytes,
+        )
+        .await?;
 
         let made = {
             let _core = self

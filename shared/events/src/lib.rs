@@ -15,6 +15,7 @@ pub use envelope::{EventData, EventError, data_json, decode, encode};
 pub use item::{ItemProcessed, WorkItem, item_id};
 pub use media::{
     ImageProcessed, MediaKind, MediaProcessed, MediaUploaded, ObjectRef, Output, RenditionRef,
+    StepResult,
 };
 pub use topics::{TopicSpec, Topics};
 pub use video::{PreviewRef, StoryboardRef, VideoFrame, VideoProcessed};

@@ -136,16 +136,32 @@ pub struct Output {
     pub object: ObjectRef,
 }
 
-/// `mediaflow.media.processed`: a generic stage (such as an exec worker) produced outputs for a
-/// media item (a result event).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// `mediaflow.media.processed`: a generic stage (an exec stage, a chain of workers) produced
+/// outputs for a media item (a result event).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MediaProcessed {
     pub media_id: String,
-    /// Lineage: the stage, its version, and the input it read.
+    /// Lineage: the stage, its version, and the input it read (none when the event it read
+    /// referred to no object).
     pub stage: String,
     pub stage_version: String,
-    pub input: ObjectRef,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<ObjectRef>,
     pub outputs: Vec<Output>,
+    /// A chain's steps in the order they ran, each with its result (empty for other stages).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<StepResult>,
+}
+
+/// What one step of a chain (a worker run in a chain stage) found.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepResult {
+    /// The step's name in the chain (its worker's name unless declared otherwise).
+    pub name: String,
+    /// The worker it ran.
+    pub worker: String,
+    /// What the worker reported (its probe, renditions, tags, or a command's `result.json`).
+    pub result: serde_json::Value,
 }
 
 impl EventData for MediaProcessed {
@@ -190,10 +206,17 @@ pub(crate) mod tests {
             media_id: "0190c0de-0000-7000-8000-000000000001".into(),
             stage: "exif".into(),
             stage_version: "1".into(),
-            input: object("uploads/0190c0de-0000-7000-8000-000000000001/original.jpg"),
+            input: Some(object(
+                "uploads/0190c0de-0000-7000-8000-000000000001/original.jpg",
+            )),
             outputs: vec![Output {
                 name: "size.txt".into(),
                 object: object("derived/x/exif/v1/size.txt"),
+            }],
+            steps: vec![StepResult {
+                name: "probe".into(),
+                worker: "probe".into(),
+                result: serde_json::json!({"format": "jpeg", "width": 1024, "height": 768}),
             }],
         }
     }

@@ -92,6 +92,55 @@ fn default_quality() -> u8 {
     85
 }
 
+impl RenditionSpec {
+    /// A JPEG named `name` fitting a `side` x `side` box, at `quality`, without metadata: the
+    /// default thumbnail of the stages.
+    pub fn thumbnail(name: &str, side: u32, quality: u8) -> Self {
+        Self {
+            name: name.to_owned(),
+            width: side,
+            height: side,
+            mode: Mode::Fit,
+            format: Format::Jpeg,
+            quality,
+            metadata: Metadata::None,
+        }
+    }
+}
+
+/// Checks a list of renditions: at least one; names unique, made of letters, digits, `.`, `_`
+/// and `-`; sides from 1 to `max_side`; quality from 1 to 100.
+pub fn check_specs(specs: &[RenditionSpec], max_side: u32) -> Result<(), String> {
+    if specs.is_empty() {
+        return Err("renditions is empty: at least one is needed".into());
+    }
+    let mut seen = std::collections::HashSet::new();
+    for r in specs {
+        let name = &r.name;
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return Err(format!(
+                "rendition name `{name}` is not allowed (letters, digits, `.`, `_`, `-`)"
+            ));
+        }
+        if !seen.insert(name) {
+            return Err(format!("rendition name `{name}` is used twice"));
+        }
+        if !(1..=max_side).contains(&r.width) || !(1..=max_side).contains(&r.height) {
+            return Err(format!(
+                "rendition `{name}`: sides must be 1 to {max_side} px"
+            ));
+        }
+        if !(1..=100).contains(&r.quality) {
+            return Err(format!("rendition `{name}`: quality must be 1 to 100"));
+        }
+    }
+    Ok(())
+}
+
 /// A finished rendition.
 #[derive(Clone, Debug)]
 pub struct Rendition {
@@ -130,47 +179,54 @@ pub fn process(
     specs: &[RenditionSpec],
     limits: &DecodeLimits,
 ) -> Result<Processed, ImagingError> {
+    let (decoded, exif) = decode_working(bytes, limits, |w, h| working_size(specs, w, h, 256))?;
+    let renditions = render_all(&decoded, specs, exif)?;
+    let tags = tags_of(&decoded, exif)?;
+    Ok(Processed { renditions, tags })
+}
+
+/// Decodes `bytes` within `limits`, oriented as shown: JPEGs by shrink-on-load at no less than
+/// `target(width, height)` of the oriented source (never larger than it), the rest at full size.
+/// Also returns a JPEG's EXIF (TIFF) block.
+pub fn decode_working<'a>(
+    bytes: &'a [u8],
+    limits: &DecodeLimits,
+    target: impl Fn(u32, u32) -> (u32, u32),
+) -> Result<(Small, Option<&'a [u8]>), ImagingError> {
     let mut exif = None;
-    let mut decoded = None;
     if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
         crate::require_complete_jpeg(bytes)?;
         exif = jpeg_exif(bytes);
         let orientation = exif.and_then(image::metadata::Orientation::from_exif_chunk);
-        decoded = jpeg::decode_for(
-            bytes,
-            limits,
-            orientation,
-            |w, h| working_size(specs, w, h, 256),
-            false,
-        )?;
-    }
-    let decoded = match decoded {
-        Some(d) => d,
-        None => {
-            let image = crate::decode(bytes, limits)?;
-            let image = if image.color().has_alpha() {
-                DynamicImage::ImageRgba8(image.to_rgba8())
-            } else {
-                DynamicImage::ImageRgb8(image.to_rgb8())
-            };
-            Small {
-                source_width: image.width(),
-                source_height: image.height(),
-                image,
-            }
+        if let Some(decoded) = jpeg::decode_for(bytes, limits, orientation, target, false)? {
+            return Ok((decoded, exif));
         }
+    }
+    let image = crate::decode(bytes, limits)?;
+    let image = if image.color().has_alpha() {
+        DynamicImage::ImageRgba8(image.to_rgba8())
+    } else {
+        DynamicImage::ImageRgb8(image.to_rgb8())
     };
-    let renditions = render_all(&decoded, specs, exif)?;
+    let decoded = Small {
+        source_width: image.width(),
+        source_height: image.height(),
+        image,
+    };
+    Ok((decoded, exif))
+}
+
+/// The tags of an image decoded at any size (`decoded`), with its EXIF block.
+pub fn tags_of(decoded: &Small, exif: Option<&[u8]>) -> Result<Tags, ImagingError> {
     let for_tags = crate::small_of(&decoded.image, 256)?;
-    let tags = crate::tags::tags(
+    Ok(crate::tags::tags(
         &Small {
             image: for_tags.image,
             source_width: decoded.source_width,
             source_height: decoded.source_height,
         },
         exif,
-    );
-    Ok(Processed { renditions, tags })
+    ))
 }
 
 /// The size to decode a `w`x`h` source at (never larger than it) so that every rendition of

@@ -4,7 +4,7 @@
 //! described by an [`ObjectRef`] and a [`ResultRow`], with store and database failures classified
 //! for the runtime (bad input, transient, permanent).
 
-use mediaflow_db::{DbError, ResultRow};
+use mediaflow_db::{DbError, Entity, ResultRow};
 use mediaflow_events::{ObjectRef, RenditionRef};
 use mediaflow_imaging::renditions::Rendition;
 use mediaflow_runtime::StageError;
@@ -16,8 +16,8 @@ use sha2::{Digest, Sha256};
 #[derive(Clone, Debug)]
 pub struct Outputs {
     store: ObjectStore,
-    stage: &'static str,
-    version: &'static str,
+    stage: String,
+    version: String,
 }
 
 /// One written output: what the event carries and what the database records.
@@ -28,17 +28,25 @@ pub struct Written {
 }
 
 impl Outputs {
-    pub fn new(store: ObjectStore, stage: &'static str, version: &'static str) -> Self {
+    pub fn new(store: ObjectStore, stage: impl Into<String>, version: impl Into<String>) -> Self {
         Self {
             store,
-            stage,
-            version,
+            stage: stage.into(),
+            version: version.into(),
         }
     }
 
     /// The key of output file `file` of `media_id`.
     pub fn key(&self, media_id: &str, file: &str) -> String {
-        key(self.stage, self.version, media_id, file)
+        key(&self.stage, &self.version, media_id, file)
+    }
+
+    /// The key of output file `file` of `entity`: an item's go under `derived/items/`.
+    pub fn key_for(&self, entity: Entity<'_>, file: &str) -> String {
+        match entity {
+            Entity::Media(id) => self.key(id, file),
+            Entity::Item(id) => key(&self.stage, &self.version, &format!("items/{id}"), file),
+        }
     }
 
     /// Writes `bytes` as output `file` of `media_id`, recorded as result `name`.
@@ -51,7 +59,30 @@ impl Outputs {
         content_type: &str,
         dims: Option<(u32, u32)>,
     ) -> Result<Written, StageError> {
-        let key = self.key(media_id, file);
+        self.put_for(
+            Entity::Media(media_id),
+            name,
+            file,
+            bytes,
+            content_type,
+            dims,
+        )
+        .await
+    }
+
+    /// Writes `bytes` as output `file` of `entity` (a media item, or an item from a source or
+    /// another system: `derived/items/<id>/<stage>/v<version>/<file>`), recorded as result
+    /// `name`.
+    pub async fn put_for(
+        &self,
+        entity: Entity<'_>,
+        name: &str,
+        file: &str,
+        bytes: Vec<u8>,
+        content_type: &str,
+        dims: Option<(u32, u32)>,
+    ) -> Result<Written, StageError> {
+        let key = self.key_for(entity, file);
         let object = ObjectRef {
             bucket: self.store.bucket().to_owned(),
             key: key.clone(),
@@ -64,9 +95,9 @@ impl Outputs {
             .await
             .map_err(store_error)?;
         let row = ResultRow {
-            entity_id: media_id.to_owned(),
-            stage: self.stage.into(),
-            stage_version: self.version.into(),
+            entity_id: entity.id().to_owned(),
+            stage: self.stage.clone(),
+            stage_version: self.version.clone(),
             name: name.to_owned(),
             bucket: object.bucket.clone(),
             object_key: key,
@@ -116,6 +147,45 @@ impl Outputs {
 /// `derived/<media_id>/<stage>/v<version>/<file>`.
 pub fn key(stage: &str, version: &str, media_id: &str, file: &str) -> String {
     format!("derived/{media_id}/{stage}/v{version}/{file}")
+}
+
+/// Streams `object` (from its own bucket: a backfilled original may live in another) to the
+/// local file `to`, refusing it as bad input once it is over `limit` bytes.
+pub async fn download(
+    store: &ObjectStore,
+    object: &ObjectRef,
+    to: &std::path::Path,
+    limit: u64,
+) -> Result<(), StageError> {
+    use futures::StreamExt;
+    use tokio::io::AsyncWriteExt;
+
+    let key = &object.key;
+    let over =
+        || StageError::bad_input(format!("input `{key}` is over the limit of {limit} bytes"));
+    let stream = store
+        .in_bucket(&object.bucket)
+        .get_stream(key)
+        .await
+        .map_err(store_error)?;
+    if stream.size.is_some_and(|s| s > limit) {
+        return Err(over());
+    }
+    // Local disk trouble (full, permissions) is not the input's fault and may pass.
+    let local = |e: std::io::Error| StageError::transient(format!("writing the input file: {e}"));
+    let mut file = tokio::fs::File::create(to).await.map_err(local)?;
+    let mut body = stream.body;
+    let mut written = 0u64;
+    while let Some(chunk) = body.next().await {
+        let chunk =
+            chunk.map_err(|e| StageError::transient(format!("downloading `{key}`: {e}")))?;
+        written += chunk.len() as u64;
+        if written > limit {
+            return Err(over());
+        }
+        file.write_all(&chunk).await.map_err(local)?;
+    }
+    file.flush().await.map_err(local)
 }
 
 /// An object over the read limit is the input's fault; the rest depends on the store.

@@ -58,6 +58,13 @@ struct PortLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabels {
+    stage: String,
+    step: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StageOnly {
     stage: String,
 }
@@ -71,6 +78,7 @@ pub struct Metrics {
     stage_messages: Family<StageLabels, Counter>,
     stage_errors: Family<StageLabels, Counter>,
     stage_seconds: Family<StageOnly, Histogram>,
+    chain_steps: Family<StepLabels, Histogram>,
     stage_in_flight: Family<StageOnly, Gauge>,
     dead_letters: Family<StageLabels, Counter>,
     stage_outputs: Family<PortLabels, Counter>,
@@ -147,6 +155,14 @@ impl Metrics {
             "Time from taking a message to acknowledging it",
             stage_seconds.clone(),
         );
+        let chain_steps = Family::<StepLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 16))
+        });
+        registry.register(
+            "chain_step_seconds",
+            "Time a step of a chain took, by outcome (ok, or the error class)",
+            chain_steps.clone(),
+        );
         let stage_in_flight = Family::<StageOnly, Gauge>::default();
         registry.register(
             "stage_in_flight",
@@ -215,6 +231,7 @@ impl Metrics {
             stage_messages,
             stage_errors,
             stage_seconds,
+            chain_steps,
         }
     }
 
@@ -241,6 +258,17 @@ impl Metrics {
         self.stage_seconds
             .get_or_create(&StageOnly {
                 stage: stage.to_owned(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// A step of a chain finished with `outcome` (`ok`, or the error class).
+    pub fn chain_step(&self, stage: &str, step: &str, outcome: &str, took: Duration) {
+        self.chain_steps
+            .get_or_create(&StepLabels {
+                stage: stage.to_owned(),
+                step: step.to_owned(),
+                outcome: outcome.to_owned(),
             })
             .observe(took.as_secs_f64());
     }
