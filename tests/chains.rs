@@ -75,7 +75,7 @@ async fn the_shipped_chains_reuse_workers_on_photos_and_clips() -> Result<()> {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines/chains.yaml"),
     )?;
     let yaml = shipped.replace("\nstages:\n", "  - name: images.processed\n\nstages:\n")
-        + "\n  - name: image-worker\n    kind: image\n    inputs: [jobs.image]\n    outputs:\n      out: images.processed\n";
+        + "\n  - name: reference\n    kind: image\n    version: 7\n    inputs: [jobs.image]\n    outputs:\n      out: images.processed\n";
     let files = tempfile::tempdir()?;
     let tp = platform(&files, &yaml).await?;
 
@@ -90,6 +90,17 @@ async fn the_shipped_chains_reuse_workers_on_photos_and_clips() -> Result<()> {
     let photos: MediaProcessed = one(&tp, "photos.processed").await?;
     let reference: ImageProcessed = one(&tp, "images.processed").await?;
     ensure!(photos.media_id == photo && reference.media_id == photo);
+    // The image stage writes under its declared name and version.
+    ensure!((reference.stage.as_str(), reference.stage_version.as_str()) == ("reference", "7"));
+    let prefix = format!("derived/{photo}/reference/v7/");
+    ensure!(
+        reference
+            .renditions
+            .iter()
+            .all(|r| r.object.key.starts_with(&prefix)),
+        "{:?}",
+        reference.renditions
+    );
     let names: Vec<_> = photos
         .steps
         .iter()
@@ -216,7 +227,7 @@ async fn the_shipped_chains_reuse_workers_on_photos_and_clips() -> Result<()> {
         .iter()
         .map(|s| (s.stage.as_str(), s.state))
         .collect();
-    for stage in ["photos", "image-worker"] {
+    for stage in ["photos", "reference"] {
         ensure!(
             stages.get(stage) == Some(&mediaflow_db::StageState::Done),
             "{stages:?}"

@@ -13,11 +13,6 @@ use mediaflow_runtime::{Handler, Output, StageError};
 use mediaflow_store::ObjectStore;
 use serde::{Deserialize, Serialize};
 
-/// The stage name, also its consumer group and part of every output key.
-pub const STAGE: &str = "image-worker";
-/// Bumped whenever the output for the same input changes; part of every output key.
-pub const STAGE_VERSION: &str = "2";
-
 /// Configuration of the image stage.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -74,12 +69,20 @@ pub struct ImageWorker {
 }
 
 impl ImageWorker {
-    pub fn new(config: ImageWorkerConfig, store: ObjectStore, db: Db) -> Self {
+    /// The image stage declared as `stage` at `version` (both part of every output key: bump
+    /// the version whenever the output for the same input changes).
+    pub fn new(
+        stage: &str,
+        version: &str,
+        config: ImageWorkerConfig,
+        store: ObjectStore,
+        db: Db,
+    ) -> Self {
         let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         Self {
             config,
             cpu: std::sync::Arc::new(tokio::sync::Semaphore::new(cores)),
-            outputs: Outputs::new(store.clone(), STAGE, STAGE_VERSION),
+            outputs: Outputs::new(store.clone(), stage, version),
             store,
             db,
         }
@@ -93,12 +96,6 @@ impl ImageWorker {
             ..DecodeLimits::default()
         }
     }
-}
-
-/// Where output `file` of `media_id` is written: the same input and stage version always map to
-/// the same key.
-pub fn output_key(media_id: &str, file: &str) -> String {
-    mediaflow_outputs::key(STAGE, STAGE_VERSION, media_id, file)
 }
 
 impl Handler for ImageWorker {
@@ -170,7 +167,7 @@ impl Handler for ImageWorker {
         self.db
             .record_image_tags(&ImageTagsRow {
                 media_id: upload.media_id.clone(),
-                stage_version: STAGE_VERSION.into(),
+                stage_version: self.outputs.version().into(),
                 phash: t.phash.clone(),
                 camera_make: exif.and_then(|e| e.make.clone()),
                 camera_model: exif.and_then(|e| e.model.clone()),
@@ -188,8 +185,8 @@ impl Handler for ImageWorker {
 
         let result = ImageProcessed {
             media_id: upload.media_id.clone(),
-            stage: STAGE.into(),
-            stage_version: STAGE_VERSION.into(),
+            stage: self.outputs.stage().into(),
+            stage_version: self.outputs.version().into(),
             input: upload.object.clone(),
             source_width: t.width,
             source_height: t.height,
@@ -206,10 +203,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn output_keys_are_deterministic_and_versioned() {
-        let a = output_key("m1", "thumb-256.jpg");
-        assert_eq!(a, output_key("m1", "thumb-256.jpg"));
-        assert_eq!(a, "derived/m1/image-worker/v2/thumb-256.jpg");
+    fn names_of_modes_and_formats() {
         assert_eq!(
             mediaflow_outputs::enum_name(&mediaflow_imaging::renditions::Mode::Fill),
             "fill"

@@ -223,6 +223,8 @@ impl Kind for Image {
         config.check().map_err(anyhow::Error::msg)?;
         let s = ctx.services;
         Ok(Built::handler(ImageWorker::new(
+            &stage.name,
+            &stage.version.to_string(),
             config,
             s.store.clone(),
             s.db.clone(),
@@ -248,6 +250,8 @@ impl Kind for Video {
         config.check().map_err(anyhow::Error::msg)?;
         let s = ctx.services;
         Ok(Built::handler(VideoWorker::new(
+            &stage.name,
+            &stage.version.to_string(),
             config,
             ctx.config.data_dir.join("video"),
             s.store.clone(),

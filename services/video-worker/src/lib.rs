@@ -25,11 +25,6 @@ use serde::{Deserialize, Serialize};
 /// The kernel, for the types of the configuration.
 pub use mediaflow_video as video;
 
-/// The stage name, also its consumer group and part of every output key.
-pub const STAGE: &str = "video-worker";
-/// Bumped whenever the output for the same input changes; part of every output key.
-pub const STAGE_VERSION: &str = "1";
-
 /// Configuration of the video stage (`[video_worker]`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -140,8 +135,11 @@ fn make(path: &Path, config: &VideoWorkerConfig) -> Result<Made, VideoError> {
 }
 
 impl VideoWorker {
+    /// The video stage declared as `stage` at `version` (both part of every output key);
     /// `work_dir` holds each job's downloaded input while it runs.
     pub fn new(
+        stage: &str,
+        version: &str,
         config: VideoWorkerConfig,
         work_dir: std::path::PathBuf,
         store: ObjectStore,
@@ -151,7 +149,7 @@ impl VideoWorker {
         Self {
             config,
             cpu: std::sync::Arc::new(tokio::sync::Semaphore::new(cores)),
-            outputs: Outputs::new(store.clone(), STAGE, STAGE_VERSION),
+            outputs: Outputs::new(store.clone(), stage, version),
             store,
             db,
             work_dir,
@@ -319,8 +317,8 @@ impl Handler for VideoWorker {
             .unwrap_or_default();
         let result = VideoProcessed {
             media_id: id.clone(),
-            stage: STAGE.into(),
-            stage_version: STAGE_VERSION.into(),
+            stage: self.outputs.stage().into(),
+            stage_version: self.outputs.version().into(),
             input: upload.object.clone(),
             probe,
             strategy,

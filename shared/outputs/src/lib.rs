@@ -36,6 +36,15 @@ impl Outputs {
         }
     }
 
+    /// The stage these outputs are written by, and its version: their lineage.
+    pub fn stage(&self) -> &str {
+        &self.stage
+    }
+
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
     /// The key of output file `file` of `media_id`.
     pub fn key(&self, media_id: &str, file: &str) -> String {
         key(&self.stage, &self.version, media_id, file)
