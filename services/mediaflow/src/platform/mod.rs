@@ -394,7 +394,12 @@ impl Platform {
     /// failed while it ran.
     pub async fn stop(self, deadline: Duration) -> Result<()> {
         let drained = self.drain(deadline).await;
-        if let Some(kafka) = self.kafka {
+        let Platform { running, kafka, .. } = self;
+        // The platform's own clients (the shared producer) close while the broker still
+        // answers: closed after it, they would retry connecting, log errors and can hold the
+        // exit for their socket timeout.
+        drop(running);
+        if let Some(kafka) = kafka {
             kafka.stop().await;
         }
         drained
