@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use image::ImageFormat;
-use mediaflow_imaging::renditions::{Format, Mode, RenditionSpec, process};
+use mediaflow_imaging::renditions::{Format, Mode, RenditionSpec, decode_working, process};
 use mediaflow_imaging::samples::{camera_jpeg, encode, jpeg_declaring, photo};
-use mediaflow_imaging::{DecodeLimits, jpeg, probe, small, tags, thumbnail};
+use mediaflow_imaging::{DecodeLimits, fit_within, jpeg, probe, small_of, tags, thumbnail};
 
 fn kernels(c: &mut Criterion) {
     let limits = DecodeLimits::default();
@@ -22,17 +22,20 @@ fn kernels(c: &mut Criterion) {
     c.bench_function("dc decode: 12 MP JPEG to 500x375", |b| {
         b.iter(|| jpeg::dc::decode_dc(&twelve).unwrap())
     });
-    c.bench_function("thumbnail 256: 12 MP JPEG", |b| {
-        b.iter(|| thumbnail(&twelve, 256, &limits).unwrap())
-    });
-    c.bench_function("thumbnail 256: 1024x768 PNG", |b| {
-        b.iter(|| thumbnail(&png, 256, &limits).unwrap())
-    });
+    c.bench_function(
+        "thumbnail 256 + tags (the image stage's default): 12 MP JPEG",
+        |b| b.iter(|| thumbnail(&twelve, 256, &limits).unwrap()),
+    );
+    c.bench_function(
+        "thumbnail 256 + tags (the image stage's default): 1024x768 PNG",
+        |b| b.iter(|| thumbnail(&png, 256, &limits).unwrap()),
+    );
     let pixels = photo(500, 375).to_rgb8().into_raw();
     c.bench_function("resize Lanczos3: 500x375 to 256x192", |b| {
         b.iter(|| jpeg::resize_rgb(pixels.clone(), (500, 375), (256, 192)).unwrap())
     });
-    let small = small(&twelve, 256, &limits).unwrap();
+    let (decoded, _) = decode_working(&twelve, &limits, |w, h| fit_within(w, h, 256)).unwrap();
+    let small = small_of(&decoded.image, 256).unwrap();
     c.bench_function("tags: colours, phash, sharpness of a 256 px image", |b| {
         b.iter(|| tags::tags(&small, None))
     });

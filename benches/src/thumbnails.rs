@@ -4,7 +4,8 @@
 //! usage: thumbnails --photos DIR --work DIR [--size 256] [--rounds 5] [--synthetic 24]
 //!
 //! Both sides read each photo from disk and write a JPEG thumbnail to disk. mediaflow runs in
-//! process; `vipsthumbnail` gets every photo of a set in one invocation, so its start-up is paid
+//! process, on the image stage's own path (`mediaflow_imaging::thumbnail`: `renditions::process`
+//! with one rendition, which also computes the tags the stage stores); `vipsthumbnail` gets every photo of a set in one invocation, so its start-up is paid
 //! once per round of at least 24 photos (small sets are cycled). CPU pinning is the caller's (`./x bench` runs this under `taskset`), and
 //! `vipsthumbnail` inherits it. Prints one line per photo set with both rates and their ratio,
 //! and how alike the two sides' thumbnails are (SSIM by ffmpeg's `ssim` filter).
@@ -56,7 +57,7 @@ fn args() -> Result<Args> {
 const MIN_FILES: usize = 24;
 
 /// Quality both sides encode with.
-const QUALITY: i32 = mediaflow_imaging::jpeg::JPEG_QUALITY;
+const QUALITY: u8 = mediaflow_imaging::jpeg::JPEG_QUALITY;
 
 /// Deterministic noise (a 64-bit LCG), so every run makes the same synthetic photos.
 struct Lcg(u64);

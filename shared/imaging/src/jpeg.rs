@@ -10,10 +10,10 @@ use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer
 use image::DynamicImage;
 use image::metadata::Orientation;
 
-use crate::{DecodeLimits, ImagingError, Small, check_dimensions, fit_within};
+use crate::{DecodeLimits, ImagingError, Small, check_dimensions};
 
-/// Quality of JPEG thumbnails.
-pub const JPEG_QUALITY: i32 = 85;
+/// Quality of the default JPEG thumbnail (`crate::thumbnail`, the image stage's `thumb-256`).
+pub const JPEG_QUALITY: u8 = 85;
 
 fn corrupt(e: turbojpeg::Error) -> ImagingError {
     ImagingError::Corrupt {
@@ -30,23 +30,6 @@ pub fn shrink_on_load(width: u32, height: u32, want_w: u32, want_h: u32) -> (u32
         .map(|num| (num, scaled(width, num), scaled(height, num)))
         .find(|&(_, w, h)| w >= want_w && h >= want_h)
         .unwrap_or((8, width, height))
-}
-
-/// The JPEG `bytes` decoded small enough to fit in `max_side`, oriented, or `None` when the fast
-/// path does not apply (CMYK and YCCK JPEGs) and the general decoder must be used.
-pub fn small(
-    bytes: &[u8],
-    max_side: u32,
-    limits: &DecodeLimits,
-    orientation: Option<Orientation>,
-) -> Result<Option<Small>, ImagingError> {
-    decode_for(
-        bytes,
-        limits,
-        orientation,
-        |w, h| fit_within(w, h, max_side),
-        true,
-    )
 }
 
 /// The JPEG `bytes` decoded at the smallest DCT scale that still covers `target(width, height)`
@@ -127,11 +110,6 @@ pub fn decode_for(
         source_width: shown_w,
         source_height: shown_h,
     }))
-}
-
-/// Encodes packed RGB8 `pixels` as a JPEG (quality `JPEG_QUALITY`, 4:2:0) with libjpeg-turbo.
-pub fn encode_rgb(pixels: &[u8], width: u32, height: u32) -> Result<Vec<u8>, ImagingError> {
-    encode_rgb_quality(pixels, width, height, JPEG_QUALITY)
 }
 
 /// Encodes packed RGB8 `pixels` as a JPEG of `quality` (4:2:0) with libjpeg-turbo.

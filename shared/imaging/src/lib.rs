@@ -64,39 +64,18 @@ pub enum ImagingError {
     Encode(String),
 }
 
-/// Output format of a thumbnail.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ThumbFormat {
-    Jpeg,
-    Png,
-}
-
-impl ThumbFormat {
-    pub fn content_type(self) -> &'static str {
-        match self {
-            ThumbFormat::Jpeg => "image/jpeg",
-            ThumbFormat::Png => "image/png",
-        }
-    }
-
-    pub fn extension(self) -> &'static str {
-        match self {
-            ThumbFormat::Jpeg => "jpg",
-            ThumbFormat::Png => "png",
-        }
-    }
-}
-
-/// A finished thumbnail.
+/// A thumbnail made as the image stage makes its default one (see [`thumbnail`]).
 #[derive(Clone, Debug)]
 pub struct Thumbnail {
     pub bytes: Vec<u8>,
-    pub format: ThumbFormat,
+    pub format: renditions::Format,
     pub width: u32,
     pub height: u32,
     /// Size of the source after orientation.
     pub source_width: u32,
     pub source_height: u32,
+    /// The image's tags, made from the same decode.
+    pub tags: tags::Tags,
 }
 
 pub(crate) fn format_name(format: ImageFormat) -> &'static str {
@@ -290,58 +269,31 @@ pub fn small_of(image: &DynamicImage, max_side: u32) -> Result<Small, ImagingErr
     })
 }
 
-/// Decodes `bytes` within `limits`, as small as fits in `max_side`: JPEGs by shrink-on-load,
-/// the rest by the `image` crate and the same resampler.
-pub fn small(bytes: &[u8], max_side: u32, limits: &DecodeLimits) -> Result<Small, ImagingError> {
-    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
-        require_complete_jpeg(bytes)?;
-        let orientation = jpeg_exif(bytes).and_then(image::metadata::Orientation::from_exif_chunk);
-        if let Some(small) = jpeg::small(bytes, max_side, limits, orientation)? {
-            return Ok(small);
-        }
-    }
-    small_of(&decode(bytes, limits)?, max_side)
-}
-
-/// Encodes `small` as a thumbnail: PNG when it has transparency, JPEG otherwise.
-pub fn encode_thumbnail(small: &Small) -> Result<Thumbnail, ImagingError> {
-    let (width, height) = (small.image.width(), small.image.height());
-    let (format, bytes) = if small.image.color().has_alpha() {
-        let mut out = Cursor::new(Vec::new());
-        small
-            .image
-            .write_to(&mut out, ImageFormat::Png)
-            .map_err(|e| ImagingError::Encode(e.to_string()))?;
-        (ThumbFormat::Png, out.into_inner())
-    } else {
-        let rgb = small.image.to_rgb8();
-        (
-            ThumbFormat::Jpeg,
-            jpeg::encode_rgb(rgb.as_raw(), width, height)?,
-        )
-    };
-    Ok(Thumbnail {
-        bytes,
-        format,
-        width,
-        height,
-        source_width: small.source_width,
-        source_height: small.source_height,
-    })
-}
-
-/// Scales `image` to fit in a `max_side` square and encodes it (see `encode_thumbnail`).
-pub fn thumbnail_of(image: &DynamicImage, max_side: u32) -> Result<Thumbnail, ImagingError> {
-    encode_thumbnail(&small_of(image, max_side)?)
-}
-
-/// Decodes `bytes` within `limits` and makes a thumbnail fitting in `max_side`.
+/// What the image stage runs, with one rendition: `renditions::process` making a JPEG (quality
+/// 85) that fits a `max_side` square, and the tags, from one decode within `limits`. Tests,
+/// fuzzers and benchmarks go through here, so they measure and check the stage's own path.
 pub fn thumbnail(
     bytes: &[u8],
     max_side: u32,
     limits: &DecodeLimits,
 ) -> Result<Thumbnail, ImagingError> {
-    encode_thumbnail(&small(bytes, max_side, limits)?)
+    let spec = renditions::RenditionSpec::thumbnail("thumbnail", max_side, jpeg::JPEG_QUALITY);
+    let renditions::Processed {
+        mut renditions,
+        tags,
+    } = renditions::process(bytes, std::slice::from_ref(&spec), limits)?;
+    let r = renditions
+        .pop()
+        .ok_or_else(|| ImagingError::Encode("no rendition was made".into()))?;
+    Ok(Thumbnail {
+        bytes: r.bytes,
+        format: r.format,
+        width: r.width,
+        height: r.height,
+        source_width: tags.width,
+        source_height: tags.height,
+        tags,
+    })
 }
 
 #[cfg(test)]
@@ -367,22 +319,24 @@ mod tests {
         let t = thumbnail(&bytes, 256, &DecodeLimits::default()).unwrap();
         assert_eq!((t.width, t.height), (256, 128));
         assert_eq!((t.source_width, t.source_height), (1000, 500));
-        assert_eq!(t.format, ThumbFormat::Jpeg);
+        assert_eq!(t.format, renditions::Format::Jpeg);
         let back = image::load_from_memory(&t.bytes).unwrap();
         assert_eq!((back.width(), back.height()), (256, 128));
     }
 
     #[test]
-    fn transparent_png_stays_png() {
-        let img = DynamicImage::ImageRgba8(RgbaImage::from_pixel(300, 600, Rgba([1, 2, 3, 100])));
+    fn transparency_is_flattened_on_white_in_the_jpeg() {
+        let img = DynamicImage::ImageRgba8(RgbaImage::from_pixel(300, 600, Rgba([0, 0, 0, 0])));
         let t = thumbnail(
             &encode(img, ImageFormat::Png),
             256,
             &DecodeLimits::default(),
         )
         .unwrap();
-        assert_eq!(t.format, ThumbFormat::Png);
+        assert_eq!(t.format, renditions::Format::Jpeg);
         assert_eq!((t.width, t.height), (128, 256));
+        let back = image::load_from_memory(&t.bytes).unwrap().to_rgb8();
+        assert!(back.get_pixel(64, 128).0.iter().all(|&c| c > 250));
     }
 
     #[test]
