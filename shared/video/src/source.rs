@@ -252,6 +252,23 @@ impl Video {
         })
     }
 
+    /// When each keyframe of the video stream is presented (seconds from the stream start, in
+    /// order), read from the packets' flags: the stream is demuxed, nothing is decoded.
+    pub fn keyframe_times(&mut self) -> Result<Vec<f64>, VideoError> {
+        self.seek_before(0.0)?;
+        let mut times = Vec::new();
+        while let Some(packet) = self.next_packet()? {
+            if packet.is_key()
+                && let Some(t) = packet.pts().or(packet.dts())
+            {
+                times.push(self.seconds(t).max(0.0));
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        times.dedup();
+        Ok(times)
+    }
+
     /// One frame interval, from the average frame rate (1/25 s when unknown).
     pub fn frame_interval(&self) -> f64 {
         match self.probe.video.frame_rate {

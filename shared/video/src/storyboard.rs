@@ -24,8 +24,8 @@ pub struct StoryboardSpec {
     pub interval_s: Option<f64>,
     /// JPEG quality of the sprite.
     pub quality: u8,
-    /// Keyframes (fast) or the exact frame at each tile's middle. With keyframes, a tile whose
-    /// range holds none is decoded exactly, so that every tile shows its own part of the video.
+    /// Keyframes (fast: where they are farther apart than the interval, a tile stands for the
+    /// range up to the next keyframe shown) or the exact frame at each tile's middle.
     pub seek: Seek,
 }
 
@@ -115,7 +115,53 @@ fn clock(seconds: f64) -> String {
     )
 }
 
+/// A tile to make: its time range, and the time of the frame it shows and how it is found.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Planned {
+    start_s: f64,
+    end_s: f64,
+    at_s: f64,
+    seek: Seek,
+}
+
+/// Tiles from keyframes (`keys`, in order) over the regular `grid` of ranges: each range shows
+/// the keyframe in it nearest its middle; a range holding no keyframe is added to the tile
+/// before it (the first tile starts at the first range). Keyframes farther apart than the
+/// interval so give fewer, longer tiles, each showing a frame of its own range, and no frame is
+/// decoded but keyframes. Empty when there is no keyframe at all.
+fn from_keyframes(grid: &[(f64, f64)], keys: &[f64]) -> Vec<Planned> {
+    let mut tiles: Vec<Planned> = Vec::with_capacity(grid.len());
+    let mut first_start = None;
+    for &(start_s, end_s) in grid {
+        let from = keys.partition_point(|&k| k < start_s);
+        let to = keys.partition_point(|&k| k < end_s);
+        let middle = (start_s + end_s) / 2.0;
+        let nearest = keys[from..to]
+            .iter()
+            .copied()
+            .min_by(|a, b| (a - middle).abs().total_cmp(&(b - middle).abs()));
+        match (nearest, tiles.last_mut()) {
+            (Some(at_s), _) => tiles.push(Planned {
+                start_s: first_start.take().unwrap_or(start_s),
+                end_s,
+                at_s,
+                seek: Seek::Keyframe,
+            }),
+            (None, Some(last)) => last.end_s = end_s,
+            (None, None) => {
+                first_start.get_or_insert(start_s);
+            }
+        }
+    }
+    tiles
+}
+
 /// Makes the storyboard of `video`.
+///
+/// With `seek: keyframe` the tiles show keyframes only: where keyframes are farther apart than
+/// the interval, a tile stands for the whole range up to the next keyframe shown (the WebVTT
+/// says so), so the cost is one keyframe decode per tile however long the video. With
+/// `seek: accurate` every tile shows the frame at the middle of its range, decoded exactly.
 pub fn storyboard(video: &mut Video, spec: &StoryboardSpec) -> Result<Storyboard, VideoError> {
     spec.check()?;
     let duration = video.probe().duration_s;
@@ -129,6 +175,26 @@ pub fn storyboard(video: &mut Video, spec: &StoryboardSpec) -> Result<Storyboard
     } else {
         interval
     };
+    let grid: Vec<(f64, f64)> = (0..count)
+        .map(|i| {
+            let start_s = f64::from(i) * interval;
+            (start_s, (start_s + interval).min(duration))
+        })
+        .collect();
+    let accurate = |&(start_s, end_s): &(f64, f64)| Planned {
+        start_s,
+        end_s,
+        at_s: (start_s + end_s) / 2.0,
+        seek: Seek::Accurate,
+    };
+    let mut plan = match spec.seek {
+        Seek::Keyframe => from_keyframes(&grid, &video.keyframe_times()?),
+        Seek::Accurate => Vec::new(),
+    };
+    if plan.is_empty() {
+        plan = grid.iter().map(accurate).collect();
+    }
+    let count = u32::try_from(plan.len()).unwrap_or(u32::MAX);
     let (dw, dh) = (
         video.probe().video.display_width,
         video.probe().video.display_height,
@@ -146,23 +212,20 @@ pub fn storyboard(video: &mut Video, spec: &StoryboardSpec) -> Result<Storyboard
         )));
     }
     let mut sprite = RgbImage::new(tw * columns, th * rows);
-    let mut tiles = Vec::with_capacity(count as usize);
-    for i in 0..count {
-        let start_s = f64::from(i) * interval;
-        let end_s = (start_s + interval).min(duration);
-        let middle = (start_s + end_s) / 2.0;
-        let mut picture = video.frame_at(middle, spec.seek)?;
-        // A keyframe from before the tile's range (keyframes far apart) would show an earlier
-        // part of the video: decode to the tile's own time instead.
-        if spec.seek == Seek::Keyframe && picture.time_s + 1e-6 < start_s {
-            picture = video.frame_at(middle, Seek::Accurate)?;
+    let mut tiles = Vec::with_capacity(plan.len());
+    for (i, p) in (0u32..).zip(&plan) {
+        let mut picture = video.frame_at(p.at_s, p.seek)?;
+        // A keyframe the index placed in the range but the decoder shows earlier: decode the
+        // range's own time instead, so that the tile never shows another range.
+        if picture.time_s + 1e-6 < p.start_s {
+            picture = video.frame_at(p.at_s, Seek::Accurate)?;
         }
         let image = picture.to_rgb(tw, th)?;
         let (x, y) = ((i % columns) * tw, (i / columns) * th);
         image::imageops::replace(&mut sprite, &image, i64::from(x), i64::from(y));
         tiles.push(Tile {
-            start_s,
-            end_s,
+            start_s: p.start_s,
+            end_s: p.end_s,
             frame_s: picture.time_s,
             x,
             y,
@@ -181,6 +244,29 @@ pub fn storyboard(video: &mut Video, spec: &StoryboardSpec) -> Result<Storyboard
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keyframes_farther_apart_than_the_interval_make_longer_tiles_of_their_own_range() {
+        let grid: Vec<_> = (0..10).map(|i| (f64::from(i), f64::from(i + 1))).collect();
+        // Keyframes at 0.2, 4.5 and 8.4 s: three tiles, 0-4, 4-8, 8-10.
+        let plan = from_keyframes(&grid, &[0.2, 4.5, 8.4]);
+        let ranges: Vec<_> = plan.iter().map(|p| (p.start_s, p.end_s, p.at_s)).collect();
+        assert_eq!(ranges, [(0.0, 4.0, 0.2), (4.0, 8.0, 4.5), (8.0, 10.0, 8.4)]);
+        assert!(plan.iter().all(|p| p.seek == Seek::Keyframe));
+        // None in the first ranges: the first tile starts at 0 anyway.
+        let plan = from_keyframes(&grid, &[2.5, 7.0]);
+        let ranges: Vec<_> = plan.iter().map(|p| (p.start_s, p.end_s)).collect();
+        assert_eq!(ranges, [(0.0, 7.0), (7.0, 10.0)]);
+        // Dense keyframes: one per range, the nearest its middle.
+        let keys: Vec<_> = (0..40).map(|i| f64::from(i) * 0.25).collect();
+        let plan = from_keyframes(&grid, &keys);
+        assert_eq!(plan.len(), 10);
+        assert!(
+            plan.iter()
+                .all(|p| (p.at_s - (p.start_s + 0.5)).abs() <= 0.25)
+        );
+        assert!(from_keyframes(&grid, &[]).is_empty());
+    }
 
     #[test]
     fn vtt_cues_use_clock_times_and_media_fragments() {

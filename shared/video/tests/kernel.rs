@@ -375,6 +375,32 @@ fn storyboard_vtt_parses_and_its_tiles_are_inside_the_sprite() {
 }
 
 #[test]
+fn a_storyboard_over_sparse_keyframes_decodes_only_keyframes_and_says_so() {
+    // x264 places a keyframe every 3 to 4 s in this clip (19 of them, as `ffprobe -skip_frame
+    // nokey` lists them), against a default interval of 1 s.
+    let mut video = open("synthetic-1080p-60s.mp4");
+    let keys = video.keyframe_times().unwrap();
+    assert!((10..=30).contains(&keys.len()), "{keys:?}");
+    assert!(keys.windows(2).all(|w| w[1] - w[0] > 1.0), "{keys:?}");
+    let started = std::time::Instant::now();
+    let board = storyboard(&mut video, &StoryboardSpec::default()).unwrap();
+    println!(
+        "storyboard of a 60 s 1080p video with {} keyframes: {} tiles in {:?}",
+        keys.len(),
+        board.tiles.len(),
+        started.elapsed()
+    );
+    // One tile per keyframe, showing it, standing for the time up to the next one.
+    assert_eq!(board.tiles.len(), keys.len());
+    for (i, (tile, key)) in board.tiles.iter().zip(&keys).enumerate() {
+        assert!((tile.frame_s - key).abs() < 1e-3, "{tile:?} shows {key}");
+        if let Some(next) = keys.get(i + 1) {
+            assert!(tile.end_s > *key && tile.end_s <= *next + 1.0, "{tile:?}");
+        }
+    }
+}
+
+#[test]
 fn animated_previews_have_the_frames_asked_for() {
     use image::AnimationDecoder;
     // A variable rate clip (4 of every 10 frames of 30 fps kept): the preview covers only the
