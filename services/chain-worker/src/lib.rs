@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use cloudevents::{AttributesReader, Data, Event};
+use cloudevents::{AttributesReader, Event};
 use futures::future::BoxFuture;
 use mediaflow_db::{Db, Entity};
 use mediaflow_events::{MediaKind, MediaProcessed, ObjectRef, Output, RenditionRef, StepResult};
@@ -383,12 +383,8 @@ impl Job {
 /// What a chain works on: a media item and its object, from any event about one (an upload,
 /// a work queue's job, another stage's result naming its `input`).
 fn media_of(event: &Event) -> Result<(String, MediaKind, ObjectRef), StageError> {
-    let data: Value = match event.data() {
-        Some(Data::Json(v)) => v.clone(),
-        Some(Data::String(s)) => serde_json::from_str(s).unwrap_or(Value::Null),
-        Some(Data::Binary(b)) => serde_json::from_slice(b).unwrap_or(Value::Null),
-        None => Value::Null,
-    };
+    let data = mediaflow_events::data_json(event)
+        .map_err(|e| StageError::bad_input(format!("a chain cannot read it: {e}")))?;
     let unusable = |why: &str| {
         StageError::bad_input(format!(
             "event {} (`{}`) {why}: a chain works on events about a media item (`media_id`) and its object (`object` or `input`)",
@@ -401,10 +397,7 @@ fn media_of(event: &Event) -> Result<(String, MediaKind, ObjectRef), StageError>
         .and_then(Value::as_str)
         .ok_or_else(|| unusable("has no `media_id`"))?
         .to_owned();
-    let object = ["object", "input"]
-        .iter()
-        .find_map(|f| serde_json::from_value::<ObjectRef>(data.get(*f)?.clone()).ok())
-        .ok_or_else(|| unusable("refers to no object"))?;
+    let object = ObjectRef::referenced_by(&data).ok_or_else(|| unusable("refers to no object"))?;
     let kind = match data.get("kind").and_then(Value::as_str) {
         Some("image") => MediaKind::Image,
         Some("video") => MediaKind::Video,

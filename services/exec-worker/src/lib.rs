@@ -126,26 +126,21 @@ impl Job {
                 input: None,
             });
         }
-        let data = match event.data() {
-            Some(Data::Json(v)) => v.clone(),
-            Some(Data::String(s)) => {
-                serde_json::from_str(s).unwrap_or(serde_json::Value::String(s.clone()))
-            }
-            Some(Data::Binary(b)) => serde_json::from_slice(b).map_err(|e| {
-                StageError::bad_input(format!(
-                    "event {} has binary data that is not JSON: {e}",
-                    event.id()
-                ))
-            })?,
-            None => serde_json::Value::Null,
+        // Text that is not JSON is handed over as a JSON string; other unreadable data is bad
+        // input.
+        let data = match mediaflow_events::data_json(event) {
+            Ok(data) => data,
+            Err(mediaflow_events::EventError::NoData { .. }) => serde_json::Value::Null,
+            Err(e) => match event.data() {
+                Some(Data::String(text)) => serde_json::Value::String(text.clone()),
+                _ => return Err(StageError::bad_input(e.to_string())),
+            },
         };
         let media_id = data
             .get("media_id")
             .and_then(|v| v.as_str())
             .map(str::to_owned);
-        let input = ["object", "input"]
-            .iter()
-            .find_map(|field| serde_json::from_value::<ObjectRef>(data.get(*field)?.clone()).ok());
+        let input = ObjectRef::referenced_by(&data);
         let about = match media_id {
             Some(id) => About::Media(id),
             None => About::Item {

@@ -58,6 +58,15 @@ pub struct ObjectRef {
     pub content_type: String,
 }
 
+impl ObjectRef {
+    /// The object an event's data refers to: an upload's `object`, else a result's `input`.
+    pub fn referenced_by(data: &serde_json::Value) -> Option<Self> {
+        ["object", "input"]
+            .iter()
+            .find_map(|field| serde_json::from_value(data.get(*field)?.clone()).ok())
+    }
+}
+
 /// `mediaflow.media.uploaded`: an upload was stored and recorded and is ready for processing.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MediaUploaded {
