@@ -1,11 +1,12 @@
 //! What the benchmark programs share: timing, the CPUs they may use, and image similarity
 //! measured by a tool nobody here wrote.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use mediaflow_imaging::jpeg::resize_rgb;
 
 /// SSIM ("All", over Y, U and V) of two images by ffmpeg's `ssim` filter.
 pub fn ssim(a: &Path, b: &Path) -> Result<f64> {
@@ -46,4 +47,72 @@ pub fn allowed_cpus() -> String {
             })
         })
         .unwrap_or_default()
+}
+
+/// Deterministic noise (a 64-bit LCG), so every run makes the same synthetic photos.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u8 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 56) as u8
+    }
+}
+
+/// A camera-like JPEG of `size` made from a real photo: a `view` x `view` copy of it upscaled
+/// with Lanczos3, with sensor-like grain added so that it carries a camera photo's entropy
+/// (about 3 MB at 12 MP), encoded at quality 90 with 4:2:0 chroma subsampling.
+pub fn synthetic_photo(
+    source: &Path,
+    view: u32,
+    (w, h): (u32, u32),
+    seed: u64,
+    out: &Path,
+) -> Result<()> {
+    let small = image::open(source)
+        .with_context(|| format!("opening {}", source.display()))?
+        .resize_exact(view, view, image::imageops::FilterType::Triangle)
+        .to_rgb8();
+    let mut pixels = resize_rgb(small.into_raw(), (view, view), (w, h))?;
+    let mut rng = Lcg(seed);
+    for p in &mut pixels {
+        let grain = i16::from(rng.next() % 25) - 12;
+        *p = (i16::from(*p) + grain).clamp(0, 255) as u8;
+    }
+    let jpeg = turbojpeg::compress(
+        turbojpeg::Image {
+            pixels: pixels.as_slice(),
+            width: w as usize,
+            pitch: w as usize * 3,
+            height: h as usize,
+            format: turbojpeg::PixelFormat::RGB,
+        },
+        90,
+        turbojpeg::Subsamp::Sub2x2,
+    )?;
+    std::fs::write(out, &*jpeg)?;
+    Ok(())
+}
+
+/// Makes `n` synthetic photos in `dir` (once; kept for later runs) from the real `photos`.
+pub fn synthetic_set(photos: &[PathBuf], dir: &Path, n: usize) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir)?;
+    let mut out = Vec::new();
+    for i in 0..n {
+        let path = dir.join(format!("synthetic-12mp-{i}.jpg"));
+        if !path.is_file() {
+            synthetic_photo(
+                &photos[i % photos.len()],
+                512,
+                (4000, 3000),
+                i as u64 + 1,
+                &path,
+            )?;
+        }
+        out.push(path);
+    }
+    Ok(out)
 }

@@ -15,8 +15,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use mediaflow_benches::{allowed_cpus, median, ssim};
-use mediaflow_imaging::{DecodeLimits, jpeg::resize_rgb};
+use mediaflow_benches::{allowed_cpus, median, ssim, synthetic_photo, synthetic_set};
+use mediaflow_imaging::DecodeLimits;
 
 struct Args {
     photos: PathBuf,
@@ -58,74 +58,6 @@ const MIN_FILES: usize = 24;
 
 /// Quality both sides encode with.
 const QUALITY: u8 = mediaflow_imaging::jpeg::JPEG_QUALITY;
-
-/// Deterministic noise (a 64-bit LCG), so every run makes the same synthetic photos.
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self) -> u8 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 56) as u8
-    }
-}
-
-/// A camera-like JPEG of `size` made from a real photo: a `view` x `view` copy of it upscaled
-/// with Lanczos3, with sensor-like grain added so that it carries a camera photo's entropy
-/// (about 3 MB at 12 MP), encoded at quality 90 with 4:2:0 chroma subsampling.
-fn synthetic_photo(
-    source: &Path,
-    view: u32,
-    (w, h): (u32, u32),
-    seed: u64,
-    out: &Path,
-) -> Result<()> {
-    let small = image::open(source)
-        .with_context(|| format!("opening {}", source.display()))?
-        .resize_exact(view, view, image::imageops::FilterType::Triangle)
-        .to_rgb8();
-    let mut pixels = resize_rgb(small.into_raw(), (view, view), (w, h))?;
-    let mut rng = Lcg(seed);
-    for p in &mut pixels {
-        let grain = i16::from(rng.next() % 25) - 12;
-        *p = (i16::from(*p) + grain).clamp(0, 255) as u8;
-    }
-    let jpeg = turbojpeg::compress(
-        turbojpeg::Image {
-            pixels: pixels.as_slice(),
-            width: w as usize,
-            pitch: w as usize * 3,
-            height: h as usize,
-            format: turbojpeg::PixelFormat::RGB,
-        },
-        90,
-        turbojpeg::Subsamp::Sub2x2,
-    )?;
-    std::fs::write(out, &*jpeg)?;
-    Ok(())
-}
-
-/// Makes `n` synthetic photos in `dir` (once; kept for later runs) from the real `photos`.
-fn synthetic_set(photos: &[PathBuf], dir: &Path, n: usize) -> Result<Vec<PathBuf>> {
-    std::fs::create_dir_all(dir)?;
-    let mut out = Vec::new();
-    for i in 0..n {
-        let path = dir.join(format!("synthetic-12mp-{i}.jpg"));
-        if !path.is_file() {
-            synthetic_photo(
-                &photos[i % photos.len()],
-                512,
-                (4000, 3000),
-                i as u64 + 1,
-                &path,
-            )?;
-        }
-        out.push(path);
-    }
-    Ok(out)
-}
 
 /// One round of mediaflow over `files`: read, thumbnail, write.
 fn mediaflow_round(files: &[PathBuf], out: &Path, size: u32) -> Result<Duration> {

@@ -39,6 +39,10 @@ pub struct GatewayConfig {
     pub max_upload_bytes: u64,
     /// Folder for spooling uploads while they stream in; the system temp folder when unset.
     pub spool_dir: Option<PathBuf>,
+    /// Uploads up to this size are received in memory; larger ones are spooled to
+    /// `spool_dir` while they stream in. Bounds upload memory to about this many bytes times
+    /// `max_concurrent_uploads`.
+    pub spool_memory_bytes: u64,
     /// Lifetime of presigned download URLs in API responses, in seconds.
     pub presign_ttl_secs: u64,
     /// Uploads received at once; more get `503` with `Retry-After`. Bounds spool disk use to
@@ -52,6 +56,7 @@ impl Default for GatewayConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_upload_bytes: 256 * 1024 * 1024,
             spool_dir: None,
+            spool_memory_bytes: 16 * 1024 * 1024,
             presign_ttl_secs: 3600,
             max_concurrent_uploads: 16,
         }
@@ -190,6 +195,7 @@ async fn accept_upload(gw: &Gateway, request: Request) -> Result<Accepted, ApiEr
         .try_acquire_owned()
         .map_err(|_| ApiError::Busy)?;
     let limit = gw.inner.config.max_upload_bytes;
+    let memory = gw.inner.config.spool_memory_bytes;
     let headers = request.headers().clone();
     let declared = headers
         .get(header::CONTENT_TYPE)
@@ -240,7 +246,7 @@ async fn accept_upload(gw: &Gateway, request: Request) -> Result<Accepted, ApiEr
             }
             let filename = field.file_name().and_then(safe_filename);
             let declared = field.content_type().map(str::to_ascii_lowercase);
-            let spooled = spool::spool(&gw.inner.spool_dir, field, limit).await?;
+            let spooled = spool::spool(&gw.inner.spool_dir, field, limit, memory).await?;
             found = Some((spooled, declared, filename));
         }
         found.ok_or_else(|| ApiError::BadRequest {
@@ -251,7 +257,7 @@ async fn accept_upload(gw: &Gateway, request: Request) -> Result<Accepted, ApiEr
         let filename = filename_from_headers(&headers);
         let body = request.into_body().into_data_stream();
         (
-            spool::spool(&gw.inner.spool_dir, body, limit).await?,
+            spool::spool(&gw.inner.spool_dir, body, limit, memory).await?,
             declared,
             filename,
         )
@@ -290,10 +296,15 @@ async fn commit_upload(
 ) -> Result<Accepted, ApiError> {
     let id = uuid::Uuid::now_v7().to_string();
     let key = format!("uploads/{id}/original.{}", format.extension);
-    gw.inner
-        .store
-        .put_file(&key, &spooled.file, format.content_type)
-        .await?;
+    let store = &gw.inner.store;
+    match &spooled.body {
+        spool::Body::Memory(bytes) => {
+            store
+                .put_bytes(&key, bytes.clone(), format.content_type)
+                .await?;
+        }
+        spool::Body::File(path) => store.put_file(&key, path, format.content_type).await?,
+    }
 
     let object = ObjectRef {
         bucket: gw.inner.store.bucket().to_owned(),

@@ -1,12 +1,14 @@
-//! Spooling an upload to a local temporary file while it streams in: counts bytes against the
-//! limit, hashes, and keeps the first bytes for sniffing. The body is never held in memory.
+//! Receiving an upload while it streams in: counts bytes against the limit, hashes, and keeps
+//! the first bytes for sniffing. A body up to `memory_limit` bytes is kept in memory (no file
+//! written, nothing read back); a larger one spills to a temporary file as soon as it passes
+//! that size, so memory per upload stays bounded whatever its size.
 
 use std::path::Path;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
+use std::io::Write;
 
 use crate::error::ApiError;
 use crate::sniff::SNIFF_LEN;
@@ -14,18 +16,30 @@ use crate::sniff::SNIFF_LEN;
 /// How much of an oversized body is read and discarded before answering 413.
 const DRAIN_AFTER_LIMIT: u64 = 8 * 1024 * 1024;
 
-/// A fully received upload on local disk.
+/// Where a received body is.
+#[derive(Debug)]
+pub enum Body {
+    Memory(Bytes),
+    File(tempfile::TempPath),
+}
+
+/// A fully received upload.
 #[derive(Debug)]
 pub struct Spooled {
-    pub file: tempfile::TempPath,
+    pub body: Body,
     pub size: u64,
     pub sha256: String,
     pub head: Vec<u8>,
 }
 
-/// Writes `body` to a new temporary file in `dir`, failing with `TooLarge` as soon as more than
-/// `limit` bytes arrived.
-pub async fn spool<S, E>(dir: &Path, body: S, limit: u64) -> Result<Spooled, ApiError>
+/// Receives `body`: in memory while it fits in `memory_limit` bytes, else in a new temporary
+/// file in `dir`; fails with `TooLarge` as soon as more than `limit` bytes arrived.
+pub async fn spool<S, E>(
+    dir: &Path,
+    body: S,
+    limit: u64,
+    memory_limit: u64,
+) -> Result<Spooled, ApiError>
 where
     S: Stream<Item = Result<Bytes, E>>,
     E: std::fmt::Display,
@@ -33,12 +47,10 @@ where
     let internal = |e: std::io::Error| ApiError::Internal {
         internal: format!("spool file: {e}"),
     };
-    let temp = tempfile::Builder::new()
-        .prefix("upload-")
-        .tempfile_in(dir)
-        .map_err(internal)?;
-    let (std_file, path) = temp.into_parts();
-    let mut file = tokio::fs::File::from_std(std_file);
+    let mut memory = BytesMut::new();
+    // Spilled: the file and the chunks not yet written to it (written a few MiB at a time on
+    // the blocking pool, not one system call hop per network chunk).
+    let mut file: Option<(std::fs::File, tempfile::TempPath)> = None;
     let mut hasher = Sha256::new();
     let mut head = Vec::with_capacity(SNIFF_LEN);
     let mut size: u64 = 0;
@@ -64,16 +76,50 @@ where
             head.extend_from_slice(&chunk[..take]);
         }
         hasher.update(&chunk);
-        file.write_all(&chunk).await.map_err(internal)?;
+        memory.extend_from_slice(&chunk);
+        if size > memory_limit && (file.is_none() || memory.len() >= WRITE_BATCH) {
+            let pending = std::mem::take(&mut memory);
+            let dir = dir.to_owned();
+            let taken = file.take();
+            file = Some(
+                tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+                    let (mut f, path) = match taken {
+                        Some(open) => open,
+                        None => tempfile::Builder::new()
+                            .prefix("upload-")
+                            .tempfile_in(&dir)?
+                            .into_parts(),
+                    };
+                    f.write_all(&pending)?;
+                    Ok((f, path))
+                })
+                .await
+                .map_err(|e| internal(std::io::Error::other(e)))?
+                .map_err(internal)?,
+            );
+        }
     }
-    file.flush().await.map_err(internal)?;
+    let body = match file {
+        None => Body::Memory(memory.freeze()),
+        Some((mut f, path)) => tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+            f.write_all(&memory)?;
+            f.flush()?;
+            Ok(Body::File(path))
+        })
+        .await
+        .map_err(|e| internal(std::io::Error::other(e)))?
+        .map_err(internal)?,
+    };
     Ok(Spooled {
-        file: path,
+        body,
         size,
         sha256: hex(&hasher.finalize()),
         head,
     })
 }
+
+/// Bytes gathered before each write to a spilled upload's file.
+const WRITE_BATCH: usize = 4 * 1024 * 1024;
 
 fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
@@ -101,22 +147,39 @@ mod tests {
     #[tokio::test]
     async fn hashes_and_keeps_the_head() {
         let dir = tempfile::tempdir().unwrap();
-        let s = spool(dir.path(), chunks(&[b"hello ", b"world"]), 100)
+        // Kept in memory (11 bytes fit in 100), and spilled to a file (they do not fit in 4):
+        // the same size, hash, head and bytes either way.
+        for memory_limit in [100, 4] {
+            let s = spool(
+                dir.path(),
+                chunks(&[b"hello ", b"world"]),
+                100,
+                memory_limit,
+            )
             .await
             .unwrap();
-        assert_eq!(s.size, 11);
-        assert_eq!(s.head, b"hello world");
-        assert_eq!(
-            s.sha256,
-            "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9"
-        );
-        assert_eq!(std::fs::read(&s.file).unwrap(), b"hello world");
+            assert_eq!(s.size, 11);
+            assert_eq!(s.head, b"hello world");
+            assert_eq!(
+                s.sha256,
+                "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9"
+            );
+            match s.body {
+                Body::Memory(b) if memory_limit == 100 => assert_eq!(&b[..], b"hello world"),
+                Body::File(path) if memory_limit == 4 => {
+                    assert_eq!(std::fs::read(&path).unwrap(), b"hello world");
+                }
+                other => panic!("{memory_limit}: {other:?}"),
+            }
+        }
+        // The spilled file is gone with the upload.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[tokio::test]
     async fn stops_at_the_limit_and_leaves_no_file() {
         let dir = tempfile::tempdir().unwrap();
-        let err = spool(dir.path(), chunks(&[b"12345", b"67890"]), 7)
+        let err = spool(dir.path(), chunks(&[b"12345", b"67890"]), 7, 2)
             .await
             .unwrap_err();
         assert!(matches!(err, ApiError::TooLarge { limit: 7 }));

@@ -333,6 +333,12 @@ impl Db {
                         sqlx::query("PRAGMA journal_mode = WAL")
                             .execute(&mut *conn)
                             .await?;
+                        // In WAL mode NORMAL syncs at checkpoints, not at every commit: a
+                        // commit survives a crash of the process (kill -9 included); a power
+                        // cut may lose the last commits, as on any single-machine setup.
+                        sqlx::query("PRAGMA synchronous = NORMAL")
+                            .execute(&mut *conn)
+                            .await?;
                         sqlx::query("PRAGMA busy_timeout = 5000")
                             .execute(&mut *conn)
                             .await?;

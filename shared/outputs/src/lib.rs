@@ -182,7 +182,11 @@ pub async fn download(
     }
     // Local disk trouble (full, permissions) is not the input's fault and may pass.
     let local = |e: std::io::Error| StageError::transient(format!("writing the input file: {e}"));
-    let mut file = tokio::fs::File::create(to).await.map_err(local)?;
+    // Written 1 MiB at a time: each write is a hop to the blocking pool.
+    let mut file = tokio::io::BufWriter::with_capacity(
+        1024 * 1024,
+        tokio::fs::File::create(to).await.map_err(local)?,
+    );
     let mut body = stream.body;
     let mut written = 0u64;
     while let Some(chunk) = body.next().await {

@@ -211,7 +211,12 @@ impl ObjectStore {
         path: &Path,
         content_type: &str,
     ) -> Result<(), StoreError> {
-        let body = ByteStream::from_path(path)
+        // Read in large chunks: each read is a hop to the blocking pool, and the default
+        // (4 KiB) made thousands of them per object.
+        let body = ByteStream::read_from()
+            .path(path)
+            .buffer_size(FILE_CHUNK)
+            .build()
             .await
             .map_err(|e| StoreError::LocalFile {
                 path: path.display().to_string(),
@@ -401,3 +406,6 @@ impl ObjectStore {
         Ok(())
     }
 }
+
+/// Bytes read from a local file at a time while it is uploaded.
+const FILE_CHUNK: usize = 1024 * 1024;
