@@ -10,6 +10,7 @@ use mediaflow_imaging::Small;
 use crate::VideoError;
 
 /// One decoded frame of the video stream.
+#[derive(Clone)]
 pub struct Picture {
     frame: frame::Video,
     /// Presentation time, in seconds from the start of the stream.
@@ -79,6 +80,13 @@ impl Picture {
             keyframe,
             rotation,
         }
+    }
+
+    /// Bytes of pixel data it holds (every plane).
+    pub(crate) fn pixel_bytes(&self) -> usize {
+        (0..self.frame.planes())
+            .map(|i| self.frame.data(i).len())
+            .sum()
     }
 
     /// The size it is shown at: turned a quarter, width and height swap.

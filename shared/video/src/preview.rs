@@ -35,7 +35,8 @@ impl PreviewFormat {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PreviewSpec {
-    /// Where it starts; by default a third of the way in (past openings and titles).
+    /// Where it starts; by default a third of the way in (past openings and titles), or the
+    /// keyframe up to 10 s before that.
     pub start: Option<Offset>,
     /// How long it lasts, in seconds (shorter if the video is).
     pub duration_s: f64,
@@ -92,15 +93,28 @@ pub struct Preview {
     pub duration_s: f64,
 }
 
+/// How far back from the default start the preview moves to begin at a keyframe, in seconds.
+const KEYFRAME_REACH: f64 = 10.0;
+
 /// Makes the animated preview of `video`.
 pub fn preview(video: &mut Video, spec: &PreviewSpec) -> Result<Preview, VideoError> {
     spec.check()?;
     let total = video.probe().duration_s;
     let length = spec.duration_s.min(total);
-    let start = spec
-        .start
-        .map_or(total / 3.0, |o| o.at(total))
-        .clamp(0.0, (total - length).max(0.0));
+    let start = match spec.start {
+        Some(offset) => offset.at(total),
+        // A third of the way in, moved back to the keyframe there when one is near: decoding
+        // starts at that keyframe anyway, and the frames up to the third would be decoded for
+        // nothing.
+        None => {
+            let third = total / 3.0;
+            video
+                .keyframe_before(third)?
+                .filter(|k| (third - KEYFRAME_REACH..=third).contains(k))
+                .unwrap_or(third)
+        }
+    }
+    .clamp(0.0, (total - length).max(0.0));
     let (w, h) = crate::picture::fit_size(
         (
             video.probe().video.display_width,
@@ -114,7 +128,12 @@ pub fn preview(video: &mut Video, spec: &PreviewSpec) -> Result<Preview, VideoEr
     // has fewer frames (a low or variable rate), a frame is held over several steps.
     let mut frames: Vec<(f64, RgbImage)> = Vec::new();
     let mut next = start;
-    video.scan(start, false, |p| {
+    // Where the video has at least three frames per step of the preview, non-reference frames
+    // (most B-frames) are not decoded: each preview frame is then the first decoded one at or
+    // after its time, a frame or two late at most, for about half the decoding. Slower videos
+    // are decoded whole, so that no step loses its frame.
+    let fast = video.frame_interval() * 3.0 <= step + 1e-9;
+    video.scan(start, fast, |p| {
         if p.time_s >= end - 1e-6 {
             return Ok(false);
         }

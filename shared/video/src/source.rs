@@ -40,6 +40,43 @@ pub struct Video {
     limits: Limits,
     /// What the decoder currently discards.
     skipping: Option<Discard>,
+    /// Keyframes decoded alone, by their packet's timestamp: the frame choice and the
+    /// storyboard often ask for the same ones.
+    keyframes: KeyframeCache,
+}
+
+/// The last keyframes decoded alone, up to `KEYFRAME_CACHE_BYTES` of pixels.
+#[derive(Default)]
+struct KeyframeCache {
+    entries: std::collections::VecDeque<(i64, Picture, usize)>,
+    bytes: usize,
+}
+
+/// Pixel bytes of decoded keyframes kept for reuse (about 20 frames of 1080p).
+const KEYFRAME_CACHE_BYTES: usize = 64 * 1024 * 1024;
+
+impl KeyframeCache {
+    fn get(&self, ts: i64) -> Option<Picture> {
+        self.entries
+            .iter()
+            .find(|(t, _, _)| *t == ts)
+            .map(|(_, p, _)| p.clone())
+    }
+
+    fn put(&mut self, ts: i64, picture: &Picture) {
+        let size = picture.pixel_bytes();
+        if size > KEYFRAME_CACHE_BYTES || self.get(ts).is_some() {
+            return;
+        }
+        while self.bytes + size > KEYFRAME_CACHE_BYTES {
+            let Some((_, _, dropped)) = self.entries.pop_front() else {
+                break;
+            };
+            self.bytes -= dropped;
+        }
+        self.entries.push_back((ts, picture.clone(), size));
+        self.bytes += size;
+    }
 }
 
 impl std::fmt::Debug for Video {
@@ -135,6 +172,7 @@ impl Video {
             started,
             limits: limits.clone(),
             skipping: None,
+            keyframes: KeyframeCache::default(),
         };
         if unknown_duration {
             video.measure_duration()?;
@@ -308,6 +346,10 @@ impl Video {
         let Some(packet) = last_key else {
             return Ok(None);
         };
+        let ts = packet.pts().or(packet.dts());
+        if let Some(cached) = ts.and_then(|t| self.keyframes.get(t)) {
+            return Ok(Some(cached));
+        }
         // Send the keyframe and end the stream, so that a decoder holding frames back for
         // reordering gives it up at once.
         let sent = self.decoder.send_packet(&packet).is_ok();
@@ -316,7 +358,11 @@ impl Video {
         let got = sent && self.decoder.receive_frame(&mut frame).is_ok();
         self.decoder.flush();
         if got {
-            self.picture(frame).map(Some)
+            let picture = self.picture(frame)?;
+            if let Some(t) = ts {
+                self.keyframes.put(t, &picture);
+            }
+            Ok(Some(picture))
         } else {
             Ok(None)
         }
@@ -454,6 +500,15 @@ impl Video {
             }
             back = if back == 0.0 { 1.0 } else { back * 4.0 };
         }
+    }
+
+    /// The time of the keyframe at or before `seconds` (the first one if none is), read from
+    /// packet flags without decoding; `None` for a stream with no keyframe.
+    pub fn keyframe_before(&mut self, seconds: f64) -> Result<Option<f64>, VideoError> {
+        let key = self.keyframe_packet_before(seconds)?;
+        Ok(key
+            .and_then(|k| k.pts().or(k.dts()))
+            .map(|t| self.seconds(t)))
     }
 
     /// For streams that do not say how long they are (raw elementary streams): reads every

@@ -814,3 +814,78 @@ fn durations_over_the_limit_are_refused_before_decoding() {
         "{e}"
     );
 }
+
+#[test]
+fn default_previews_start_at_the_keyframe_before_a_third_of_the_way_in() {
+    // 12 s at 25 fps with a keyframe every 4 s (and B-frames): a third of the way in is 4 s, a
+    // keyframe; with keyframes every 5 s it is 4 s, and the keyframe before it is at 0 s.
+    let dir = tempfile::tempdir().unwrap();
+    for (gop, expected) in [("100", 4.0), ("125", 0.0)] {
+        let path = dir.path().join(format!("gop-{gop}.mp4"));
+        ffmpeg(&[
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=320x240:rate=25:duration=12",
+            "-c:v",
+            "libx264",
+            "-g",
+            gop,
+            "-keyint_min",
+            gop,
+            "-sc_threshold",
+            "0",
+            "-bf",
+            "3",
+            "-pix_fmt",
+            "yuv420p",
+            path.to_str().unwrap(),
+        ]);
+        let keys: Vec<f64> = ffprobe_frames(&path)
+            .into_iter()
+            .filter_map(|(t, key)| key.then_some(t))
+            .collect();
+        assert!(keys.iter().any(|k| (k - expected).abs() < 0.01), "{keys:?}");
+        let mut video = Video::open(&path, &Limits::default()).unwrap();
+        let made = preview(&mut video, &PreviewSpec::default()).unwrap();
+        assert!(
+            (made.start_s - expected).abs() < 0.05,
+            "gop {gop}: the preview starts at {} s, not at the keyframe at {expected} s",
+            made.start_s
+        );
+        // Non-reference frames are skipped, yet every step of the 8 fps clock has a frame.
+        assert_eq!(made.frames, 24, "gop {gop}");
+    }
+}
+
+#[test]
+fn keyframes_decoded_for_the_frames_are_reused_by_the_storyboard_unchanged() {
+    // The video stage chooses its frames first, then makes the storyboard on the same `Video`:
+    // keyframes the choice decoded come from its cache. The sprite must be byte for byte the
+    // one a fresh `Video` makes (both times are printed; BENCHMARKS.md has the measured gain).
+    let fresh = {
+        let mut video = open("synthetic-1080p-60s.mp4");
+        let started = std::time::Instant::now();
+        let board = storyboard(&mut video, &StoryboardSpec::default()).unwrap();
+        (board.sprite, started.elapsed())
+    };
+    let mut video = open("synthetic-1080p-60s.mp4");
+    let chosen = select(
+        &mut video,
+        &Strategy::Representative { count: 4 },
+        Seek::Keyframe,
+    )
+    .unwrap();
+    assert_eq!(chosen.len(), 4);
+    let started = std::time::Instant::now();
+    let board = storyboard(&mut video, &StoryboardSpec::default()).unwrap();
+    let reused = started.elapsed();
+    assert!(
+        board.sprite == fresh.0,
+        "the sprite differs after frame choice"
+    );
+    println!(
+        "storyboard alone {:?}, after frame choice {reused:?}",
+        fresh.1
+    );
+}
