@@ -114,8 +114,14 @@ pub struct StagesConfig {
     /// The stages `mediaflow up` runs beside the gateway; all of them when unset. Stages left
     /// out can run as their own processes (`mediaflow run <stage>`).
     pub enabled: Option<Vec<String>>,
-    /// Messages each stage instance has in flight at once.
+    /// Messages each stage instance has in flight at once; with `adaptive_concurrency`, the
+    /// most.
     pub concurrency: usize,
+    /// Size each stage's in-flight limit from its measured latency, between 2 and
+    /// `concurrency`: up while more in flight finish as fast (waits on the broker, store or
+    /// database overlap), down when they queue for the cores. A stage with its own
+    /// `concurrency` in the pipeline file keeps that number.
+    pub adaptive_concurrency: bool,
     /// Attempts at a message that keeps failing transiently (a dependency down) before it goes
     /// to the dead-letter topic. Permanent failures and bad input go there at once.
     pub max_attempts: u32,
@@ -138,7 +144,8 @@ impl Default for StagesConfig {
         let o = mediaflow_runtime::StageOptions::default();
         Self {
             enabled: None,
-            concurrency: o.concurrency,
+            concurrency: 32,
+            adaptive_concurrency: true,
             max_attempts: o.max_attempts,
             initial_backoff_ms: o.retry.initial_backoff.as_millis() as u64,
             max_backoff_ms: o.retry.max_backoff.as_millis() as u64,
@@ -156,6 +163,7 @@ impl StagesConfig {
     pub fn options(&self) -> mediaflow_runtime::StageOptions {
         mediaflow_runtime::StageOptions {
             concurrency: self.concurrency.max(1),
+            adaptive: self.adaptive_concurrency,
             max_attempts: self.max_attempts.max(1),
             retry: mediaflow_runtime::RetryPolicy {
                 initial_backoff: std::time::Duration::from_millis(self.initial_backoff_ms),

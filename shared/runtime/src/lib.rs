@@ -5,6 +5,7 @@
 //! for good, and stores each partition's offset only past messages that are finished: handled and
 //! their outputs acknowledged by the broker.
 
+mod limit;
 #[cfg(test)]
 mod loop_tests;
 mod offsets;

@@ -375,6 +375,7 @@ fn start_with(
 fn options() -> StageOptions {
     StageOptions {
         concurrency: 4,
+        adaptive: false,
         max_attempts: 5,
         retry: RetryPolicy {
             initial_backoff: Duration::from_millis(100),

@@ -28,6 +28,7 @@ use mediaflow_telemetry::Metrics;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::limit::Limit;
 use crate::{
     Bound, ErrorClass, Handler, OffsetTracker, Ports, RetryPolicy, Sink, Source, StageError,
     StageProbe, Tracker,
@@ -41,8 +42,11 @@ const HOLD_BEFORE_PAUSE: Duration = Duration::from_secs(1);
 #[derive(Clone, Copy, Debug)]
 pub struct StageOptions {
     /// Messages in flight at once (being handled, waiting for a retry, or queued behind a
-    /// message with the same key).
+    /// message with the same key); with `adaptive`, the most.
     pub concurrency: usize,
+    /// Size the in-flight limit from measured latency, between 2 and `concurrency` (see
+    /// `limit.rs`), instead of holding it at `concurrency`.
+    pub adaptive: bool,
     /// Attempts at a message that keeps failing transiently before it is dead-lettered.
     pub max_attempts: u32,
     pub retry: RetryPolicy,
@@ -55,6 +59,7 @@ impl Default for StageOptions {
     fn default() -> Self {
         Self {
             concurrency: 4,
+            adaptive: false,
             max_attempts: 10,
             retry: RetryPolicy::default(),
             drain_deadline: Duration::from_secs(30),
@@ -200,6 +205,8 @@ struct Loop<H> {
     /// Messages received while at capacity (fetching is paused meanwhile).
     overflow: VecDeque<Delivery>,
     paused: bool,
+    /// How many messages may be in flight now.
+    limit: Limit,
 }
 
 /// One stage instance to run: what it does, where its outputs and failures go, how it runs and
@@ -279,7 +286,9 @@ pub async fn run_stage<H: Handler, S: Source>(
         keys: HashMap::new(),
         overflow: VecDeque::new(),
         paused: false,
+        limit: Limit::new(options.concurrency, options.adaptive),
     };
+    l.ctx.metrics.stage_limit(stage, l.limit.get());
     let rejoin = probe.rejoin_token().clone();
     let mut fatal = None;
     // Since when the loop has been full and not polling.
@@ -349,7 +358,7 @@ impl<H: Handler> Loop<H> {
     }
 
     fn at_capacity(&self) -> bool {
-        self.in_flight() >= self.ctx.options.concurrency
+        self.in_flight() >= self.limit.get()
     }
 
     fn received(&mut self, delivery: Delivery) {
@@ -445,9 +454,13 @@ impl<H: Handler> Loop<H> {
             }
         };
         if let Outcome::Done(outcome) = f.outcome {
+            let took = f.started.elapsed();
             self.ctx
                 .metrics
-                .stage_processed(&self.ctx.stage, outcome, f.started.elapsed());
+                .stage_processed(&self.ctx.stage, outcome, took);
+            if let Some(limit) = self.limit.finished(took) {
+                self.ctx.metrics.stage_limit(&self.ctx.stage, limit);
+            }
         }
         if let Some(key) = f.key {
             let next = self.keys.get_mut(&key).and_then(VecDeque::pop_front);

@@ -80,6 +80,7 @@ pub struct Metrics {
     stage_seconds: Family<StageOnly, Histogram>,
     chain_steps: Family<StepLabels, Histogram>,
     stage_in_flight: Family<StageOnly, Gauge>,
+    stage_limit: Family<StageOnly, Gauge>,
     dead_letters: Family<StageLabels, Counter>,
     stage_outputs: Family<PortLabels, Counter>,
     stage_dropped: Family<StageOnly, Counter>,
@@ -169,6 +170,12 @@ impl Metrics {
             "Messages a stage has taken and not finished",
             stage_in_flight.clone(),
         );
+        let stage_limit = Family::<StageOnly, Gauge>::default();
+        registry.register(
+            "stage_concurrency_limit",
+            "Messages a stage may have in flight now (sized from latency unless fixed)",
+            stage_limit.clone(),
+        );
         let dead_letters = Family::<StageLabels, Counter>::default();
         registry.register(
             "dead_letters",
@@ -222,6 +229,7 @@ impl Metrics {
             wedged: Arc::default(),
             source_items,
             stage_in_flight,
+            stage_limit,
             dead_letters,
             stage_outputs,
             stage_dropped,
@@ -286,6 +294,15 @@ impl Metrics {
     /// How many messages a stage has in flight now.
     pub fn stage_in_flight(&self, stage: &str, n: usize) {
         self.stage_in_flight
+            .get_or_create(&StageOnly {
+                stage: stage.to_owned(),
+            })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// How many messages a stage may have in flight now.
+    pub fn stage_limit(&self, stage: &str, n: usize) {
+        self.stage_limit
             .get_or_create(&StageOnly {
                 stage: stage.to_owned(),
             })

@@ -270,6 +270,7 @@ async fn run_stage_with(
     let mut options = config.stages.options();
     if let Some(n) = spec.concurrency.or_else(|| kind.concurrency()) {
         options.concurrency = n.max(1);
+        options.adaptive = false;
     }
     let wiring = Wiring {
         name: name.to_owned(),
