@@ -8,7 +8,7 @@ use mediaflow_db::{Db, Entity, ImageTagsRow};
 use mediaflow_events::{ImageProcessed, MediaKind, MediaUploaded};
 use mediaflow_imaging::renditions::RenditionSpec;
 use mediaflow_imaging::{DecodeLimits, ImagingError};
-use mediaflow_outputs::{Outputs, Written, db_error, store_error};
+use mediaflow_outputs::{InputBudget, Outputs, Written, db_error, store_error};
 use mediaflow_runtime::{Handler, Output, StageError};
 use mediaflow_store::ObjectStore;
 use serde::{Deserialize, Serialize};
@@ -28,6 +28,9 @@ pub struct ImageWorkerConfig {
     pub max_pixels: u64,
     /// Most frames an animated input (GIF, WebP, APNG) may declare; its first frame is used.
     pub max_frames: u32,
+    /// Input bytes held in memory at once by one instance, whatever its concurrency: a message
+    /// waits for room before it reads its original.
+    pub max_inflight_input_bytes: u64,
 }
 
 impl Default for ImageWorkerConfig {
@@ -39,6 +42,7 @@ impl Default for ImageWorkerConfig {
             max_side: limits.max_side,
             max_pixels: limits.max_pixels,
             max_frames: limits.max_frames,
+            max_inflight_input_bytes: 1024 * 1024 * 1024,
         }
     }
 }
@@ -63,6 +67,8 @@ pub struct ImageWorker {
     /// Bounds the decodes running at once to the cores there are, however many messages the
     /// runtime has in flight.
     cpu: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Bounds the originals held in memory at once.
+    budget: InputBudget,
     store: ObjectStore,
     outputs: Outputs,
     db: Db,
@@ -80,6 +86,7 @@ impl ImageWorker {
     ) -> Self {
         let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         Self {
+            budget: InputBudget::new(config.max_inflight_input_bytes),
             config,
             cpu: std::sync::Arc::new(tokio::sync::Semaphore::new(cores)),
             outputs: Outputs::new(store.clone(), stage, version),
@@ -108,6 +115,7 @@ impl Handler for ImageWorker {
                 upload.media_id, upload.kind
             )));
         }
+        let _room = self.budget.take(upload.object.size).await?;
         // The original may live in another bucket (a backfilled one).
         let input = self
             .store

@@ -48,6 +48,9 @@ pub struct VideoWorkerConfig {
     pub limits: Limits,
     /// Largest input object downloaded, in bytes.
     pub max_input_bytes: u64,
+    /// Input bytes downloaded to local disk at once by one instance, whatever its concurrency:
+    /// a message waits for room before it downloads its original.
+    pub max_inflight_input_bytes: u64,
 }
 
 impl Default for VideoWorkerConfig {
@@ -62,6 +65,7 @@ impl Default for VideoWorkerConfig {
             preview: PreviewSpec::default(),
             limits: Limits::default(),
             max_input_bytes: 4 * 1024 * 1024 * 1024,
+            max_inflight_input_bytes: 16 * 1024 * 1024 * 1024,
         }
     }
 }
@@ -85,6 +89,8 @@ pub struct VideoWorker {
     config: VideoWorkerConfig,
     /// Bounds the videos decoded at once to the cores there are.
     cpu: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Bounds the originals on local disk at once.
+    budget: mediaflow_outputs::InputBudget,
     store: ObjectStore,
     outputs: Outputs,
     db: Db,
@@ -147,6 +153,7 @@ impl VideoWorker {
     ) -> Self {
         let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         Self {
+            budget: mediaflow_outputs::InputBudget::new(config.max_inflight_input_bytes),
             config,
             cpu: std::sync::Arc::new(tokio::sync::Semaphore::new(cores)),
             outputs: Outputs::new(store.clone(), stage, version),
@@ -168,6 +175,7 @@ impl Handler for VideoWorker {
             )));
         }
         let id = upload.media_id.clone();
+        let _room = self.budget.take(upload.object.size).await?;
         tokio::fs::create_dir_all(&self.work_dir)
             .await
             .map_err(|e| StageError::transient(format!("work dir: {e}")))?;

@@ -201,6 +201,44 @@ pub async fn download(
     file.flush().await.map_err(local)
 }
 
+/// Bounds the input bytes a stage holds at once (in memory or on local disk), whatever its
+/// concurrency: a message takes its input's size from the budget before fetching it, and gives
+/// it back when it is done. An input larger than the whole budget takes all of it.
+#[derive(Clone, Debug)]
+pub struct InputBudget {
+    mib: std::sync::Arc<tokio::sync::Semaphore>,
+    total_mib: u32,
+}
+
+impl InputBudget {
+    /// A budget of `bytes` (at least 1 MiB), counted in whole MiB.
+    pub fn new(bytes: u64) -> Self {
+        let total_mib = u32::try_from(bytes.div_ceil(MIB))
+            .unwrap_or(u32::MAX)
+            .clamp(1, MAX_PERMITS);
+        Self {
+            mib: std::sync::Arc::new(tokio::sync::Semaphore::new(total_mib as usize)),
+            total_mib,
+        }
+    }
+
+    /// Waits until `size` bytes (at least 1 MiB) fit in the budget and takes them.
+    pub async fn take(&self, size: u64) -> Result<tokio::sync::OwnedSemaphorePermit, StageError> {
+        let mib = u32::try_from(size.div_ceil(MIB))
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.total_mib);
+        self.mib
+            .clone()
+            .acquire_many_owned(mib)
+            .await
+            .map_err(|e| StageError::permanent(format!("input budget: {e}")))
+    }
+}
+
+const MIB: u64 = 1024 * 1024;
+/// The most permits a tokio semaphore holds, well above any budget in MiB.
+const MAX_PERMITS: u32 = 1 << 28;
+
 /// An object over the read limit is the input's fault; the rest depends on the store.
 pub fn store_error(e: StoreError) -> StageError {
     match e {
@@ -245,5 +283,34 @@ mod tests {
             KeyFrame,
         }
         assert_eq!(enum_name(&E::KeyFrame), "key_frame");
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::InputBudget;
+    use futures::FutureExt;
+
+    #[tokio::test]
+    async fn inputs_wait_for_room_in_the_budget() {
+        let budget = InputBudget::new(3 * 1024 * 1024);
+        let first = budget.take(2 * 1024 * 1024).await.unwrap();
+        // 1 MiB fits beside the first 2 MiB (sizes round up to whole MiB); 2 MiB more do not.
+        let small = budget.take(10).now_or_never().expect("1 MiB fits").unwrap();
+        drop(small);
+        let second = budget.take(2 * 1024 * 1024);
+        futures::pin_mut!(second);
+        assert!(second.as_mut().now_or_never().is_none());
+        drop(first);
+        assert!(
+            second.now_or_never().is_some(),
+            "room once the first is done"
+        );
+        // An input larger than the whole budget takes all of it rather than waiting forever.
+        let all = budget
+            .take(1 << 40)
+            .now_or_never()
+            .expect("takes the whole budget");
+        assert!(all.is_ok());
     }
 }
