@@ -5,8 +5,9 @@
 //!
 //! usage: platform --mediaflow BIN --photos DIR --videos DIR --work DIR
 //!                 [--images 48] [--clients 4] [--cpus 0] [--backlog 1000] [--backlog-cpus 0,1]
-//!                 [--videos-n 3] [--perf] [--only images|backlog|video]
+//!                 [--videos-n 3] [--rounds 3] [--perf] [--only images|backlog|video]
 //!
+//! The image scenarios run `--rounds` times, alternating with their peer; the medians count.
 //! Scenarios:
 //! - `images`: `--images` camera-like 12 MP JPEGs (made from the real photos, as the thumbnails
 //!   bench makes them) uploaded by `--clients` concurrent clients, against one `vipsthumbnail`
@@ -46,6 +47,7 @@ struct Args {
     backlog: usize,
     backlog_cpus: String,
     videos_n: usize,
+    rounds: usize,
     perf: bool,
     only: Option<String>,
 }
@@ -62,6 +64,7 @@ fn args() -> Result<Args> {
         backlog: 1000,
         backlog_cpus: "0,1".into(),
         videos_n: 3,
+        rounds: 3,
         perf: false,
         only: None,
     };
@@ -83,6 +86,7 @@ fn args() -> Result<Args> {
             "--backlog" => args.backlog = value.parse()?,
             "--backlog-cpus" => args.backlog_cpus = value,
             "--videos-n" => args.videos_n = value.parse()?,
+            "--rounds" => args.rounds = value.parse()?,
             "--only" => args.only = Some(value),
             other => bail!("unknown flag {other}"),
         }
@@ -586,29 +590,7 @@ async fn images(args: &Args) -> Result<()> {
         args.clients,
         args.cpus
     );
-    let v = vips(&files, &args.cpus, &args.work.join("out-vips"))?;
-    let run = through_platform(
-        args,
-        "images",
-        &args.cpus,
-        &files,
-        args.clients,
-        "images.processed",
-        false,
-    )
-    .await?;
-    let n = files.len();
-    println!(
-        "  vipsthumbnail batch: {n} in {:.2} s ({:.1} images/s)",
-        v.as_secs_f64(),
-        n as f64 / v.as_secs_f64()
-    );
-    print_run("mediaflow up", n, &run);
-    println!(
-        "  ratio (mediaflow end to end / vipsthumbnail): {:.2}x",
-        v.as_secs_f64() / run.total.as_secs_f64()
-    );
-    Ok(())
+    against_vips(args, "images", &args.cpus, &files, &files, args.clients).await
 }
 
 async fn backlog(args: &Args) -> Result<()> {
@@ -646,33 +628,53 @@ async fn backlog(args: &Args) -> Result<()> {
         }
         vips_files.push(p);
     }
-    let v = vips(
-        &vips_files,
-        &args.backlog_cpus,
-        &args.work.join("out-vips-small"),
-    )?;
-    let run = through_platform(
-        args,
-        "backlog",
-        &args.backlog_cpus,
-        &files,
-        32,
-        "images.processed",
-        false,
-    )
-    .await?;
+    against_vips(args, "backlog", &args.backlog_cpus, &files, &vips_files, 32).await
+}
+
+/// `--rounds` rounds, each one `vipsthumbnail` batch over `vips_files` and one run of the
+/// platform over `files` (alternating, so that both see the machine's drift alike); prints each
+/// round and the medians.
+async fn against_vips(
+    args: &Args,
+    name: &str,
+    cpus: &str,
+    files: &[PathBuf],
+    vips_files: &[PathBuf],
+    clients: usize,
+) -> Result<()> {
     let n = files.len();
+    let (mut ours, mut theirs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=args.rounds.max(1) {
+        let v = vips(
+            vips_files,
+            cpus,
+            &args.work.join(format!("out-vips-{name}")),
+        )?;
+        let run =
+            through_platform(args, name, cpus, files, clients, "images.processed", false).await?;
+        println!(
+            "  round {round}: vipsthumbnail batch: {n} in {:.2} s ({:.1} images/s)",
+            v.as_secs_f64(),
+            n as f64 / v.as_secs_f64()
+        );
+        print_run("mediaflow up", n, &run);
+        ours.push(n as f64 / run.total.as_secs_f64());
+        theirs.push(n as f64 / v.as_secs_f64());
+        ratios.push(v.as_secs_f64() / run.total.as_secs_f64());
+    }
     println!(
-        "  vipsthumbnail batch: {n} in {:.2} s ({:.1} images/s)",
-        v.as_secs_f64(),
-        n as f64 / v.as_secs_f64()
-    );
-    print_run("mediaflow up", n, &run);
-    println!(
-        "  ratio (mediaflow end to end / vipsthumbnail): {:.2}x",
-        v.as_secs_f64() / run.total.as_secs_f64()
+        "  median of {} rounds: mediaflow {:.1} media/s, vipsthumbnail {:.1} images/s, ratio (mediaflow end to end / vipsthumbnail) {:.2}x",
+        ratios.len(),
+        median_of(&mut ours),
+        median_of(&mut theirs),
+        median_of(&mut ratios)
     );
     Ok(())
+}
+
+fn median_of(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// The commands that make the default video job's outputs: probe, 4 frames at 320 px, a
