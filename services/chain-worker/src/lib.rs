@@ -419,6 +419,8 @@ pub struct Chain {
     db: Db,
     work_dir: PathBuf,
     cpu: Arc<tokio::sync::Semaphore>,
+    /// Bounds the inputs on local disk at once, whatever the concurrency.
+    budget: mediaflow_outputs::InputBudget,
     metrics: Metrics,
 }
 
@@ -451,6 +453,7 @@ impl Chain {
             version: version.to_owned(),
             steps,
             outputs: Outputs::new(store.clone(), stage, version),
+            budget: mediaflow_outputs::InputBudget::for_inputs_up_to(config.max_input_bytes),
             config,
             store,
             db,
@@ -470,6 +473,7 @@ impl Chain {
 impl Handler for Chain {
     async fn handle(&self, event: &Event) -> Result<Vec<mediaflow_runtime::Output>, StageError> {
         let (media_id, kind, object) = media_of(event)?;
+        let _room = self.budget.take(object.size).await?;
         let local = |e: std::io::Error| StageError::transient(format!("work folder: {e}"));
         tokio::fs::create_dir_all(&self.work_dir)
             .await

@@ -84,6 +84,8 @@ fn default_max_output_bytes() -> u64 {
 #[derive(Debug)]
 pub struct ExecWorker {
     config: ExecWorkerConfig,
+    /// Bounds the inputs on local disk at once, whatever the concurrency.
+    budget: mediaflow_outputs::InputBudget,
     work_dir: PathBuf,
     store: ObjectStore,
     outputs: Outputs,
@@ -168,6 +170,7 @@ impl ExecWorker {
     pub fn new(config: ExecWorkerConfig, work_dir: PathBuf, store: ObjectStore, db: Db) -> Self {
         Self {
             outputs: Outputs::new(store.clone(), &config.name, &config.version),
+            budget: mediaflow_outputs::InputBudget::for_inputs_up_to(config.max_input_bytes),
             config,
             work_dir,
             store,
@@ -179,6 +182,10 @@ impl ExecWorker {
 impl Handler for ExecWorker {
     async fn handle(&self, event: &Event) -> Result<Vec<OutputEvent>, StageError> {
         let job = Job::from_event(event)?;
+        let _room = match &job.input {
+            Some(object) => Some(self.budget.take(object.size).await?),
+            None => None,
+        };
         tokio::fs::create_dir_all(&self.work_dir)
             .await
             .map_err(|e| io_error("creating the work folder", e))?;

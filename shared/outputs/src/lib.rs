@@ -222,6 +222,12 @@ impl InputBudget {
         }
     }
 
+    /// Room for `INPUTS` inputs of `max_input_bytes` each: what a stage with the former fixed
+    /// concurrency of 4 could hold at worst.
+    pub fn for_inputs_up_to(max_input_bytes: u64) -> Self {
+        Self::new(max_input_bytes.saturating_mul(INPUTS))
+    }
+
     /// Waits until `size` bytes (at least 1 MiB) fit in the budget and takes them.
     pub async fn take(&self, size: u64) -> Result<tokio::sync::OwnedSemaphorePermit, StageError> {
         let mib = u32::try_from(size.div_ceil(MIB))
@@ -236,6 +242,8 @@ impl InputBudget {
 }
 
 const MIB: u64 = 1024 * 1024;
+/// Inputs of the largest size a budget made by `for_inputs_up_to` holds.
+const INPUTS: u64 = 4;
 /// The most permits a tokio semaphore holds, well above any budget in MiB.
 const MAX_PERMITS: u32 = 1 << 28;
 
