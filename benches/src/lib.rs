@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use mediaflow_imaging::jpeg::resize_rgb;
 
 /// SSIM ("All", over Y, U and V) of two images by ffmpeg's `ssim` filter.
@@ -115,4 +115,18 @@ pub fn synthetic_set(photos: &[PathBuf], dir: &Path, n: usize) -> Result<Vec<Pat
         out.push(path);
     }
     Ok(out)
+}
+
+/// The JPEG and PNG photos in `dir`, sorted by name; an error when there are none.
+pub fn real_photos(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut real: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("jpg") || e.eq_ignore_ascii_case("png"))
+        })
+        .collect();
+    real.sort();
+    ensure!(!real.is_empty(), "no photos in {}", dir.display());
+    Ok(real)
 }

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use futures::StreamExt;
-use mediaflow_benches::{allowed_cpus, synthetic_set};
+use mediaflow_benches::{allowed_cpus, real_photos, synthetic_set};
 use mediaflow_bus::{Bus, BusConfig};
 
 struct Args {
@@ -130,7 +130,7 @@ fn children(pid: u32) -> Vec<u32> {
 
 /// A running `mediaflow up` on a data folder of its own.
 struct Up {
-    child: std::process::Child,
+    child: tokio::process::Child,
     pid: u32,
     broker: Option<u32>,
     gateway: String,
@@ -143,7 +143,7 @@ impl Up {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir)?;
         let log = std::fs::File::create(dir.with_extension("log"))?;
-        let mut child = Command::new("taskset")
+        let mut child = tokio::process::Command::new("taskset")
             .args(["-c", cpus])
             .arg(bin)
             .arg("up")
@@ -159,7 +159,7 @@ impl Up {
             .stderr(log)
             .spawn()
             .context("starting mediaflow up under taskset")?;
-        let pid = child.id();
+        let pid = child.id().context("mediaflow up exited at once")?;
         let http = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -294,17 +294,16 @@ impl Up {
         Ok(())
     }
 
-    fn stop(mut self) -> Result<()> {
+    async fn stop(mut self) -> Result<()> {
         let _ = Command::new("kill")
             .args(["-TERM", &self.pid.to_string()])
             .status();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while self.child.try_wait()?.is_none() {
-            if Instant::now() > deadline {
-                self.child.kill()?;
-                bail!("mediaflow did not stop within 60 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if tokio::time::timeout(Duration::from_secs(60), self.child.wait())
+            .await
+            .is_err()
+        {
+            self.child.kill().await?;
+            bail!("mediaflow did not stop within 60 s of SIGTERM");
         }
         Ok(())
     }
@@ -519,7 +518,7 @@ async fn through_platform(
     let (m1, b1) = up.cpu();
     let steps = perf.map(|p| p.finish(up.broker)).transpose()?;
     up.check_done(&ids).await?;
-    up.stop()?;
+    up.stop().await?;
     Ok(Run {
         uploads,
         total,
@@ -782,19 +781,6 @@ async fn video(args: &Args) -> Result<()> {
         peer.as_secs_f64() * n as f64 / run.total.as_secs_f64()
     );
     Ok(())
-}
-
-fn real_photos(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut real: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension()
-                .is_some_and(|e| e.eq_ignore_ascii_case("jpg") || e.eq_ignore_ascii_case("png"))
-        })
-        .collect();
-    real.sort();
-    ensure!(!real.is_empty(), "no photos in {}", dir.display());
-    Ok(real)
 }
 
 #[tokio::main]

@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use mediaflow_benches::{allowed_cpus, median, ssim, synthetic_photo, synthetic_set};
+use mediaflow_benches::{allowed_cpus, median, real_photos, ssim, synthetic_photo, synthetic_set};
 use mediaflow_imaging::DecodeLimits;
 
 struct Args {
@@ -123,15 +123,7 @@ fn main() -> Result<()> {
         return rss_child(Path::new(&file), 256);
     }
     let args = args()?;
-    let mut real: Vec<PathBuf> = std::fs::read_dir(&args.photos)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension()
-                .is_some_and(|e| e.eq_ignore_ascii_case("jpg") || e.eq_ignore_ascii_case("png"))
-        })
-        .collect();
-    real.sort();
-    ensure!(!real.is_empty(), "no photos in {}", args.photos.display());
+    let real = real_photos(&args.photos)?;
     let synthetic = synthetic_set(&real, &args.work.join("synthetic"), args.synthetic)?;
     let real_jpegs: Vec<PathBuf> = real
         .iter()

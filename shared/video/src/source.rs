@@ -65,7 +65,7 @@ impl KeyframeCache {
 
     fn put(&mut self, ts: i64, picture: &Picture) {
         let size = picture.pixel_bytes();
-        if size > KEYFRAME_CACHE_BYTES || self.get(ts).is_some() {
+        if size > KEYFRAME_CACHE_BYTES || self.entries.iter().any(|(t, _, _)| *t == ts) {
             return;
         }
         while self.bytes + size > KEYFRAME_CACHE_BYTES {
