@@ -300,7 +300,7 @@ async fn commit_upload(
     match &spooled.body {
         spool::Body::Memory(bytes) => {
             store
-                .put_bytes(&key, bytes.clone(), format.content_type)
+                .put_bytes(&key, bytes.clone(), format.content_type, &spooled.sha256)
                 .await?;
         }
         spool::Body::File(path) => store.put_file(&key, path, format.content_type).await?,

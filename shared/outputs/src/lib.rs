@@ -100,7 +100,12 @@ impl Outputs {
             content_type: content_type.into(),
         };
         self.store
-            .put_bytes(&key, bytes::Bytes::from(bytes), content_type)
+            .put_bytes(
+                &key,
+                bytes::Bytes::from(bytes),
+                content_type,
+                &object.sha256,
+            )
             .await
             .map_err(store_error)?;
         let row = ResultRow {

@@ -5,10 +5,13 @@
 use std::path::Path;
 use std::time::Duration;
 
+use aws_runtime::auth::PayloadSigningOverride;
+use aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextMut;
 use aws_sdk_s3::config::{
-    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+    BehaviorVersion, ConfigBag, Credentials, Intercept, Region, RequestChecksumCalculation,
+    ResponseChecksumValidation, RuntimeComponents,
 };
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{BoxError, DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
@@ -234,12 +237,16 @@ impl ObjectStore {
         Ok(())
     }
 
-    /// Uploads `bytes` to `key`.
+    /// Uploads `bytes`, whose SHA-256 (lowercase hex) is `sha256`, to `key`. The request is
+    /// signed with that digest, so the server still checks the body against it, while the
+    /// client does not hash the body a second time (callers have hashed it already to record
+    /// it).
     pub async fn put_bytes(
         &self,
         key: &str,
         bytes: Bytes,
         content_type: &str,
+        sha256: &str,
     ) -> Result<(), StoreError> {
         self.client
             .put_object()
@@ -247,6 +254,8 @@ impl ObjectStore {
             .key(key)
             .content_type(content_type)
             .body(ByteStream::from(bytes))
+            .customize()
+            .interceptor(SignedWith(sha256.to_owned()))
             .send()
             .await
             .map_err(|e| request_error("PutObject", key, &e))?;
@@ -409,3 +418,25 @@ impl ObjectStore {
 
 /// Bytes read from a local file at a time while it is uploaded.
 const FILE_CHUNK: usize = 1024 * 1024;
+
+/// Signs a request's payload with a SHA-256 the caller already has
+/// (`x-amz-content-sha256: <digest>`) instead of the SDK hashing the body itself.
+#[derive(Debug)]
+struct SignedWith(String);
+
+impl Intercept for SignedWith {
+    fn name(&self) -> &'static str {
+        "SignedWith"
+    }
+
+    fn modify_before_signing(
+        &self,
+        _context: &mut BeforeTransmitInterceptorContextMut<'_>,
+        _components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        cfg.interceptor_state()
+            .store_put(PayloadSigningOverride::Precomputed(self.0.clone()));
+        Ok(())
+    }
+}
