@@ -140,7 +140,7 @@ struct Up {
 
 impl Up {
     async fn start(bin: &Path, cpus: &str, dir: &Path) -> Result<Self> {
-        let _ = std::fs::remove_dir_all(dir);
+        set_aside(dir)?;
         std::fs::create_dir_all(dir)?;
         let log = std::fs::File::create(dir.with_extension("log"))?;
         let mut child = tokio::process::Command::new("taskset")
@@ -802,5 +802,34 @@ async fn main() -> Result<()> {
     if only.is_none_or(|o| o == "video") {
         video(&args).await?;
     }
+    let _ = std::fs::remove_dir_all(args.work.join(SET_ASIDE));
+    Ok(())
+}
+
+/// Where earlier runs' data folders wait until every measurement is over.
+const SET_ASIDE: &str = "set-aside";
+
+/// Moves the folder `dir` (an earlier run's data) out of the way without deleting it. Files
+/// deleted just before a run make the files the run creates dearer: ext4 without a journal,
+/// as on the machines here, skips over inodes freed in the last minutes one by one when it
+/// allocates one (`recently_deleted`), and the platform creates several files per media where
+/// vipsthumbnail rewrites its outputs in place. They are deleted when every scenario is done.
+fn set_aside(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let parent = dir.parent().context("a data folder has a parent")?;
+    let aside = parent.join(SET_ASIDE);
+    std::fs::create_dir_all(&aside)?;
+    let name = format!(
+        "{}-{}",
+        dir.file_name()
+            .context("a data folder has a name")?
+            .to_string_lossy(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos()
+    );
+    std::fs::rename(dir, aside.join(name))?;
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! on `media.uploaded`. Shared by uploads and by sources (the S3 backfill).
 
 use mediaflow_bus::{Bus, BusError, Publisher};
-use mediaflow_db::{Db, DbError, Entity, MediaRow, MediaStatus};
+use mediaflow_db::{Db, DbError, MediaRow, MediaStatus};
 use mediaflow_events::{MediaKind, MediaUploaded, ObjectRef};
 
 /// Why an object could not be admitted.
@@ -53,13 +53,7 @@ pub async fn record_and_announce(
         created_at_ms: now,
         updated_at_ms: now,
     };
-    db.insert_media(&row).await?;
-    if let Err(e) = db.queue_stages(Entity::Media(id), stages).await {
-        if let Err(del) = db.delete_media(id).await {
-            tracing::error!(media_id = %id, error = %del, "could not remove unannounced media");
-        }
-        return Err(e.into());
-    }
+    db.insert_media(&row, stages).await?;
     let event = MediaUploaded {
         media_id: id.to_owned(),
         kind,

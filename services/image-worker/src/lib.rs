@@ -4,7 +4,7 @@
 //! port `out` (bound to `images.processed` in the shipped pipeline).
 
 use cloudevents::Event;
-use mediaflow_db::{Db, Entity, ImageTagsRow};
+use mediaflow_db::{Db, ImageTagsRow};
 use mediaflow_events::{ImageProcessed, MediaKind, MediaUploaded};
 use mediaflow_imaging::renditions::RenditionSpec;
 use mediaflow_imaging::{DecodeLimits, ImagingError};
@@ -172,22 +172,19 @@ impl Handler for ImageWorker {
         let t = &processed.tags;
         let exif = t.exif.as_ref();
         let gps = exif.and_then(|e| e.gps);
+        let tags_row = ImageTagsRow {
+            media_id: upload.media_id.clone(),
+            stage_version: self.outputs.version().into(),
+            phash: t.phash.clone(),
+            camera_make: exif.and_then(|e| e.make.clone()),
+            camera_model: exif.and_then(|e| e.model.clone()),
+            taken_at: exif.and_then(|e| e.taken_at.clone()),
+            latitude: gps.map(|g| g.latitude),
+            longitude: gps.map(|g| g.longitude),
+            tags_json: tags.to_string(),
+        };
         self.db
-            .record_image_tags(&ImageTagsRow {
-                media_id: upload.media_id.clone(),
-                stage_version: self.outputs.version().into(),
-                phash: t.phash.clone(),
-                camera_make: exif.and_then(|e| e.make.clone()),
-                camera_model: exif.and_then(|e| e.model.clone()),
-                taken_at: exif.and_then(|e| e.taken_at.clone()),
-                latitude: gps.map(|g| g.latitude),
-                longitude: gps.map(|g| g.longitude),
-                tags_json: tags.to_string(),
-            })
-            .await
-            .map_err(db_error)?;
-        self.db
-            .record_results(Entity::Media(&upload.media_id), &rows)
+            .record_image(&rows, &tags_row)
             .await
             .map_err(db_error)?;
 

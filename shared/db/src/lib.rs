@@ -295,6 +295,64 @@ async fn derive_in(
     Ok(())
 }
 
+/// Stores a stage's outputs within `tx` (see `Db::record_results`).
+async fn results_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    entity: Entity<'_>,
+    results: &[ResultRow],
+    now: i64,
+) -> Result<(), DbError> {
+    for r in results {
+        sqlx::query(
+            "INSERT INTO results (entity_id, stage, stage_version, name, bucket, object_key, \
+             content_type, size_bytes, sha256, width, height, created_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+             ON CONFLICT (entity_id, stage, stage_version, name) DO UPDATE SET \
+             bucket = excluded.bucket, object_key = excluded.object_key, \
+             content_type = excluded.content_type, size_bytes = excluded.size_bytes, \
+             sha256 = excluded.sha256, width = excluded.width, height = excluded.height",
+        )
+        .bind(entity.id())
+        .bind(&r.stage)
+        .bind(&r.stage_version)
+        .bind(&r.name)
+        .bind(&r.bucket)
+        .bind(&r.object_key)
+        .bind(&r.content_type)
+        .bind(r.size_bytes)
+        .bind(&r.sha256)
+        .bind(r.width)
+        .bind(r.height)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Queues `entity` for `stages` (those not already holding a state for it) within `tx`, then
+/// derives its status again.
+async fn queue_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    entity: Entity<'_>,
+    stages: &[String],
+    now: i64,
+) -> Result<(), DbError> {
+    for stage in stages {
+        sqlx::query(
+            "INSERT INTO stage_status (entity_id, stage, state, error, updated_at_ms) \
+             VALUES ($1, $2, $3, NULL, $4) ON CONFLICT (entity_id, stage) DO NOTHING",
+        )
+        .bind(entity.id())
+        .bind(stage)
+        .bind(StageState::Queued.as_str())
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    }
+    derive_in(tx, entity, now).await
+}
+
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -361,8 +419,10 @@ impl Db {
         Ok(())
     }
 
-    /// Records a new upload as queued. Inserting the same id twice is an error.
-    pub async fn insert_media(&self, m: &MediaRow) -> Result<(), DbError> {
+    /// Records a new upload queued for `stages`, in one transaction: the media row and its
+    /// stages' rows appear together or not at all. Inserting the same id twice is an error.
+    pub async fn insert_media(&self, m: &MediaRow, stages: &[String]) -> Result<(), DbError> {
+        let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO media (id, kind, content_type, filename, bucket, object_key, size_bytes, \
              sha256, status, error, created_at_ms, updated_at_ms) \
@@ -380,8 +440,12 @@ impl Db {
         .bind(m.error.as_deref())
         .bind(m.created_at_ms)
         .bind(m.updated_at_ms)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        if !stages.is_empty() {
+            queue_in(&mut tx, Entity::Media(&m.id), stages, m.updated_at_ms).await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -435,33 +499,8 @@ impl Db {
         entity: Entity<'_>,
         results: &[ResultRow],
     ) -> Result<(), DbError> {
-        let now = now_ms();
         let mut tx = self.pool.begin().await?;
-        for r in results {
-            sqlx::query(
-                "INSERT INTO results (entity_id, stage, stage_version, name, bucket, object_key, \
-                 content_type, size_bytes, sha256, width, height, created_at_ms) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
-                 ON CONFLICT (entity_id, stage, stage_version, name) DO UPDATE SET \
-                 bucket = excluded.bucket, object_key = excluded.object_key, \
-                 content_type = excluded.content_type, size_bytes = excluded.size_bytes, \
-                 sha256 = excluded.sha256, width = excluded.width, height = excluded.height",
-            )
-            .bind(entity.id())
-            .bind(&r.stage)
-            .bind(&r.stage_version)
-            .bind(&r.name)
-            .bind(&r.bucket)
-            .bind(&r.object_key)
-            .bind(&r.content_type)
-            .bind(r.size_bytes)
-            .bind(&r.sha256)
-            .bind(r.width)
-            .bind(r.height)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        }
+        results_in(&mut tx, entity, results, now_ms()).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -472,21 +511,8 @@ impl Db {
         if stages.is_empty() {
             return Ok(());
         }
-        let now = now_ms();
         let mut tx = self.pool.begin().await?;
-        for stage in stages {
-            sqlx::query(
-                "INSERT INTO stage_status (entity_id, stage, state, error, updated_at_ms) \
-                 VALUES ($1, $2, $3, NULL, $4) ON CONFLICT (entity_id, stage) DO NOTHING",
-            )
-            .bind(entity.id())
-            .bind(stage)
-            .bind(StageState::Queued.as_str())
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        }
-        derive_in(&mut tx, entity, now).await?;
+        queue_in(&mut tx, entity, stages, now_ms()).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -553,8 +579,16 @@ impl Db {
             .collect()
     }
 
-    /// Stores an image's tags; the same (media, stage version) overwrites its row.
-    pub async fn record_image_tags(&self, t: &ImageTagsRow) -> Result<(), DbError> {
+    /// Stores the image stage's outputs (as `record_results`) and the image's tags in one
+    /// transaction; the same (media, stage version) overwrites its tags row.
+    pub async fn record_image(
+        &self,
+        results: &[ResultRow],
+        t: &ImageTagsRow,
+    ) -> Result<(), DbError> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        results_in(&mut tx, Entity::Media(&t.media_id), results, now).await?;
         sqlx::query(
             "INSERT INTO image_tags (media_id, stage_version, phash, camera_make, camera_model, \
              taken_at, latitude, longitude, tags_json, created_at_ms) \
@@ -573,9 +607,10 @@ impl Db {
         .bind(t.latitude)
         .bind(t.longitude)
         .bind(&t.tags_json)
-        .bind(now_ms())
-        .execute(&self.pool)
+        .bind(now)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 

@@ -88,7 +88,7 @@ async fn work_items_are_recorded_once_and_carry_their_results() {
     assert!(db.item("nope").await.unwrap().is_none());
 
     // Media results live beside them and mark the media, not an item, done.
-    db.insert_media(&media("m1")).await.unwrap();
+    db.insert_media(&media("m1"), &[]).await.unwrap();
     db.record_results(Entity::Media("m1"), &[result("m1", "a.txt")])
         .await
         .unwrap();
@@ -153,7 +153,7 @@ async fn a_media_item_is_done_only_when_every_stage_it_was_queued_for_is() {
     let db = Db::connect(&format!("sqlite://{}/t.db", dir.path().display()), 2)
         .await
         .unwrap();
-    db.insert_media(&media("m1")).await.unwrap();
+    db.insert_media(&media("m1"), &[]).await.unwrap();
     let m1 = Entity::Media("m1");
     let status = || async { db.media("m1").await.unwrap().unwrap() };
     db.queue_stages(m1, &["router".to_owned()]).await.unwrap();
