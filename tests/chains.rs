@@ -403,7 +403,7 @@ stages:
         let path = files.path().join("pipeline.yaml");
         std::fs::write(&path, yaml).expect("pipeline file");
         c.pipeline = Some(path);
-        c.bus.partitions = 1;
+        c.bus.partitions = Some(1);
     })
     .await?;
     // Its headers are whole (probe passes); its pixels stop halfway.

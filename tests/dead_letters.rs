@@ -16,7 +16,7 @@ const TIMEOUT: Duration = Duration::from_secs(90);
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_poison_message_is_dead_lettered_and_replayed_after_the_fix() -> Result<()> {
     // One partition everywhere: the good upload queues behind the poison one.
-    let tp = TestPlatform::start_with(Backend::Sqlite, |c| c.bus.partitions = 1).await?;
+    let tp = TestPlatform::start_with(Backend::Sqlite, |c| c.bus.partitions = Some(1)).await?;
     let db = mediaflow_db::Db::connect(&tp.config.database_url(), 1).await?;
 
     // The poison: an upload whose original is missing from S3 (a permanent failure).
@@ -134,7 +134,7 @@ async fn a_transient_poison_is_dead_lettered_after_its_attempts_and_replayed() -
     )?;
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
     let tp = TestPlatform::start_with(Backend::Sqlite, |c| {
-        c.bus.partitions = 1;
+        c.bus.partitions = Some(1);
         c.stages.max_attempts = 3;
         c.stages.enabled = Some(vec!["router".into(), "flaky".into()]);
         c.exec.push(support::exec_stage("flaky", &script));

@@ -255,7 +255,7 @@ async fn uploads_become_thumbnails_on_postgres() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn corrupt_image_fails_visibly_without_blocking_others() -> Result<()> {
     // One partition: the good image queues behind the corrupt one.
-    let tp = TestPlatform::start_with(Backend::Sqlite, |c| c.bus.partitions = 1).await?;
+    let tp = TestPlatform::start_with(Backend::Sqlite, |c| c.bus.partitions = Some(1)).await?;
     let mut corrupt = std::fs::read(fixtures().join("rocket.jpg"))?;
     corrupt.truncate(600);
     let bad = upload_raw(&tp.base, corrupt, "image/jpeg", "broken.jpg").await?;

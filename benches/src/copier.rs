@@ -98,7 +98,7 @@ async fn main() -> Result<()> {
     let kafka = mediaflow_embedded::EmbeddedKafka::start(&broker, dir.path(), port).await?;
     let bus = Bus::new(BusConfig {
         brokers: kafka.bootstrap().to_owned(),
-        partitions: PARTITIONS,
+        partitions: Some(PARTITIONS),
         ..BusConfig::default()
     });
     let topic = |name: &str| TopicSpec {

@@ -544,7 +544,7 @@ impl TestPlatform {
             .env("MEDIAFLOW__EMBEDDED__S3", "false")
             .env("MEDIAFLOW__BUS__BROKERS", &c.bus.brokers)
             .env("MEDIAFLOW__BUS__TOPIC_PREFIX", &c.bus.topic_prefix)
-            .env("MEDIAFLOW__BUS__PARTITIONS", c.bus.partitions.to_string())
+            .env("MEDIAFLOW__BUS__PARTITIONS", c.bus.partitions().to_string())
             .env("MEDIAFLOW__STORE__ENDPOINT", &c.store.endpoint)
             .env("MEDIAFLOW__STORE__BUCKET", &c.store.bucket)
             .env("MEDIAFLOW__ADMIN__LISTEN", "127.0.0.1:0")

@@ -150,6 +150,15 @@ impl IntoResponse for ApiError {
             axum::http::header::CONTENT_TYPE,
             axum::http::HeaderValue::from_static("application/problem+json"),
         );
+        if matches!(self, ApiError::TooLarge { .. }) {
+            // Part of the body may be left unread, so the connection cannot carry another
+            // request: said up front, so that a client does not send its next one on it and
+            // see it closed (hyper closes it after this answer).
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
         if matches!(self, ApiError::Unavailable { .. } | ApiError::Busy) {
             response.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,

@@ -14,8 +14,9 @@ pub struct BusConfig {
     pub brokers: String,
     /// Prefix for every topic name (lets several deployments or test runs share a cluster).
     pub topic_prefix: String,
-    /// Partitions of each topic created at start-up.
-    pub partitions: i32,
+    /// Partitions of each topic created at start-up (a topic the pipeline file gives its own
+    /// count keeps it); see `partitions()` for the default.
+    pub partitions: Option<i32>,
     /// Kafka `client.id` reported to the brokers.
     pub client_id: String,
     /// Timeout in milliseconds for admin requests, metadata and produce acknowledgements.
@@ -34,12 +35,21 @@ pub struct BusConfig {
     pub librdkafka: BTreeMap<String, String>,
 }
 
+impl BusConfig {
+    /// Partitions of topics created at start-up: `partitions`, else 4. (`mediaflow up` on its
+    /// embedded broker sets 1 when unset: one process consumes each topic there, and the
+    /// broker reads every partition of a consumer's topics on each poll round.)
+    pub fn partitions(&self) -> i32 {
+        self.partitions.unwrap_or(4)
+    }
+}
+
 impl Default for BusConfig {
     fn default() -> Self {
         Self {
             brokers: "127.0.0.1:9092".into(),
             topic_prefix: String::new(),
-            partitions: 4,
+            partitions: None,
             client_id: "mediaflow".into(),
             request_timeout_ms: 30_000,
             session_timeout_ms: 30_000,

@@ -75,7 +75,7 @@ impl Bus {
 
     /// Creates the platform's declared topics.
     pub async fn ensure_platform_topics(&self) -> Result<(), BusError> {
-        self.ensure_topics(&self.topics().declared(self.config.partitions))
+        self.ensure_topics(&self.topics().declared(self.config.partitions()))
             .await
     }
 

@@ -82,8 +82,8 @@ pub(super) async fn connect(
     metrics: Metrics,
 ) -> Result<Services> {
     let bus = Bus::new(config.bus.clone());
-    let mut topics = bus.topics().declared(config.bus.partitions);
-    for declared in topology.topic_specs(&config.bus.topic_prefix, config.bus.partitions) {
+    let mut topics = bus.topics().declared(config.bus.partitions());
+    for declared in topology.topic_specs(&config.bus.topic_prefix, config.bus.partitions()) {
         match topics.iter_mut().find(|t| t.name == declared.name) {
             Some(t) => *t = declared,
             None => topics.push(declared),
