@@ -286,7 +286,7 @@ fn side_file(bucket: &str, key: &str, kind: &str) -> String {
 /// files share one), and the ETag is the body's XXH3-128 instead of its MD5, a hash pass of
 /// about 5 ms for a 3 MB photo. S3 promises only that an ETag changes with the content (those
 /// of multipart and KMS-encrypted objects are not MD5s either); a Content-MD5 the client sends
-/// is still checked, by s3s-fs.
+/// is still checked.
 struct PlainPut {
     /// Where the body, the attributes and the ETag are written before their renames.
     tmp: [PathBuf; 3],
@@ -302,8 +302,19 @@ struct PlainPut {
 impl PlainPut {
     /// Writes `body` and answers its ETag. Nothing is visible under the key until the whole
     /// body has arrived (and passed s3s's check of a signed payload digest): the file is
-    /// written aside and renamed into place.
+    /// written aside and renamed into place; what was written aside is removed if that fails.
     async fn write(self, body: StreamingBlob) -> S3Result<String> {
+        let tmp = self.tmp.clone();
+        let written = self.store(body).await;
+        if written.is_err() {
+            for tmp in &tmp {
+                let _ = tokio::fs::remove_file(tmp).await;
+            }
+        }
+        written
+    }
+
+    async fn store(self, body: StreamingBlob) -> S3Result<String> {
         let mut pieces = std::pin::pin!(in_pieces(body, CHUNK));
         let mut hash = xxhash_rust::xxh3::Xxh3::new();
         let mut md5 = self.content_md5.is_some().then(s3s::crypto::Md5::new);
@@ -341,15 +352,12 @@ impl PlainPut {
             _ => None,
         };
         if let Some(refused) = md5_refused {
-            drop(file);
-            let _ = tokio::fs::remove_file(&self.tmp[0]).await;
             return Err(refused);
         }
         let e_tag = format!("{:032x}", hash.digest128());
         let attributes = serde_json::json!({ "content_type": self.content_type }).to_string();
         let info = serde_json::json!({ "e_tag": e_tag }).to_string();
         let written = e_tag.clone();
-        let tmp = self.tmp.clone();
         blocking(move || {
             let mut f = match file {
                 Some(f) => f,
@@ -367,12 +375,7 @@ impl PlainPut {
             std::fs::write(info_tmp, info)?;
             std::fs::rename(info_tmp, &self.info)
         })
-        .await
-        .inspect_err(|_| {
-            for tmp in &tmp {
-                let _ = std::fs::remove_file(tmp);
-            }
-        })?;
+        .await?;
         Ok(written)
     }
 }

@@ -168,15 +168,18 @@ async fn a_body_that_does_not_match_its_signed_digest_or_content_md5_is_refused_
     let s = server().await;
     let bytes = pattern(300_000);
     let wrong = sha256(b"something else");
-    let err = s
-        .store
-        .put_bytes("uploads/x", bytes.clone().into(), "image/jpeg", &wrong)
-        .await
-        .unwrap_err();
-    assert!(
-        !s.store.exists("uploads/x").await.unwrap(),
-        "stored anyway: {err}"
-    );
+    // Under one piece, and over several (written aside before the digest is known).
+    for (key, body) in [
+        ("uploads/x", bytes.clone()),
+        ("uploads/w", pattern(3 << 20)),
+    ] {
+        let err = s
+            .store
+            .put_bytes(key, body.into(), "image/jpeg", &wrong)
+            .await
+            .unwrap_err();
+        assert!(!s.store.exists(key).await.unwrap(), "stored anyway: {err}");
+    }
 
     let client = client(&s.config, WhenRequired);
     let refused = client
