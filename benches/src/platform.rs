@@ -263,8 +263,8 @@ impl Up {
                 cpu_seconds(self.pid).is_some(),
                 "mediaflow exited during the run"
             );
-            // Polling the topic's size: one cheap request to the broker, outside the clock's
-            // critical path.
+            // Polling the topic's size: one request to the broker per partition, whose work is
+            // counted in the broker's CPU, against the platform.
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }

@@ -69,6 +69,20 @@ fn sha256(bytes: &[u8]) -> String {
         .collect()
 }
 
+async fn head(
+    client: &aws_sdk_s3::Client,
+    config: &StoreConfig,
+    key: &str,
+) -> aws_sdk_s3::operation::head_object::HeadObjectOutput {
+    client
+        .head_object()
+        .bucket(&config.bucket)
+        .key(key)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// Bytes that differ at every position, so a misplaced piece shows.
 fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
@@ -101,13 +115,7 @@ async fn plain_puts_read_back_whole_with_their_content_type_and_an_etag_per_cont
         assert_eq!(back.bytes.len(), size, "size of {key}");
         assert!(back.bytes == bytes, "bytes of {key}");
         assert_eq!(back.content_type.as_deref(), Some("image/jpeg"));
-        let head = client
-            .head_object()
-            .bucket(&s.config.bucket)
-            .key(&key)
-            .send()
-            .await
-            .unwrap();
+        let head = head(&client, &s.config, &key).await;
         assert_eq!(head.content_length(), Some(size as i64));
         assert_eq!(head.content_type(), Some("image/jpeg"));
         e_tags.push(head.e_tag().unwrap().to_owned());
@@ -123,13 +131,7 @@ async fn plain_puts_read_back_whole_with_their_content_type_and_an_etag_per_cont
         .put_bytes("again", bytes.clone().into(), "image/jpeg", &sha256(&bytes))
         .await
         .unwrap();
-    let head = client
-        .head_object()
-        .bucket(&s.config.bucket)
-        .key("again")
-        .send()
-        .await
-        .unwrap();
+    let head = head(&client, &s.config, "again").await;
     assert_eq!(head.e_tag(), Some(e_tags[2].as_str()));
     // A PUT with a checksum (the SDK's default) is s3s-fs's to check and store.
     client
