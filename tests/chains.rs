@@ -21,7 +21,7 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 async fn platform(files: &tempfile::TempDir, yaml: &str) -> Result<TestPlatform> {
     let path = files.path().join("pipeline.yaml");
     std::fs::write(&path, yaml)?;
-    TestPlatform::start_with(Backend::Sqlite, |c| c.pipeline = Some(path)).await
+    TestPlatform::start_with(Backend::Sqlite, |c| c.pipeline = Some(path.into())).await
 }
 
 async fn upload(tp: &TestPlatform, bytes: Vec<u8>) -> Result<String> {
@@ -402,7 +402,7 @@ stages:
     let tp = TestPlatform::start_with(Backend::Sqlite, |c| {
         let path = files.path().join("pipeline.yaml");
         std::fs::write(&path, yaml).expect("pipeline file");
-        c.pipeline = Some(path);
+        c.pipeline = Some(path.into());
         c.bus.partitions = Some(1);
     })
     .await?;

@@ -26,7 +26,7 @@ async fn platform(
 ) -> Result<TestPlatform> {
     let path = pipeline_file(files, yaml);
     TestPlatform::start_with(Backend::Sqlite, |c| {
-        c.pipeline = Some(path);
+        c.pipeline = Some(path.into());
         adjust(c);
     })
     .await
@@ -523,7 +523,7 @@ async fn a_wrong_pipeline_file_starts_nothing_and_says_where_it_is_wrong() -> Re
     let path = pipeline_file(&files, &wrong);
     let mut config = mediaflow::MediaflowConfig::with_defaults();
     config.data_dir = files.path().join("data");
-    config.pipeline = Some(path.clone());
+    config.pipeline = Some(path.clone().into());
     let err = mediaflow::Platform::start(config)
         .await
         .err()

@@ -92,8 +92,10 @@ async fn a_kind_of_ones_own_runs_from_a_pipeline_file() -> Result<()> {
     );
 
     let registry = Registry::default().with(Shout);
-    let tp = TestPlatform::start_registry(Backend::Sqlite, registry, |c| c.pipeline = Some(path))
-        .await?;
+    let tp = TestPlatform::start_registry(Backend::Sqlite, registry, |c| {
+        c.pipeline = Some(path.into())
+    })
+    .await?;
     let said: Vec<_> = ["hello", "quiet please"]
         .iter()
         .enumerate()

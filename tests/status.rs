@@ -103,7 +103,7 @@ async fn a_media_item_is_done_when_every_stage_reading_its_queue_is() -> Result<
     let gate = files.path().join("gate");
     let path = files.path().join("pipeline.yaml");
     std::fs::write(&path, pipeline(&gate))?;
-    let tp = TestPlatform::start_with(Backend::Sqlite, |c| c.pipeline = Some(path)).await?;
+    let tp = TestPlatform::start_with(Backend::Sqlite, |c| c.pipeline = Some(path.into())).await?;
 
     let jpeg = upload(&tp, "rocket.jpg").await?;
     let png = upload(&tp, "chelsea.png").await?;

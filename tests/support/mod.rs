@@ -151,6 +151,13 @@ fn cache_dir() -> PathBuf {
         })
 }
 
+/// A file of the repository, by its path from the root.
+pub fn repo_file(path: &str) -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+}
+
 /// The folder of real sample media extracted by `./x` (photos from scikit-image's wheel).
 pub fn fixtures() -> PathBuf {
     let dir = std::env::var_os("MEDIAFLOW_FIXTURES")
@@ -264,6 +271,10 @@ impl TestPlatform {
         config.bus.topic_prefix = format!("{}.", unique("t"));
         config.store.bucket = unique("mf-");
         config.stages.initial_backoff_ms = 50;
+        // The upload pipeline alone unless a test says otherwise: the sign-up flow's tests run
+        // `pipelines/signup.yaml` against an SMTP server of their own.
+        config.pipeline = Some(repo_file("pipelines/default.yaml").into());
+        config.embedded.smtp = false;
         let external = match backend {
             Backend::Sqlite => None,
             Backend::Postgres => {
@@ -320,6 +331,7 @@ impl TestPlatform {
     ) -> Result<Self> {
         config.embedded.kafka_port = 0;
         config.embedded.s3_port = 0;
+        config.embedded.smtp_port = 0;
         let platform = Platform::start_with(config.clone(), registry).await?;
         let base = platform.endpoints.gateway.clone();
         let bus = Bus::new(BusConfig {
@@ -536,7 +548,20 @@ impl TestPlatform {
             .open(dir.join(format!("{name}.log")))?;
         let mut command = tokio::process::Command::new(mediaflow_bin());
         if let Some(pipeline) = &c.pipeline {
-            command.env("MEDIAFLOW__PIPELINE", pipeline);
+            let files: Vec<String> = pipeline
+                .files()
+                .iter()
+                .map(|f| format!("{:?}", f.display().to_string()))
+                .collect();
+            command.env("MEDIAFLOW__PIPELINE", format!("[{}]", files.join(", ")));
+        }
+        if !c.signup.code_key.is_empty() {
+            command.env("MEDIAFLOW__SIGNUP__CODE_KEY", &c.signup.code_key);
+        }
+        if !c.mail.host.is_empty() {
+            command
+                .env("MEDIAFLOW__MAIL__HOST", &c.mail.host)
+                .env("MEDIAFLOW__MAIL__PORT", c.mail.port.to_string());
         }
         command
             .args(["run", stage])

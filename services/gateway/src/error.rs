@@ -25,6 +25,13 @@ pub enum ApiError {
     },
     /// Too many uploads in progress.
     Busy,
+    /// A request the API understood and refuses, with its own status and problem type.
+    Refused {
+        status: StatusCode,
+        code: &'static str,
+        title: &'static str,
+        detail: String,
+    },
     /// A dependency (object store, database, broker) failed; retrying later can succeed.
     Unavailable {
         dependency: &'static str,
@@ -104,6 +111,12 @@ impl ApiError {
                 "Too many uploads",
                 "too many uploads are in progress; retry shortly".into(),
             ),
+            ApiError::Refused {
+                status,
+                code,
+                title,
+                detail,
+            } => (*status, code, title, detail.clone()),
             ApiError::Unavailable { dependency, .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",

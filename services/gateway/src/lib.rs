@@ -1,12 +1,14 @@
 //! The REST gateway. Accepts uploads (streamed raw bodies or multipart forms), stores them in
 //! object storage, records them in the database and announces them on `media.uploaded`; serves
-//! status, results and result downloads, plus `/healthz`, `/readyz` and `/metrics`.
+//! status, results and result downloads, the sign-up API (`users`), plus `/healthz`, `/readyz`
+//! and `/metrics`.
 
 pub mod admin;
 mod error;
 pub mod ingest;
 mod sniff;
 mod spool;
+pub mod users;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -80,6 +82,8 @@ struct Inner {
     metrics: Metrics,
     /// The stages that read `media.uploaded`: an upload is queued for each.
     upload_stages: Vec<String>,
+    /// The sign-up API, when the platform runs the sign-up flow.
+    signup: Option<users::SignupApi>,
 }
 
 /// The stage name the gateway stamps on its events.
@@ -109,6 +113,7 @@ impl Gateway {
                 publisher,
                 metrics,
                 upload_stages: Vec::new(),
+                signup: None,
             }),
         })
     }
@@ -118,6 +123,15 @@ impl Gateway {
     pub fn with_upload_stages(mut self, stages: Vec<String>) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.upload_stages = stages;
+        }
+        self
+    }
+
+    /// With the sign-up API (`/v1/users`); without it those routes answer 404.
+    #[must_use]
+    pub fn with_signup(mut self, signup: users::SignupApi) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.signup = Some(signup);
         }
         self
     }
@@ -139,6 +153,7 @@ impl Gateway {
             // Raw bodies are limited while they stream (`spool`); this bounds what the multipart
             // parser reads, part headers included.
             .layer(DefaultBodyLimit::max(body_limit))
+            .merge(users::routes())
             .with_state(self)
             .merge(admin)
     }

@@ -35,9 +35,10 @@ pub struct MediaflowConfig {
     /// The admin endpoints (`/healthz`, `/readyz`, `/metrics`) of `mediaflow run <stage>`; under
     /// `mediaflow up` and `run gateway` the gateway serves them.
     pub admin: AdminConfig,
-    /// The pipeline file (YAML) declaring topics and stages; the shipped
-    /// `pipelines/default.yaml` when unset.
-    pub pipeline: Option<PathBuf>,
+    /// The pipeline files (YAML) declaring topics and stages: one path or a list, run together.
+    /// Unset: the shipped `pipelines/default.yaml` (uploads) and `pipelines/signup.yaml` (the
+    /// sign-up flow).
+    pub pipeline: Option<Pipelines>,
     /// Settings of `image` stages that give none in the pipeline file.
     pub image_worker: ImageWorkerConfig,
     /// Settings of `video` stages that give none in the pipeline file.
@@ -51,6 +52,33 @@ pub struct MediaflowConfig {
     pub http_source: Vec<crate::http_source::HttpSourceConfig>,
     /// How every stage runs: concurrency, retries, dead letters, draining.
     pub stages: StagesConfig,
+    /// The SMTP relay of the sign-up flow's mail.
+    pub mail: mediaflow_signup::MailConfig,
+    /// How sign-ups are taken and verified.
+    pub signup: mediaflow_users::SignupConfig,
+}
+
+/// One pipeline file or several.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Pipelines {
+    One(PathBuf),
+    Many(Vec<PathBuf>),
+}
+
+impl From<PathBuf> for Pipelines {
+    fn from(path: PathBuf) -> Self {
+        Pipelines::One(path)
+    }
+}
+
+impl Pipelines {
+    pub fn files(&self) -> &[PathBuf] {
+        match self {
+            Pipelines::One(p) => std::slice::from_ref(p),
+            Pipelines::Many(v) => v,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,6 +121,11 @@ pub struct EmbeddedConfig {
     pub s3: bool,
     /// Port of the embedded S3 server on 127.0.0.1 (0: any free port).
     pub s3_port: u16,
+    /// Start an SMTP sink that keeps every mail in `<data_dir>/mail` (see `mediaflow mail`)
+    /// and send through it, unless `mail.host` names a relay.
+    pub smtp: bool,
+    /// Port of the embedded SMTP sink on 127.0.0.1 (0: any free port).
+    pub smtp_port: u16,
 }
 
 impl Default for EmbeddedConfig {
@@ -103,6 +136,8 @@ impl Default for EmbeddedConfig {
             broker_bin: None,
             s3: true,
             s3_port: 19000,
+            smtp: true,
+            smtp_port: 19025,
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod http_source;
 mod platform;
 pub mod registry;
 pub mod samples;
+pub mod signup;
 pub mod tail;
 
 pub use config::MediaflowConfig;

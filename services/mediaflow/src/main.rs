@@ -1,5 +1,6 @@
 //! The `mediaflow` command line: `up` runs the whole platform, `run` one stage, `tail` prints a
-//! topic's events, `config` prints the effective configuration.
+//! topic's events, `mail` shows the mail the embedded SMTP sink kept, `config` prints the
+//! effective configuration.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -69,6 +70,13 @@ enum Command {
     Pipeline {
         #[command(subcommand)]
         command: PipelineCommand,
+    },
+    /// List the mail the embedded SMTP sink of `mediaflow up` kept (in `<data_dir>/mail`), or
+    /// print one.
+    Mail {
+        /// Print this mail (its id, as listed) in full instead.
+        #[arg(long)]
+        show: Option<String>,
     },
     /// Print the effective configuration as TOML.
     Config,
@@ -210,6 +218,12 @@ async fn run(command: Command, config: MediaflowConfig) -> Result<ExitCode> {
                 platform.endpoints.s3, platform.endpoints.bucket
             );
             println!("  database  {}", platform.endpoints.database);
+            if !platform.endpoints.smtp.is_empty() {
+                println!(
+                    "  mail      smtp://{}  (POST /v1/users signs up; `mediaflow mail` lists the mail sent)",
+                    platform.endpoints.smtp
+                );
+            }
             if let Some(dir) = samples {
                 let files = mediaflow::samples::sample_files(&dir)?;
                 let results = tokio::select! {
@@ -359,6 +373,35 @@ async fn run(command: Command, config: MediaflowConfig) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Mail { show } => {
+            let dir = config.data_dir.join("mail");
+            let mails = mediaflow_embedded::read_maildir(&dir)?;
+            match show {
+                Some(id) => {
+                    let mail = mails
+                        .iter()
+                        .find(|m| m.id == id)
+                        .with_context(|| format!("no mail `{id}` in {}", dir.display()))?;
+                    print!("{}", String::from_utf8_lossy(&std::fs::read(&mail.path)?));
+                }
+                None if mails.is_empty() => {
+                    println!("no mail in {} yet", dir.display());
+                }
+                None => {
+                    for m in &mails {
+                        let received: chrono::DateTime<chrono::Utc> = m.received.into();
+                        println!(
+                            "{}  {}  to {}  {}",
+                            m.id,
+                            received.format("%Y-%m-%d %H:%M:%S"),
+                            m.rcpt_to.join(", "),
+                            m.subject.as_deref().unwrap_or("(no subject)")
+                        );
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Config => {
             print!("{}", toml::to_string_pretty(&config)?);
             Ok(ExitCode::SUCCESS)
@@ -384,6 +427,12 @@ fn adopt_running_platform(config: &mut MediaflowConfig) -> Result<()> {
     }
     if config.embedded.s3 {
         config.store.endpoint = endpoints.s3;
+    }
+    if config.embedded.smtp && config.mail.host.is_empty() {
+        if let Some((host, port)) = endpoints.smtp.rsplit_once(':') {
+            config.mail.host = host.to_owned();
+            config.mail.port = port.parse().context("the endpoints file's SMTP port")?;
+        }
     }
     Ok(())
 }

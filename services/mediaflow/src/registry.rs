@@ -96,7 +96,8 @@ impl std::fmt::Debug for Registry {
 
 impl Default for Registry {
     /// Every kind the platform ships: copier, filter, splitter, sharder, merger, image, video,
-    /// exec, and chain (with the shipped workers).
+    /// exec, chain (with the shipped workers), and the sign-up flow's mail, webhook, register
+    /// and sms.
     fn default() -> Self {
         let empty = Self {
             kinds: BTreeMap::new(),
@@ -109,6 +110,10 @@ impl Default for Registry {
             .with(Video)
             .with(Exec)
             .with(ChainKind::new(Workers::default()))
+            .with(crate::signup::MailKind)
+            .with(crate::signup::WebhookKind)
+            .with(crate::signup::RegisterKind)
+            .with(crate::signup::SmsKind)
     }
 }
 

@@ -413,6 +413,11 @@ impl Db {
         Ok(Self { pool })
     }
 
+    /// The connection pool, for crates that own tables of their own (`mediaflow-users`).
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
     /// Checks that the database answers.
     pub async fn ping(&self) -> Result<(), DbError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;

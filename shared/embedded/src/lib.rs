@@ -1,12 +1,15 @@
 //! Embedded infrastructure for running mediaflow on one machine: the Kafka-compatible broker
-//! (nisshi, as a supervised child process) and an S3-compatible server over a local folder
-//! (s3s-fs, in process). Both are reached through their real protocols; nothing here is a mock.
+//! (nisshi, as a supervised child process), an S3-compatible server over a local folder
+//! (s3s-fs, in process) and an SMTP sink into a Maildir. All are reached through their real
+//! protocols; nothing here is a mock.
 
 mod kafka;
 mod s3;
+mod smtp;
 
 pub use kafka::{BROKER, EmbeddedKafka, find_broker};
 pub use s3::EmbeddedS3;
+pub use smtp::{CapturedMail, EmbeddedSmtp, SmtpError, SmtpLimits, read_maildir};
 
 /// Why embedded infrastructure could not start.
 #[derive(Debug, thiserror::Error)]

@@ -1,4 +1,4 @@
-//! The vocabulary every mediaflow stage shares: event payloads, the topics they travel on, and
+//! The vocabulary every mediaflow stage shares: event payloads (media, work items, users), the topics they travel on, and
 //! their CloudEvents 1.0 envelope. Pure data: no I/O, no Kafka client.
 
 mod dead_letter;
@@ -8,6 +8,7 @@ pub mod media;
 #[cfg(any(test, feature = "validate"))]
 pub mod schema;
 pub mod topics;
+pub mod user;
 pub mod video;
 
 pub use dead_letter::{DeadLetter, MessageSource, RawMessage};
@@ -18,4 +19,8 @@ pub use media::{
     StepResult,
 };
 pub use topics::{TopicSpec, Topics};
+pub use user::{
+    Channel, NotificationPrefs, NotificationRegistered, SmsRequested, UserProfile, UserSignedUp,
+    UserVerified,
+};
 pub use video::{PreviewRef, StoryboardRef, VideoFrame, VideoProcessed};

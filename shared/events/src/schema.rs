@@ -21,6 +21,18 @@ pub fn document(event_type: &str) -> Option<&'static str> {
         "mediaflow.item.processed" => Some(include_str!(
             "../../../schemas/mediaflow.item.processed.json"
         )),
+        "mediaflow.user.signed-up" => Some(include_str!(
+            "../../../schemas/mediaflow.user.signed-up.json"
+        )),
+        "mediaflow.user.verified" => Some(include_str!(
+            "../../../schemas/mediaflow.user.verified.json"
+        )),
+        "mediaflow.notification.registered" => Some(include_str!(
+            "../../../schemas/mediaflow.notification.registered.json"
+        )),
+        "mediaflow.sms.requested" => Some(include_str!(
+            "../../../schemas/mediaflow.sms.requested.json"
+        )),
         "mediaflow.dead-letter" => {
             Some(include_str!("../../../schemas/mediaflow.dead-letter.json"))
         }
@@ -36,6 +48,10 @@ pub const EVENT_TYPES: &[&str] = &[
     "mediaflow.media.processed",
     "mediaflow.work.item",
     "mediaflow.item.processed",
+    "mediaflow.user.signed-up",
+    "mediaflow.user.verified",
+    "mediaflow.notification.registered",
+    "mediaflow.sms.requested",
     "mediaflow.dead-letter",
 ];
 
@@ -113,6 +129,17 @@ mod tests {
             &sample(&crate::item::tests::item_processed()),
         )
         .unwrap();
+        let u = crate::user::tests::signed_up();
+        validate(crate::UserSignedUp::TYPE, &sample(&u)).unwrap();
+        let mut no_phone = u.clone();
+        no_phone.user.phone = None;
+        validate(crate::UserSignedUp::TYPE, &sample(&no_phone)).unwrap();
+        let v = crate::user::tests::verified();
+        validate(crate::UserVerified::TYPE, &sample(&v)).unwrap();
+        let r = crate::user::tests::registered();
+        validate(crate::NotificationRegistered::TYPE, &sample(&r)).unwrap();
+        let sms = crate::user::tests::sms();
+        validate(crate::SmsRequested::TYPE, &sample(&sms)).unwrap();
         let mut dead = crate::dead_letter::tests::dead_letter();
         validate(crate::DeadLetter::TYPE, &sample(&dead)).unwrap();
         dead.event = None;
@@ -133,6 +160,10 @@ mod tests {
         let mut v = sample(&crate::media::tests::uploaded());
         v["filename"] = "../etc/passwd".into();
         assert!(validate(MediaUploaded::TYPE, &v).is_err());
+
+        let mut v = sample(&crate::user::tests::signed_up());
+        v["phone"] = "0163 296 0961".into();
+        assert!(validate(crate::UserSignedUp::TYPE, &v).is_err());
 
         let mut v = sample(&crate::media::tests::image_processed());
         v.as_object_mut().unwrap().remove("stage_version");

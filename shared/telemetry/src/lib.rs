@@ -93,6 +93,9 @@ pub struct Metrics {
     wedged: Arc<Mutex<std::collections::BTreeMap<String, String>>>,
     source_items: Family<SourceLabels, Counter>,
     source_polls: Family<SourceLabels, Counter>,
+    mails: Family<StageLabels, Counter>,
+    hook_calls: Family<StageLabels, Counter>,
+    signups: Family<UploadLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -117,6 +120,24 @@ impl Metrics {
             "upload_bytes",
             "Bytes of accepted uploads",
             upload_bytes.clone(),
+        );
+        let mails = Family::<StageLabels, Counter>::default();
+        registry.register(
+            "mails",
+            "Mails a mail stage handled, by outcome (sent, unconfirmed: committed but the relay's answer was lost, refused, duplicate: sent before)",
+            mails.clone(),
+        );
+        let hook_calls = Family::<StageLabels, Counter>::default();
+        registry.register(
+            "hook_calls",
+            "Webhook requests, by outcome (2xx, or the status or error that failed them)",
+            hook_calls.clone(),
+        );
+        let signups = Family::<UploadLabels, Counter>::default();
+        registry.register(
+            "signups",
+            "Sign-up and verification requests, by outcome",
+            signups.clone(),
         );
         let stage_messages = Family::<StageLabels, Counter>::default();
         registry.register(
@@ -222,6 +243,9 @@ impl Metrics {
         Self {
             registry: Arc::new(Mutex::new(registry)),
             source_polls,
+            mails,
+            hook_calls,
+            signups,
             consumer_lag,
             stage_restarts,
             stage_stalls,
@@ -253,6 +277,35 @@ impl Metrics {
         if outcome == "accepted" {
             self.upload_bytes.inc_by(bytes);
         }
+    }
+
+    /// A mail stage handled a mail with `outcome`.
+    pub fn mail(&self, stage: &str, outcome: &str) {
+        self.mails
+            .get_or_create(&StageLabels {
+                stage: stage.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A webhook stage's request ended with `outcome` (`2xx`, the status, or `error`).
+    pub fn hook_call(&self, stage: &str, outcome: &str) {
+        self.hook_calls
+            .get_or_create(&StageLabels {
+                stage: stage.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A sign-up or verification request finished with `outcome`.
+    pub fn signup(&self, outcome: &str) {
+        self.signups
+            .get_or_create(&UploadLabels {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
     }
 
     /// A stage finished a message.

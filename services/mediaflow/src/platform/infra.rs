@@ -1,5 +1,5 @@
-//! Infrastructure start-up: the embedded broker and S3 server when configured (their addresses
-//! filled into the configuration), then the connections every part shares, with topics, bucket
+//! Infrastructure start-up: the embedded broker, S3 server and SMTP sink when configured (their
+//! addresses filled into the configuration), then the connections every part shares, with topics, bucket
 //! and schema prepared.
 
 use std::net::SocketAddr;
@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use anyhow::{Context, Result};
 use mediaflow_bus::{Bus, Publisher};
 use mediaflow_db::Db;
-use mediaflow_embedded::{EmbeddedKafka, EmbeddedS3};
+use mediaflow_embedded::{EmbeddedKafka, EmbeddedS3, EmbeddedSmtp};
 use mediaflow_store::ObjectStore;
 use mediaflow_telemetry::Metrics;
 
@@ -24,10 +24,15 @@ pub struct Services {
     pub metrics: Metrics,
 }
 
+/// The embedded services a platform started; dropping one stops it.
+pub(super) struct Embedded {
+    pub kafka: Option<EmbeddedKafka>,
+    pub s3: Option<EmbeddedS3>,
+    pub smtp: Option<EmbeddedSmtp>,
+}
+
 /// Starts the embedded services the configuration asks for and fills in their addresses.
-pub(super) async fn start_infrastructure(
-    config: &mut MediaflowConfig,
-) -> Result<(Option<EmbeddedKafka>, Option<EmbeddedS3>)> {
+pub(super) async fn start_infrastructure(config: &mut MediaflowConfig) -> Result<Embedded> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data folder {}", config.data_dir.display()))?;
     let kafka = if config.embedded.kafka {
@@ -71,7 +76,20 @@ pub(super) async fn start_infrastructure(
     } else {
         None
     };
-    Ok((kafka, s3))
+    let smtp = if config.embedded.smtp && config.mail.host.is_empty() {
+        let dir = config.data_dir.join("mail");
+        let smtp = EmbeddedSmtp::start(&dir, config.embedded.smtp_port)
+            .await
+            .with_context(|| format!("starting the SMTP sink (mail kept in {})", dir.display()))?;
+        config.mail.host = smtp.addr().ip().to_string();
+        config.mail.port = smtp.addr().port();
+        config.mail.tls = mediaflow_signup::TlsMode::None;
+        config.mail.username.clear();
+        Some(smtp)
+    } else {
+        None
+    };
+    Ok(Embedded { kafka, s3, smtp })
 }
 
 /// Connects to Kafka, S3 and the database, creating topics (the platform's and those `topology`

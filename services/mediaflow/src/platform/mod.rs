@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use mediaflow_embedded::{EmbeddedKafka, EmbeddedS3};
+use mediaflow_embedded::{EmbeddedKafka, EmbeddedS3, EmbeddedSmtp};
 use mediaflow_gateway::Gateway;
 use mediaflow_runtime::{Ports, Stopped};
 use mediaflow_telemetry::Metrics;
@@ -82,6 +82,9 @@ pub struct Endpoints {
     pub database: String,
     pub bucket: String,
     pub topic_prefix: String,
+    /// `host:port` of the embedded SMTP sink, when it runs.
+    #[serde(default)]
+    pub smtp: String,
 }
 
 impl Endpoints {
@@ -120,6 +123,7 @@ pub struct Platform {
     // Held for their lifetime: dropping them stops the embedded services.
     kafka: Option<EmbeddedKafka>,
     _s3: Option<EmbeddedS3>,
+    _smtp: Option<EmbeddedSmtp>,
 }
 
 impl std::fmt::Debug for Platform {
@@ -208,7 +212,7 @@ async fn serve_gateway(
     std::fs::create_dir_all(&spool).with_context(|| format!("creating {}", spool.display()))?;
     let mut gateway_config = config.gateway.clone();
     gateway_config.spool_dir = Some(spool);
-    let gateway = Gateway::new(
+    let mut gateway = Gateway::new(
         gateway_config,
         s.store.clone(),
         s.db.clone(),
@@ -216,6 +220,13 @@ async fn serve_gateway(
         s.metrics.clone(),
     )?
     .with_upload_stages(topology.upload_stages());
+    if topology.declares("users.signed-up") {
+        gateway = gateway.with_signup(mediaflow_gateway::users::SignupApi {
+            users: mediaflow_users::Users::new(s.db.clone()),
+            key: crate::signup::code_key(config)?,
+            config: config.signup.clone(),
+        });
+    }
     axum::serve(listener, gateway.router())
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
@@ -297,7 +308,7 @@ impl Platform {
         // A wrong pipeline stops here, before anything starts.
         let topology = Topology::load(&config, &registry)?;
         let enabled = config.stages.enabled.clone();
-        let (kafka, s3) = start_infrastructure(&mut config).await?;
+        let infra::Embedded { kafka, s3, smtp } = start_infrastructure(&mut config).await?;
         if kafka.is_some() && config.bus.group_instance_id.is_none() {
             // The embedded broker serves this platform alone, so its stages keep one identity
             // across restarts (static group membership): a restarted `up` takes its partitions
@@ -364,6 +375,10 @@ impl Platform {
             database: config.database_url(),
             bucket: config.store.bucket.clone(),
             topic_prefix: config.bus.topic_prefix.clone(),
+            smtp: smtp
+                .as_ref()
+                .map(|s| s.addr().to_string())
+                .unwrap_or_default(),
         };
         std::fs::write(
             Endpoints::file(&config.data_dir),
@@ -380,6 +395,7 @@ impl Platform {
             tasks,
             kafka,
             _s3: s3,
+            _smtp: smtp,
         })
     }
 

@@ -1,5 +1,5 @@
-//! From the pipeline file to what runs: the declared stages (the configured `pipeline` file,
-//! else the one that ships with mediaflow) plus the `[[exec]]` shorthand of the configuration,
+//! From the pipeline files to what runs: the declared stages (the configured `pipeline`
+//! files, else the two that ship with mediaflow) plus the `[[exec]]` shorthand of the configuration,
 //! each checked by its kind, every name unique; and the topics to create. A wrong file stops
 //! start-up before anything starts, with the file, line and problem.
 
@@ -14,8 +14,17 @@ use serde::de::DeserializeOwned;
 use crate::MediaflowConfig;
 use crate::registry::Registry;
 
-/// The pipeline `mediaflow up` runs when no `pipeline` file is configured.
+/// The upload pipeline `mediaflow up` runs when no `pipeline` file is configured.
 pub const DEFAULT_PIPELINE: &str = include_str!("../../../../pipelines/default.yaml");
+
+/// The sign-up flow `mediaflow up` runs beside it.
+pub const SIGNUP_PIPELINE: &str = include_str!("../../../../pipelines/signup.yaml");
+
+/// What runs when no `pipeline` file is configured.
+pub const SHIPPED_PIPELINES: [(&str, &str); 2] = [
+    ("pipelines/default.yaml", DEFAULT_PIPELINE),
+    ("pipelines/signup.yaml", SIGNUP_PIPELINE),
+];
 
 /// The name the gateway runs under (`mediaflow run gateway`); no stage may take it.
 pub const GATEWAY: &str = "gateway";
@@ -69,27 +78,62 @@ pub struct Topology {
 }
 
 impl Topology {
-    /// Reads and checks the configured pipeline (or the shipped one) and adds the `[[exec]]`
-    /// stages of `config`.
+    /// Reads and checks the configured pipeline files (or the shipped ones) and adds the
+    /// `[[exec]]` stages of `config`. Several files run as one pipeline: their stage names
+    /// must differ, and a topic two of them declare must be declared alike.
     pub fn load(config: &MediaflowConfig, registry: &Registry) -> Result<Self> {
-        let (file, text) = match &config.pipeline {
-            Some(path) => (
-                path.display().to_string(),
-                std::fs::read_to_string(path)
-                    .with_context(|| format!("reading pipeline file {}", path.display()))?,
-            ),
-            None => (
-                "the shipped pipeline (pipelines/default.yaml)".to_owned(),
-                DEFAULT_PIPELINE.to_owned(),
-            ),
+        let sources: Vec<(String, String)> = match &config.pipeline {
+            Some(pipelines) => pipelines
+                .files()
+                .iter()
+                .map(|path| {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("reading pipeline file {}", path.display()))?;
+                    Ok((path.display().to_string(), text))
+                })
+                .collect::<Result<_>>()?,
+            None => SHIPPED_PIPELINES
+                .iter()
+                .map(|(name, text)| (format!("the shipped {name}"), (*text).to_owned()))
+                .collect(),
         };
-        let pipeline = mediaflow_pipeline::parse(&text, &file, registry)?;
-        let mut topology = Self::declared(file, &pipeline);
+        if sources.is_empty() {
+            bail!("`pipeline` names no file");
+        }
+        let mut topology: Option<Self> = None;
+        for (file, text) in sources {
+            let pipeline = mediaflow_pipeline::parse(&text, &file, registry)?;
+            let next = Self::declared(file, &pipeline);
+            topology = Some(match topology {
+                None => next,
+                Some(t) => t.join(next)?,
+            });
+        }
+        let mut topology = topology.expect("at least one pipeline file");
         for exec in &config.exec {
             topology.stages.push(exec_stage(exec)?);
         }
         topology.check_names(config)?;
         Ok(topology)
+    }
+
+    /// This pipeline and `other` run as one.
+    fn join(mut self, other: Self) -> Result<Self> {
+        for topic in other.topics {
+            match self.topics.iter().find(|t| t.0 == topic.0) {
+                Some(mine) if *mine != topic => bail!(
+                    "topic `{}` is declared differently in {} and {}",
+                    topic.0,
+                    self.file,
+                    other.file
+                ),
+                Some(_) => {}
+                None => self.topics.push(topic),
+            }
+        }
+        self.stages.extend(other.stages);
+        self.file = format!("{} and {}", self.file, other.file);
+        Ok(self)
     }
 
     fn declared(file: String, pipeline: &Pipeline) -> Self {
@@ -178,6 +222,11 @@ impl Topology {
         self.readers("media.uploaded")
             .map(|s| s.name.clone())
             .collect()
+    }
+
+    /// Whether the pipeline declares `topic`.
+    pub fn declares(&self, topic: &str) -> bool {
+        self.topics.iter().any(|t| t.0 == topic)
     }
 
     /// The stages that read `topic`.
