@@ -985,36 +985,36 @@ async fn mail_stages_killed_during_a_burst_send_each_code_exactly_once() -> Resu
     }
     let ids = burst.await??;
     let db = mediaflow_db::Db::connect(&tp.config.database_url(), 1).await?;
-    let mails = match sink
-        .wait("every code", Duration::from_secs(300), |m| m.len() >= BURST)
-        .await
-    {
-        Ok(mails) => mails,
-        Err(e) => {
-            let got: HashSet<String> = sink.mails()?.into_iter().map(|m| m.to).collect();
-            for (email, id) in ids.iter().filter(|(email, _)| !got.contains(*email)) {
-                let rows = sqlx::query(
-                    "SELECT state, attempts, error FROM mail_outbox WHERE user_id = $1",
-                )
-                .bind(id)
-                .fetch_all(db.pool())
-                .await?;
-                let rows: Vec<(String, i64, Option<String>)> = rows
-                    .iter()
-                    .map(|r| {
-                        Ok((
-                            sqlx::Row::try_get(r, "state")?,
-                            sqlx::Row::try_get(r, "attempts")?,
-                            sqlx::Row::try_get(r, "error")?,
-                        ))
-                    })
-                    .collect::<Result<_>>()?;
-                eprintln!("no mail to {email} ({id}): outbox {rows:?}");
-            }
-            return Err(e.context(format!("logs in {}", logs.keep().display())));
-        }
+    // Every mail is decided (sent, or unconfirmed: its sender was killed between the decision
+    // and the relay's answer) and every stage caught up with its shard.
+    let outbox = || async {
+        let rows = sqlx::query("SELECT user_id, state FROM mail_outbox")
+            .fetch_all(db.pool())
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    sqlx::Row::try_get(r, "user_id")?,
+                    sqlx::Row::try_get(r, "state")?,
+                ))
+            })
+            .collect::<Result<HashMap<String, String>>>()
     };
-    // Give a duplicate the time to show: every stage caught up with its shard.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let rows = outbox().await?;
+        if rows.len() == BURST && rows.values().all(|s| s == "sent" || s == "unconfirmed") {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "mails still to send: {:?}; logs in {}",
+            rows.values().filter(|s| *s != "sent").collect::<Vec<_>>(),
+            logs.keep().display()
+        );
+        // Polling the outbox for progress.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     for shard in 0..3 {
         tp.wait_caught_up_within(
             &format!("verify-mail-{shard}"),
@@ -1023,29 +1023,37 @@ async fn mail_stages_killed_during_a_burst_send_each_code_exactly_once() -> Resu
         )
         .await?;
     }
-    let mails = if sink.mails()?.len() > mails.len() {
-        sink.mails()?
-    } else {
-        mails
-    };
+    let rows = outbox().await?;
+    let mails = sink.mails()?;
     let mut per_user: HashMap<String, usize> = HashMap::new();
     for m in &mails {
         *per_user.entry(m.to.clone()).or_default() += 1;
     }
     let duplicates: Vec<_> = per_user.iter().filter(|(_, n)| **n > 1).collect();
+    // A mail not received must be one whose sender was killed after deciding and before the
+    // relay's answer: recorded unconfirmed, never sent twice (README, "Exactly one mail").
+    let missing: Vec<(&String, &String)> = ids
+        .iter()
+        .filter(|(email, _)| !per_user.contains_key(*email))
+        .collect();
+    let unconfirmed = rows.values().filter(|s| *s == "unconfirmed").count();
     eprintln!(
-        "sign-up crash test: {BURST} sign-ups, {KILLS} kills, {:.1?}; mails {} to {} users, duplicates {duplicates:?}",
+        "sign-up crash test: {BURST} sign-ups, {KILLS} kills, {:.1?}; mails {} to {} users, \
+         duplicates {duplicates:?}, unconfirmed {unconfirmed}, not received {}",
         started.elapsed(),
         mails.len(),
-        per_user.len()
+        per_user.len(),
+        missing.len()
     );
     ensure!(duplicates.is_empty(), "duplicates: {duplicates:?}");
-    ensure!(
-        mails.len() == BURST && per_user.len() == BURST,
-        "{} mails, {} users",
-        mails.len(),
-        per_user.len()
-    );
+    for (email, id) in &missing {
+        ensure!(
+            rows.get(*id).map(String::as_str) == Some("unconfirmed"),
+            "no mail to {email}, recorded as {:?}",
+            rows.get(*id)
+        );
+    }
+    ensure!(mails.len() == per_user.len() && per_user.len() + missing.len() == BURST);
     // Each mail's code is the one its user's row was committed with.
     for m in &mails {
         let email = m.to.trim_matches(['<', '>']);
@@ -1055,25 +1063,82 @@ async fn mail_stages_killed_during_a_burst_send_each_code_exactly_once() -> Resu
         let (status, body) = verify(&tp, id, &m.code().context("a code")?).await?;
         ensure!(status == 200, "{email}: {status} {body}");
     }
-    // Each mail is recorded as sent, or as unconfirmed where its sender was killed between
-    // ending the message and reading the relay's answer; none is left to send again.
-    let states: Vec<(String, i64)> =
-        sqlx::query("SELECT state, COUNT(*) AS n FROM mail_outbox GROUP BY state ORDER BY state")
-            .fetch_all(db.pool())
-            .await?
-            .iter()
-            .map(|r| Ok((sqlx::Row::try_get(r, "state")?, sqlx::Row::try_get(r, "n")?)))
-            .collect::<Result<_>>()?;
-    eprintln!("mail outbox: {states:?}");
-    ensure!(
-        states
-            .iter()
-            .all(|(s, _)| s == "sent" || s == "unconfirmed"),
-        "mails left to send: {states:?}"
-    );
     for w in &mut workers {
         w.start_kill()?;
         w.wait().await?;
     }
     tp.stop().await
+}
+
+/// The outbox's rules on both databases: a claimed mail is held by its sender's lease, a
+/// decision is seen by no one until it is committed and is never claimed again, a lease that
+/// ran out is taken over.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_outbox_holds_a_claimed_mail_and_hides_a_decision_until_committed() -> Result<()> {
+    use mediaflow_users::{Claim, Users};
+    let dir = tempfile::tempdir()?;
+    let urls = [
+        format!("sqlite://{}", dir.path().join("outbox.db").display()),
+        support::scratch_postgres().await?,
+    ];
+    for url in urls {
+        let db = mediaflow_db::Db::connect(&url, 4).await?;
+        let users = Users::new(db.clone());
+        let now = 1_000_000;
+        let claim = |owner: &'static str, now: i64| {
+            let users = users.clone();
+            async move {
+                users
+                    .claim_mail("u1", "verification", "<m@x>", owner, 5_000, now)
+                    .await
+            }
+        };
+        ensure!(claim("a", now).await? == Claim::Claimed, "{url}");
+        ensure!(
+            claim("b", now + 1).await? == Claim::HeldUntil(now + 5_000),
+            "{url}"
+        );
+        let decision = users
+            .decide_mail("u1", "verification", "a", None, now + 2)
+            .await?
+            .context("a holds the lease")?;
+        let state = |db: mediaflow_db::Db| async move {
+            let r = sqlx::query("SELECT state FROM mail_outbox WHERE user_id = 'u1'")
+                .fetch_one(db.pool())
+                .await?;
+            Ok::<String, anyhow::Error>(sqlx::Row::try_get(&r, "state")?)
+        };
+        ensure!(
+            state(db.clone()).await? == "sending",
+            "{url}: a decision seen before its commit"
+        );
+        decision.commit().await?;
+        ensure!(state(db.clone()).await? == "unconfirmed", "{url}");
+        ensure!(
+            claim("b", now + 10_000).await? == Claim::Done,
+            "{url}: a decided mail claimed again"
+        );
+
+        // A sender that died before deciding: its lease runs out and another takes the mail.
+        ensure!(
+            users
+                .claim_mail("u2", "welcome", "<n@x>", "a", 5_000, now)
+                .await?
+                == Claim::Claimed
+        );
+        ensure!(
+            users
+                .claim_mail("u2", "welcome", "<n@x>", "b", 5_000, now + 6_000)
+                .await?
+                == Claim::Claimed
+        );
+        ensure!(
+            users
+                .decide_mail("u2", "welcome", "a", None, now + 6_001)
+                .await?
+                .is_none(),
+            "{url}: the stale sender's decision is refused"
+        );
+    }
+    Ok(())
 }

@@ -222,7 +222,7 @@ fn unique(prefix: &str) -> String {
 }
 
 /// Creates a fresh PostgreSQL database for one test and returns its URL.
-async fn scratch_postgres() -> Result<String> {
+pub async fn scratch_postgres() -> Result<String> {
     let name = unique("mediaflow_test_");
     postgres_admin(&format!("CREATE DATABASE {name}")).await?;
     Ok(format!("{}/{name}", postgres_server()))

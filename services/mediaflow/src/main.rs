@@ -428,11 +428,12 @@ fn adopt_running_platform(config: &mut MediaflowConfig) -> Result<()> {
     if config.embedded.s3 {
         config.store.endpoint = endpoints.s3;
     }
-    if config.embedded.smtp && config.mail.host.is_empty() {
-        if let Some((host, port)) = endpoints.smtp.rsplit_once(':') {
-            config.mail.host = host.to_owned();
-            config.mail.port = port.parse().context("the endpoints file's SMTP port")?;
-        }
+    if config.embedded.smtp
+        && config.mail.host.is_empty()
+        && let Some((host, port)) = endpoints.smtp.rsplit_once(':')
+    {
+        config.mail.host = host.to_owned();
+        config.mail.port = port.parse().context("the endpoints file's SMTP port")?;
     }
     Ok(())
 }

@@ -37,7 +37,7 @@ impl SignupRequest {
     pub fn profile(&self, user_id: &str, zones: &[String]) -> Result<UserProfile, SignupError> {
         let email = normalise_email(&self.email)?;
         let phone = self.phone.as_deref().map(normalise_phone).transpose()?;
-        if !zones.iter().any(|z| *z == self.zone) {
+        if !zones.contains(&self.zone) {
             return Err(refuse(
                 "zone",
                 format!(

@@ -248,7 +248,7 @@ impl Users {
                     return Err(UsersError::KeyReused);
                 }
                 let id: String = r.try_get("user_id")?;
-                let user = user_in(&mut *tx, "id", &id).await?.ok_or_else(|| {
+                let user = user_in(&mut tx, "id", &id).await?.ok_or_else(|| {
                     DbError::Corrupt(format!("idempotency key of missing user {id}"))
                 })?;
                 return Ok(Created { user, new: false });
@@ -271,7 +271,7 @@ impl Users {
         .await?
         .rows_affected()
             == 1;
-        let user = user_in(&mut *tx, "email", &profile.email)
+        let user = user_in(&mut tx, "email", &profile.email)
             .await?
             .ok_or_else(|| DbError::Corrupt("user vanished while signing up".into()))?;
         if !inserted {
@@ -303,7 +303,7 @@ impl Users {
 
     pub async fn user(&self, id: &str) -> Result<Option<UserRow>, UsersError> {
         let mut conn = self.pool().acquire().await?;
-        user_in(&mut *conn, "id", id).await
+        user_in(&mut conn, "id", id).await
     }
 
     /// Notes that `users.signed-up` (or, `verified`, `users.verified`) about `id` was
