@@ -35,6 +35,7 @@ impl Up {
             .env("MEDIAFLOW__DATA_DIR", data)
             .env("MEDIAFLOW__EMBEDDED__KAFKA_PORT", "0")
             .env("MEDIAFLOW__EMBEDDED__S3_PORT", "0")
+            .env("MEDIAFLOW__EMBEDDED__SMTP_PORT", "0")
             .env("MEDIAFLOW__GATEWAY__LISTEN", "127.0.0.1:0")
             .env("MEDIAFLOW__BUS__TOPIC_PREFIX", prefix)
             .env("MEDIAFLOW__STAGES__INITIAL_BACKOFF_MS", "50")

@@ -150,6 +150,13 @@ impl Up {
             .env("MEDIAFLOW__DATA_DIR", dir)
             .env("MEDIAFLOW__EMBEDDED__KAFKA_PORT", "0")
             .env("MEDIAFLOW__EMBEDDED__S3_PORT", "0")
+            .env("MEDIAFLOW__EMBEDDED__SMTP_PORT", "0")
+            // The upload pipeline alone, as in the runs BENCHMARKS.md records: the sign-up
+            // flow's ten idle consumers would add broker polling to the measured overhead.
+            .env(
+                "MEDIAFLOW__PIPELINE",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/../pipelines/default.yaml"),
+            )
             .env("MEDIAFLOW__GATEWAY__LISTEN", "127.0.0.1:0")
             .env("MEDIAFLOW__GATEWAY__MAX_CONCURRENT_UPLOADS", "64")
             .env_remove("DATABASE_URL")

@@ -27,6 +27,7 @@ fn mediaflow(data: &Path) -> Command {
     cmd.env("MEDIAFLOW__DATA_DIR", data)
         .env("MEDIAFLOW__EMBEDDED__KAFKA_PORT", "0")
         .env("MEDIAFLOW__EMBEDDED__S3_PORT", "0")
+        .env("MEDIAFLOW__EMBEDDED__SMTP_PORT", "0")
         .env("MEDIAFLOW__GATEWAY__LISTEN", "127.0.0.1:0")
         .env_remove("DATABASE_URL")
         .env("RUST_LOG", "warn");
