@@ -309,7 +309,8 @@ impl SendMail {
         format!("<{id}@{}>", self.relay.from.email.domain())
     }
 
-    /// Claims the mail, waiting out a lease a stopped sender left behind. None: nothing to do.
+    /// Claims the mail, waiting out a lease a stopped sender left behind. False: it went out
+    /// before, nothing to do.
     async fn claim(&self, user_id: &str, message_id: &str) -> Result<bool, StageError> {
         let lease_ms =
             i64::try_from(self.relay.config.lease_secs.max(1) * 1000).unwrap_or(i64::MAX);
@@ -353,7 +354,7 @@ impl SendMail {
         }
         let kind = self.kind.as_str();
         let code = (self.kind == MailKind::Verification).then(VerificationCode::random);
-        let (conn, message) = match self.open(user, &message_id, code.as_ref()).await {
+        let (mut conn, message) = match self.open(user, &message_id, code.as_ref()).await {
             Ok(open) => open,
             Err(Unsent { error }) => {
                 let permanent = error.class != mediaflow_runtime::ErrorClass::Transient;
@@ -372,7 +373,6 @@ impl SendMail {
                 return Err(error);
             }
         };
-        let mut conn = conn;
         let now = now_ms();
         let sealed = code.as_ref().map(|c| {
             let expires = now + i64::try_from(self.code_ttl.as_millis()).unwrap_or(i64::MAX);
@@ -395,11 +395,12 @@ impl SendMail {
             }
         };
         // The decision is committed and the message ended in one poll: the COMMIT and the
-        // final dot leave in two writes microseconds apart, so a sender killed at any moment
-        // leaves either both (the mail is recorded and sent) or neither (the relay drops the
-        // unfinished message and the lease lets the next delivery send it), but for those
-        // microseconds. Waiting for the commit first would leave a committed, unsent mail
-        // whenever the sender died during the commit's flush.
+        // final dot leave in two writes meant to be microseconds apart, so a sender killed
+        // leaves both (the mail is recorded and sent) or neither (the relay drops the
+        // unfinished message and the lease lets the next delivery send it). Between the two
+        // writes a loaded machine can deschedule the process: a kill then loses the mail
+        // (README, "Exactly one mail"). Waiting for the commit before the dot would widen that
+        // to the commit's whole round trip.
         let timeout = self.relay.timeout();
         tracing::debug!(user = %user.user_id, "ending the message and committing its decision");
         let (committed, answer) = tokio::join!(
