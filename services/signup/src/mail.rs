@@ -226,22 +226,29 @@ impl Relay {
         Duration::from_secs(self.config.timeout_secs.max(1))
     }
 
-    /// A connection past EHLO, STARTTLS and AUTH as configured.
-    async fn connect(&self) -> Result<AsyncSmtpConnection, lettre::transport::smtp::Error> {
+    /// A connection past EHLO, STARTTLS and AUTH as configured. Plain and STARTTLS
+    /// connections are opened here with Nagle's algorithm off: the message's final dot is a
+    /// small write right after the body, and must leave at once rather than wait for the
+    /// relay's acknowledgement of the body (up to its delayed-ACK time).
+    async fn connect(&self) -> Result<AsyncSmtpConnection, Failed> {
         let c = &self.config;
         let tls = || TlsParameters::new(c.host.clone());
-        let implicit = match c.tls {
-            TlsMode::Tls => Some(tls()?),
-            _ => None,
+        let mut conn = if c.tls == TlsMode::Tls {
+            AsyncSmtpConnection::connect_tokio1(
+                (c.host.as_str(), c.port),
+                Some(self.timeout()),
+                &self.hello,
+                Some(tls()?),
+                None,
+            )
+            .await?
+        } else {
+            let tcp = tokio::net::TcpStream::connect((c.host.as_str(), c.port))
+                .await
+                .map_err(Failed::Tcp)?;
+            tcp.set_nodelay(true).map_err(Failed::Tcp)?;
+            AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &self.hello).await?
         };
-        let mut conn = AsyncSmtpConnection::connect_tokio1(
-            (c.host.as_str(), c.port),
-            Some(self.timeout()),
-            &self.hello,
-            implicit,
-            None,
-        )
-        .await?;
         if c.tls == TlsMode::Starttls {
             conn.starttls(tls()?, &self.hello).await?;
         }
@@ -253,6 +260,20 @@ impl Relay {
             .await?;
         }
         Ok(conn)
+    }
+}
+
+/// Why an exchange with the relay failed.
+#[derive(Debug)]
+enum Failed {
+    /// The TCP connection could not be made: the relay is down or unreachable.
+    Tcp(std::io::Error),
+    Smtp(lettre::transport::smtp::Error),
+}
+
+impl From<lettre::transport::smtp::Error> for Failed {
+    fn from(e: lettre::transport::smtp::Error) -> Self {
+        Failed::Smtp(e)
     }
 }
 
@@ -510,14 +531,17 @@ impl SendMail {
             .multipart(MultiPart::alternative_plain_html(text, html))
             .map_err(|e| permanent(format!("building the {} mail: {e}", self.kind.as_str())))?
             .formatted();
-        let smtp = |e: lettre::transport::smtp::Error| Unsent {
-            error: StageError::dependency(
-                !e.is_permanent(),
-                format!(
-                    "SMTP relay {}:{}: {e}",
-                    self.relay.config.host, self.relay.config.port
-                ),
-            ),
+        let relay = format!(
+            "SMTP relay {}:{}",
+            self.relay.config.host, self.relay.config.port
+        );
+        let smtp = |e: Failed| Unsent {
+            error: match e {
+                Failed::Tcp(e) => StageError::transient(format!("{relay}: {e}")),
+                Failed::Smtp(e) => {
+                    StageError::dependency(!e.is_permanent(), format!("{relay}: {e}"))
+                }
+            },
         };
         let timeout = self.relay.timeout();
         let late = || Unsent {
@@ -532,7 +556,7 @@ impl SendMail {
                 .await?;
             conn.command(Rcpt::new(to, vec![])).await?;
             conn.command(Data).await?;
-            Ok::<_, lettre::transport::smtp::Error>(conn)
+            Ok::<_, Failed>(conn)
         };
         let conn = tokio::time::timeout(timeout, envelope)
             .await
