@@ -132,13 +132,12 @@ impl From<UsersError> for ApiError {
 impl From<VerifyError> for ApiError {
     fn from(e: VerifyError) -> Self {
         let (status, code, title) = match &e {
-            VerifyError::Store(_) => match e {
-                VerifyError::Store(e) => return e.into(),
-                _ => unreachable!("matched above"),
-            },
-            VerifyError::UnknownUser => {
-                return ApiError::NotFound {
-                    what: "this user".into(),
+            VerifyError::Store(_) | VerifyError::UnknownUser => {
+                return match e {
+                    VerifyError::Store(e) => e.into(),
+                    _ => ApiError::NotFound {
+                        what: "this user".into(),
+                    },
                 };
             }
             VerifyError::AlreadyVerified { .. } => {
