@@ -75,12 +75,16 @@ impl Mail {
 
 impl Sink {
     async fn start() -> Result<Self> {
+        Self::start_with(&[]).await
+    }
+
+    /// A sink started with more of `smtp_sink.py`'s options (TLS, AUTH).
+    async fn start_with(options: &[&str]) -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        let server = PyServer::start(
-            "smtp_sink.py",
-            &["--dir", &dir.path().display().to_string()],
-        )
-        .await?;
+        let folder = dir.path().display().to_string();
+        let mut args = vec!["--dir", folder.as_str()];
+        args.extend_from_slice(options);
+        let server = PyServer::start("smtp_sink.py", &args).await?;
         Ok(Self {
             port: server.port,
             _server: server,
@@ -88,14 +92,27 @@ impl Sink {
         })
     }
 
-    fn mails(&self) -> Result<Vec<Mail>> {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(self.dir.path().join("new"))?
+    /// The files the sink wrote in `sub`, in the order of arrival (their names start with it).
+    fn files(&self, sub: &str) -> Result<Vec<PathBuf>> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(self.dir.path().join(sub))?
             .map(|e| e.map(|e| e.path()))
             .collect::<std::io::Result<_>>()?;
         files.sort();
-        files
+        Ok(files)
+    }
+
+    fn mails(&self) -> Result<Vec<Mail>> {
+        self.files("new")?
             .iter()
             .map(|f| parse_mail(&std::fs::read_to_string(f)?))
+            .collect()
+    }
+
+    /// How each mail came: the TLS version and the authenticated user, in the order of arrival.
+    fn sessions(&self) -> Result<Vec<Value>> {
+        self.files("sessions")?
+            .iter()
+            .map(|f| Ok(serde_json::from_slice(&std::fs::read(f)?)?))
             .collect()
     }
 
@@ -584,6 +601,160 @@ async fn wrong_expired_exhausted_unknown_and_replayed_codes_are_refused() -> Res
 
 /// The shipped flow with hooks in front of the verification mail (`approve`, required) and
 /// beside it (`audit`, optional), at `base` on the receiver.
+/// Asks for a new code for `id`, as a client would: after `Retry-After` while it is too soon.
+/// The status and body of the first answer that is not "too soon", and how many were.
+async fn new_code(tp: &TestPlatform, id: &str) -> Result<(u16, Value, usize)> {
+    let http = reqwest::Client::new();
+    let mut too_soon = 0;
+    loop {
+        let r = http
+            .post(format!("{}/v1/users/{id}/code", tp.base))
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        let retry_after = r
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        if status != 429 || body["code"] != "code-too-soon" {
+            return Ok((status, body, too_soon));
+        }
+        let wait = retry_after.with_context(|| format!("a 429 without Retry-After: {body}"))?;
+        ensure!(
+            (1..=2).contains(&wait),
+            "Retry-After {wait} s, interval 2 s"
+        );
+        too_soon += 1;
+        ensure!(too_soon < 5, "still too soon after {too_soon} waits");
+        // Waiting as the answer says, like any client.
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_code_replaces_the_old_one_within_the_limits() -> Result<()> {
+    let sink = Sink::start().await?;
+    let files = tempfile::tempdir()?;
+    let tp = platform(&files, None, &sink, Backend::Sqlite, |c| {
+        c.signup.resend_interval_secs = 2;
+        c.signup.max_codes = 3;
+        c.signup.max_code_attempts = 2;
+    })
+    .await?;
+    let (status, body, _) = new_code(&tp, "0193c9a2-0000-7000-8000-000000000000").await?;
+    ensure!(status == 404, "unknown user: {status} {body}");
+
+    let id = sign_up(&tp, json!({"email": "again@example.org", "zone": "ap"})).await?;
+    let codes = |mails: &[Mail]| -> Vec<(String, String)> {
+        to(mails, "again@example.org")
+            .iter()
+            .filter(|m| is_verification(m))
+            .map(|m| (m.code().unwrap_or_default(), m.message_id.clone()))
+            .collect()
+    };
+    let first = sink
+        .wait("the first code", Duration::from_secs(60), |m| {
+            codes(m).len() == 1
+        })
+        .await?;
+    let (code_a, _) = codes(&first)[0].clone();
+
+    // Right after the sign-up it is too soon (the sign-up's time is moved to now in the
+    // database, as if the mail had come at once); once the interval passed, round 1 is granted.
+    let db = mediaflow_db::Db::connect(&tp.config.database_url(), 1).await?;
+    sqlx::query("UPDATE users SET created_at_ms = $2 WHERE id = $1")
+        .bind(&id)
+        .bind(mediaflow_users::now_ms())
+        .execute(db.pool())
+        .await?;
+    let (status, body, too_soon) = new_code(&tp, &id).await?;
+    ensure!(
+        status == 202 && too_soon >= 1 && body["code"]["round"] == 1,
+        "{status} {body} after {too_soon} too-soon answers"
+    );
+    let second = sink
+        .wait("the second code", Duration::from_secs(60), |m| {
+            codes(m).len() == 2
+        })
+        .await?;
+    let got = codes(&second);
+    ensure!(
+        got[0].1 != got[1].1,
+        "each code's mail has its own Message-ID: {got:?}"
+    );
+    let code_b = got[1].0.clone();
+    if code_a != code_b {
+        // The new code replaced the old one: the old one is now a wrong code.
+        let (status, body) = verify(&tp, &id, &code_a).await?;
+        ensure!(
+            status == 422 && body["code"] == "wrong-code",
+            "old code: {status} {body}"
+        );
+    }
+
+    // A code worn out by wrong guesses: a new one is the way on.
+    let wrong = if code_b == "000000" {
+        "000001"
+    } else {
+        "000000"
+    };
+    while verify(&tp, &id, wrong).await?.0 != 403 {}
+    let (status, body) = verify(&tp, &id, &code_b).await?;
+    ensure!(
+        status == 403 && body["code"] == "too-many-attempts",
+        "{status} {body}"
+    );
+    let (status, body, _) = new_code(&tp, &id).await?;
+    ensure!(
+        status == 202 && body["code"]["round"] == 2,
+        "{status} {body}"
+    );
+    let third = sink
+        .wait("the third code", Duration::from_secs(60), |m| {
+            codes(m).len() == 3
+        })
+        .await?;
+    let (code_c, _) = codes(&third)[2].clone();
+
+    // Three codes were the limit.
+    let (status, body, _) = new_code(&tp, &id).await?;
+    ensure!(
+        status == 429 && body["code"] == "too-many-codes",
+        "{status} {body}"
+    );
+
+    let (status, body) = verify(&tp, &id, &code_c).await?;
+    ensure!(status == 200, "the newest code: {status} {body}");
+    let (status, body, _) = new_code(&tp, &id).await?;
+    ensure!(
+        status == 409 && body["code"] == "already-verified",
+        "{status} {body}"
+    );
+
+    let u = user(&tp, &id).await?;
+    let rounds: Vec<(i64, &str)> = u["mails"]
+        .as_array()
+        .context("mails")?
+        .iter()
+        .filter(|m| m["kind"] == "verification")
+        .map(|m| {
+            (
+                m["round"].as_i64().unwrap_or(-1),
+                m["state"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    ensure!(rounds == [(0, "sent"), (1, "sent"), (2, "sent")], "{u}");
+    sink.wait("the welcome", Duration::from_secs(60), |m| {
+        m.iter().any(is_welcome)
+    })
+    .await?;
+    ensure!(codes(&sink.mails()?).len() == 3, "one mail per code");
+    tp.stop().await
+}
+
 fn flow_with_hooks(base: &str, secret: &str, approve: &str, audit: &str) -> Result<String> {
     let shipped = std::fs::read_to_string(repo_file("pipelines/signup.yaml"))?;
     let yaml = shipped
@@ -916,6 +1087,207 @@ async fn a_stopped_zone_shard_is_routed_around_and_recovers() -> Result<()> {
     tp.stop().await
 }
 
+/// A CA and a certificate it signed for `localhost`, made with the openssl command: the files
+/// `ca.pem`, `relay.pem` and `relay.key` in `dir`.
+fn relay_certificate(dir: &Path) -> Result<()> {
+    let openssl = |args: &[&str]| -> Result<()> {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .context("running openssl")?;
+        ensure!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &[
+                "req",
+                "-x509",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=mediaflow test CA",
+            ][..],
+            &ec,
+            &["-keyout", "ca.key", "-out", "ca.pem"],
+            &["-addext", "basicConstraints=critical,CA:TRUE"],
+            &["-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+        ]
+        .concat(),
+    )?;
+    openssl(
+        &[
+            &["req", "-subj", "/CN=localhost"][..],
+            &ec,
+            &["-keyout", "relay.key", "-out", "relay.csr"],
+        ]
+        .concat(),
+    )?;
+    std::fs::write(
+        dir.join("relay.ext"),
+        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "relay.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "relay.ext",
+        "-out",
+        "relay.pem",
+    ])
+}
+
+/// The state and error of `user`'s verification mail in the outbox once it has an outcome:
+/// sent, failed, unconfirmed, or pending with the reason an attempt was refused.
+async fn wait_mail_outcome(tp: &TestPlatform, user: &str) -> Result<(String, String)> {
+    let db = mediaflow_db::Db::connect(&tp.config.database_url(), 1).await?;
+    let start = Instant::now();
+    loop {
+        let row = sqlx::query("SELECT state, error FROM mail_outbox WHERE user_id = $1")
+            .bind(user)
+            .fetch_optional(db.pool())
+            .await?;
+        if let Some(row) = row {
+            let state: String = sqlx::Row::try_get(&row, "state")?;
+            let error: Option<String> = sqlx::Row::try_get(&row, "error")?;
+            if state != "sending" && (state != "pending" || error.is_some()) {
+                return Ok((state, error.unwrap_or_default()));
+            }
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(60),
+            "the mail of {user} has no outcome"
+        );
+        // Polling the outbox.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// aiosmtpd speaking TLS (`starttls` or `implicit`) with the certificate of
+/// [`relay_certificate`] in `certs`, wanting AUTH as alice:s3cret.
+async fn tls_sink(tls: &str, certs: &Path) -> Result<Sink> {
+    let cert = certs.join("relay.pem").display().to_string();
+    let key = certs.join("relay.key").display().to_string();
+    Sink::start_with(&[
+        "--tls",
+        tls,
+        "--cert",
+        &cert,
+        "--key",
+        &key,
+        "--auth",
+        "alice:s3cret",
+    ])
+    .await
+}
+
+/// A platform mailing through `sink` as `localhost` (the certificate's name) with `mode`,
+/// trusting the CA in `certs`, as alice with `password`.
+async fn relay_platform(
+    files: &tempfile::TempDir,
+    sink: &Sink,
+    mode: mediaflow_signup::TlsMode,
+    certs: &Path,
+    password: &str,
+) -> Result<TestPlatform> {
+    let ca = certs.join("ca.pem");
+    let password = password.to_owned();
+    platform(files, None, sink, Backend::Sqlite, move |c| {
+        c.mail.host = "localhost".into();
+        c.mail.tls = mode;
+        c.mail.ca_file = Some(ca);
+        c.mail.username = "alice".into();
+        c.mail.password = password;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mail_reaches_a_relay_over_starttls_or_tls_with_credentials() -> Result<()> {
+    use mediaflow_signup::TlsMode;
+    let certs = tempfile::tempdir()?;
+    relay_certificate(certs.path())?;
+    for (tls, mode) in [("starttls", TlsMode::Starttls), ("implicit", TlsMode::Tls)] {
+        let sink = tls_sink(tls, certs.path()).await?;
+        let files = tempfile::tempdir()?;
+        let tp = relay_platform(&files, &sink, mode, certs.path(), "s3cret").await?;
+        let id = sign_up(
+            &tp,
+            json!({"email": format!("{tls}@example.org"), "zone": "eu"}),
+        )
+        .await?;
+        let mails = sink
+            .wait("the verification mail", Duration::from_secs(60), |m| {
+                !m.is_empty()
+            })
+            .await?;
+        let sessions = sink.sessions()?;
+        ensure!(
+            mails.len() == 1 && sessions.len() == 1,
+            "{mails:?} {sessions:?}"
+        );
+        ensure!(
+            sessions[0]["user"] == "alice"
+                && sessions[0]["tls"]
+                    .as_str()
+                    .is_some_and(|v| v.starts_with("TLSv1.")),
+            "{tls}: the mail came {}",
+            sessions[0]
+        );
+        let code = mails[0].code().context("a code")?;
+        let (status, body) = verify(&tp, &id, &code).await?;
+        ensure!(status == 200, "{tls}: {status} {body}");
+        tp.stop().await?;
+    }
+
+    // Misconfigured: a relay that wants STARTTLS, reached in plain text, or with a wrong
+    // password. The relay's refusal is kept with the mail, which stays pending (the
+    // configuration is at fault, not the mail) and goes out once the relay is reachable as
+    // configured.
+    for (what, mode, password, refusal) in [
+        ("plain text", TlsMode::None, "s3cret", "mail.tls"),
+        ("wrong password", TlsMode::Starttls, "guess", "535"),
+    ] {
+        let sink = tls_sink("starttls", certs.path()).await?;
+        let files = tempfile::tempdir()?;
+        let tp = relay_platform(&files, &sink, mode, certs.path(), password).await?;
+        let id = sign_up(
+            &tp,
+            json!({"email": "misconfigured@example.org", "zone": "us"}),
+        )
+        .await?;
+        let (state, error) = wait_mail_outcome(&tp, &id).await?;
+        ensure!(
+            state == "pending" && error.contains(refusal),
+            "{what}: the mail is {state}: {error}"
+        );
+        ensure!(sink.mails()?.is_empty(), "{what}: a mail went out");
+        tp.stop().await?;
+    }
+    Ok(())
+}
+
 const BURST: usize = 200;
 const KILLS: usize = 10;
 
@@ -1030,8 +1402,8 @@ async fn mail_stages_killed_during_a_burst_send_each_code_exactly_once() -> Resu
         *per_user.entry(m.to.clone()).or_default() += 1;
     }
     let duplicates: Vec<_> = per_user.iter().filter(|(_, n)| **n > 1).collect();
-    // A mail not received must be one whose sender was killed after deciding and before the
-    // relay's answer: recorded unconfirmed, never sent twice (README, "Exactly one mail").
+    // Exactly one each: no copy, none missing. A mail left `unconfirmed` (its sender was
+    // killed after the message went out, before the relay's answer) arrived all the same.
     let missing: Vec<(&String, &String)> = ids
         .iter()
         .filter(|(email, _)| !per_user.contains_key(*email))
@@ -1046,14 +1418,17 @@ async fn mail_stages_killed_during_a_burst_send_each_code_exactly_once() -> Resu
         missing.len()
     );
     ensure!(duplicates.is_empty(), "duplicates: {duplicates:?}");
-    for (email, id) in &missing {
-        ensure!(
-            rows.get(*id).map(String::as_str) == Some("unconfirmed"),
-            "no mail to {email}, recorded as {:?}",
-            rows.get(*id)
-        );
-    }
-    ensure!(mails.len() == per_user.len() && per_user.len() + missing.len() == BURST);
+    ensure!(
+        missing.is_empty(),
+        "no mail to {:?}, recorded as {:?}; logs in {}",
+        missing,
+        missing
+            .iter()
+            .map(|(_, id)| rows.get(*id))
+            .collect::<Vec<_>>(),
+        logs.keep().display()
+    );
+    ensure!(mails.len() == BURST && per_user.len() == BURST);
     // Each mail's code is the one its user's row was committed with.
     for m in &mails {
         let email = m.to.trim_matches(['<', '>']);
@@ -1075,7 +1450,12 @@ async fn mail_stages_killed_during_a_burst_send_each_code_exactly_once() -> Resu
 /// ran out is taken over.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_outbox_holds_a_claimed_mail_and_hides_a_decision_until_committed() -> Result<()> {
-    use mediaflow_users::{Claim, Users};
+    use mediaflow_users::{Claim, MailKey, Users};
+    let key = |user_id, kind| MailKey {
+        user_id,
+        kind,
+        round: 0,
+    };
     let dir = tempfile::tempdir()?;
     let urls = [
         format!("sqlite://{}", dir.path().join("outbox.db").display()),
@@ -1089,7 +1469,7 @@ async fn the_outbox_holds_a_claimed_mail_and_hides_a_decision_until_committed() 
             let users = users.clone();
             async move {
                 users
-                    .claim_mail("u1", "verification", "<m@x>", owner, 5_000, now)
+                    .claim_mail(&key("u1", "verification"), "<m@x>", owner, 5_000, now)
                     .await
             }
         };
@@ -1099,7 +1479,7 @@ async fn the_outbox_holds_a_claimed_mail_and_hides_a_decision_until_committed() 
             "{url}"
         );
         let decision = users
-            .decide_mail("u1", "verification", "a", None, now + 2)
+            .decide_mail(&key("u1", "verification"), "a", None, now + 2)
             .await?
             .context("a holds the lease")?;
         let state = |db: mediaflow_db::Db| async move {
@@ -1122,19 +1502,19 @@ async fn the_outbox_holds_a_claimed_mail_and_hides_a_decision_until_committed() 
         // A sender that died before deciding: its lease runs out and another takes the mail.
         ensure!(
             users
-                .claim_mail("u2", "welcome", "<n@x>", "a", 5_000, now)
+                .claim_mail(&key("u2", "welcome"), "<n@x>", "a", 5_000, now)
                 .await?
                 == Claim::Claimed
         );
         ensure!(
             users
-                .claim_mail("u2", "welcome", "<n@x>", "b", 5_000, now + 6_000)
+                .claim_mail(&key("u2", "welcome"), "<n@x>", "b", 5_000, now + 6_000)
                 .await?
                 == Claim::Claimed
         );
         ensure!(
             users
-                .decide_mail("u2", "welcome", "a", None, now + 6_001)
+                .decide_mail(&key("u2", "welcome"), "a", None, now + 6_001)
                 .await?
                 .is_none(),
             "{url}: the stale sender's decision is refused"

@@ -32,6 +32,13 @@ pub enum ApiError {
         title: &'static str,
         detail: String,
     },
+    /// A request refused for now (429, with `Retry-After`): a rate limit.
+    TooSoon {
+        code: &'static str,
+        title: &'static str,
+        detail: String,
+        retry_after_secs: u64,
+    },
     /// A dependency (object store, database, broker) failed; retrying later can succeed.
     Unavailable {
         dependency: &'static str,
@@ -117,6 +124,12 @@ impl ApiError {
                 title,
                 detail,
             } => (*status, code, title, detail.clone()),
+            ApiError::TooSoon {
+                code,
+                title,
+                detail,
+                ..
+            } => (StatusCode::TOO_MANY_REQUESTS, code, title, detail.clone()),
             ApiError::Unavailable { dependency, .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -170,6 +183,15 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert(
                 axum::http::header::CONNECTION,
                 axum::http::HeaderValue::from_static("close"),
+            );
+        }
+        if let ApiError::TooSoon {
+            retry_after_secs, ..
+        } = &self
+        {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(*retry_after_secs),
             );
         }
         if matches!(self, ApiError::Unavailable { .. } | ApiError::Busy) {

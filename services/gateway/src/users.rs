@@ -1,6 +1,8 @@
 //! The sign-up API (ch. 11): `POST /v1/users` records a user and publishes
 //! `users.signed-up`; `POST /v1/users/{id}/verify` checks the code the verification mail
-//! carried and publishes `users.verified`; `GET /v1/users/{id}` shows where the user is. A
+//! carried and publishes `users.verified`; `POST /v1/users/{id}/code` grants a pending user a
+//! new code (rate-limited) and publishes `mediaflow.user.code-requested` on `users.signed-up`;
+//! `GET /v1/users/{id}` shows where the user is. A
 //! request retried with the same `Idempotency-Key` (or the same sign-up again) returns the same
 //! user; an announcement that failed is made again by the retry.
 
@@ -9,10 +11,10 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use mediaflow_events::{UserSignedUp, UserVerified};
+use mediaflow_events::{CodeRequested, UserSignedUp, UserVerified};
 use mediaflow_users::{
-    CodeKey, MailRow, RegistrationRow, SignupConfig, SignupRequest, UserRow, UserState, Users,
-    UsersError, VerifyError, now_ms, rfc3339,
+    CodeKey, CodeRequest, MailRow, RegistrationRow, SignupConfig, SignupRequest, UserRow,
+    UserState, Users, UsersError, VerifyError, now_ms, rfc3339,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -38,6 +40,7 @@ pub(crate) fn routes() -> Router<Gateway> {
         .route("/v1/users", post(sign_up))
         .route("/v1/users/{id}", get(user))
         .route("/v1/users/{id}/verify", post(verify))
+        .route("/v1/users/{id}/code", post(new_code))
 }
 
 /// A user as the API shows it.
@@ -66,6 +69,8 @@ pub struct UserView {
 
 #[derive(Debug, Serialize)]
 pub struct CodeView {
+    /// 0 for the sign-up's code, then one more for each new code asked for.
+    pub round: i64,
     pub attempts: i64,
     pub max_attempts: u32,
     pub expires_at: String,
@@ -88,6 +93,7 @@ fn view(u: &UserRow, config: &SignupConfig) -> UserView {
         verified_at: u.verified_at_ms.map(rfc3339),
         status_url: format!("/v1/users/{}", p.user_id),
         code: u.code_expires_at_ms.map(|e| CodeView {
+            round: u.code_round,
             attempts: u.code_attempts,
             max_attempts: config.max_code_attempts,
             expires_at: rfc3339(e),
@@ -312,6 +318,77 @@ async fn accept_verify(gw: &Gateway, id: &str, request: Request) -> Result<Respo
     gw.inner.publisher.publish(&topic, &event).await?;
     api.users.mark_announced(id, true).await?;
     Ok((StatusCode::OK, Json(view(&user, &api.config))).into_response())
+}
+
+async fn new_code(State(gw): State<Gateway>, Path(id): Path<String>) -> Response {
+    let result = grant_code(&gw, &id).await;
+    let outcome = result
+        .as_ref()
+        .map_or_else(|e| e.code(), |_| "code-requested");
+    gw.inner.metrics.signup(outcome);
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn grant_code(gw: &Gateway, id: &str) -> Result<Response, ApiError> {
+    let api = api(gw)?;
+    let interval_ms =
+        i64::try_from(api.config.resend_interval_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let request = api
+        .users
+        .request_code(id, interval_ms, api.config.max_codes, now_ms())
+        .await?;
+    let user = match request {
+        CodeRequest::Granted(user) => user,
+        CodeRequest::UnknownUser => {
+            return Err(ApiError::NotFound {
+                what: "this user".into(),
+            });
+        }
+        CodeRequest::Verified => {
+            return Err(ApiError::Refused {
+                status: StatusCode::CONFLICT,
+                code: "already-verified",
+                title: "Already verified",
+                detail: "this user is verified already; no code is needed".into(),
+            });
+        }
+        CodeRequest::TooSoon { retry_after_ms } => {
+            let secs = u64::try_from((retry_after_ms + 999) / 1000).unwrap_or(1);
+            return Err(ApiError::TooSoon {
+                code: "code-too-soon",
+                title: "Too soon for a new code",
+                detail: format!(
+                    "the last code was asked for less than {}s ago; ask again in {secs}s",
+                    api.config.resend_interval_secs
+                ),
+                retry_after_secs: secs,
+            });
+        }
+        CodeRequest::TooMany { max_codes } => {
+            return Err(ApiError::Refused {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                code: "too-many-codes",
+                title: "Too many codes",
+                detail: format!("this user had {max_codes} codes, as many as allowed"),
+            });
+        }
+    };
+    let event = CodeRequested {
+        user: user.profile.clone(),
+        round: user.code_round,
+        requested_at: rfc3339(user.code_requested_at_ms.unwrap_or_else(now_ms)),
+    };
+    let topic = gw.inner.bus.topics().name("users.signed-up");
+    gw.inner.publisher.publish(&topic, &event).await?;
+    api.users.mark_code_announced(id, user.code_round).await?;
+    let mut view = view(&user, &api.config);
+    view.mails = api.users.mails(id).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, view.status_url.clone())],
+        Json(view),
+    )
+        .into_response())
 }
 
 async fn user(State(gw): State<Gateway>, Path(id): Path<String>) -> Result<Response, ApiError> {

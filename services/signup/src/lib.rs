@@ -6,6 +6,7 @@
 pub mod hook;
 pub mod mail;
 pub mod notify;
+pub mod wire;
 
 pub use hook::{SigningKey, Webhook, WebhookConfig};
 pub use mail::{MailConfig, MailKind, MailStageConfig, Relay, SendMail, Templates, TlsMode};

@@ -1,24 +1,29 @@
 //! The `mail` stage kind: one mail per (user, kind of mail) over SMTP, however often its event
 //! is delivered. The outbox row is claimed under a lease, the envelope and the message go to the
-//! relay, and the decision to send is committed (with the code the mail carries) just before the
-//! message's final dot; the relay's answer settles it. See "Exactly one mail" in the README.
+//! relay with its end held back ([`crate::wire`]), and the decision to send is committed (with
+//! the code the mail carries) in the same poll that lets the message go; the relay's answer
+//! settles it. See "Exactly one mail" in the README.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use cloudevents::{AttributesReader, Event};
 use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
-use lettre::transport::smtp::client::{AsyncSmtpConnection, TlsParameters};
+use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
 use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
 use lettre::transport::smtp::extension::ClientId;
 use lettre::{Address, Message};
 use mediaflow_events::UserProfile;
 use mediaflow_runtime::{Handler, Output, StageError};
 use mediaflow_telemetry::Metrics;
-use mediaflow_users::{Claim, CodeKey, Users, VerificationCode, now_ms};
+use mediaflow_users::{Claim, CodeKey, MailKey, UserState, Users, VerificationCode, now_ms};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::wire::{self, GateHandle, Wire};
 
 /// How the connection to the relay is secured.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +47,9 @@ pub struct MailConfig {
     /// Relay port (25, 587 with STARTTLS, 465 with TLS).
     pub port: u16,
     pub tls: TlsMode,
+    /// A PEM file of CA certificates trusted for the relay besides the system's (a private
+    /// relay's own CA).
+    pub ca_file: Option<PathBuf>,
     /// SMTP AUTH user name; none when empty.
     pub username: String,
     /// SMTP AUTH password; set it from the environment (`MEDIAFLOW__MAIL__PASSWORD`).
@@ -66,6 +74,7 @@ impl Default for MailConfig {
             host: String::new(),
             port: 25,
             tls: TlsMode::None,
+            ca_file: None,
             username: String::new(),
             password: String::new(),
             from: "mediaflow <no-reply@mediaflow.localhost>".into(),
@@ -199,6 +208,10 @@ pub struct Relay {
     config: MailConfig,
     from: Mailbox,
     hello: ClientId,
+    /// The certificates of `ca_file`.
+    extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// For `tls = "tls"`: the TLS client set up once.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Relay {
@@ -215,10 +228,20 @@ impl Relay {
         } else {
             ClientId::Domain(config.hello_name.clone())
         };
+        let extra_roots = match &config.ca_file {
+            Some(path) => wire::read_ca_file(path)?,
+            None => Vec::new(),
+        };
+        let tls = match config.tls {
+            TlsMode::Tls => Some(Arc::new(wire::tls_config(&extra_roots)?)),
+            TlsMode::None | TlsMode::Starttls => None,
+        };
         Ok(Self {
             config,
             from,
             hello,
+            extra_roots,
+            tls,
         })
     }
 
@@ -226,48 +249,65 @@ impl Relay {
         Duration::from_secs(self.config.timeout_secs.max(1))
     }
 
-    /// A connection past EHLO, STARTTLS and AUTH as configured. Plain and STARTTLS
-    /// connections are opened here with Nagle's algorithm off: the message's final dot is a
-    /// small write right after the body, and must leave at once rather than wait for the
-    /// relay's acknowledgement of the body (up to its delayed-ACK time).
-    async fn connect(&self) -> Result<AsyncSmtpConnection, Failed> {
+    /// A connection past EHLO, STARTTLS and AUTH as configured, over a [`Wire`] whose gate
+    /// the handle holds and releases.
+    async fn connect(&self) -> Result<(AsyncSmtpConnection, GateHandle), Failed> {
         let c = &self.config;
-        let tls = || TlsParameters::new(c.host.clone());
-        let mut conn = if c.tls == TlsMode::Tls {
-            AsyncSmtpConnection::connect_tokio1(
-                (c.host.as_str(), c.port),
-                Some(self.timeout()),
-                &self.hello,
-                Some(tls()?),
-                None,
-            )
-            .await?
-        } else {
-            let tcp = tokio::net::TcpStream::connect((c.host.as_str(), c.port))
-                .await
-                .map_err(Failed::Tcp)?;
-            tcp.set_nodelay(true).map_err(Failed::Tcp)?;
-            AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &self.hello).await?
-        };
+        let (wire, gate) = Wire::connect(&c.host, c.port, self.tls.clone())
+            .await
+            .map_err(Failed::Tcp)?;
+        let mut conn = AsyncSmtpConnection::connect_with_transport(Box::new(wire), &self.hello)
+            .await
+            .map_err(|e| Failed::Relay(format!("greeting and EHLO: {e}")))?;
         if c.tls == TlsMode::Starttls {
-            conn.starttls(tls()?, &self.hello).await?;
+            let mut tls = TlsParameters::builder(c.host.clone());
+            for cert in &self.extra_roots {
+                tls = tls.add_root_certificate(
+                    Certificate::from_der(cert.to_vec())
+                        .map_err(|e| Failed::Relay(format!("mail.ca_file: {e}")))?,
+                );
+            }
+            let tls = tls
+                .build()
+                .map_err(|e| Failed::Relay(format!("TLS set-up: {e}")))?;
+            conn.starttls(tls, &self.hello)
+                .await
+                .map_err(|e| Failed::Relay(format!("STARTTLS: {e}")))?;
         }
         if !c.username.is_empty() {
+            let mechanisms = [Mechanism::Plain, Mechanism::Login];
+            if c.tls == TlsMode::None
+                && !mechanisms
+                    .iter()
+                    .any(|m| conn.server_info().supports_auth_mechanism(*m))
+            {
+                return Err(Failed::Relay(
+                    "the relay offers no AUTH PLAIN or LOGIN on a plain connection; relays \
+                     offer them only over TLS: set mail.tls to \"starttls\" (port 587) or \
+                     \"tls\" (port 465)"
+                        .into(),
+                ));
+            }
             conn.auth(
-                &[Mechanism::Plain, Mechanism::Login],
+                &mechanisms,
                 &Credentials::new(c.username.clone(), c.password.clone()),
             )
-            .await?;
+            .await
+            .map_err(|e| Failed::Relay(format!("AUTH as {}: {e}", c.username)))?;
         }
-        Ok(conn)
+        Ok((conn, gate))
     }
 }
 
 /// Why an exchange with the relay failed.
 #[derive(Debug)]
 enum Failed {
-    /// The TCP connection could not be made: the relay is down or unreachable.
+    /// The connection could not be made (the relay is down or unreachable) or secured.
     Tcp(std::io::Error),
+    /// The relay refused the session (greeting, EHLO, STARTTLS, AUTH) or the sender: the
+    /// configuration or the relay is at fault, not the mail, which waits for them.
+    Relay(String),
+    /// The relay refused this mail (its recipient, its content), for now or for good.
     Smtp(lettre::transport::smtp::Error),
 }
 
@@ -322,31 +362,27 @@ impl SendMail {
         }
     }
 
-    /// The Message-ID of mail `kind` to `user_id`: the same for every attempt, so a receiver
-    /// can recognise a copy.
-    fn message_id(&self, user_id: &str) -> String {
-        let name = format!("{user_id}/{}", self.kind.as_str());
+    /// The Message-ID of mail `kind` to `user_id` in `round`: the same for every attempt, so a
+    /// receiver can recognise a copy.
+    fn message_id(&self, user_id: &str, round: i64) -> String {
+        let name = match round {
+            0 => format!("{user_id}/{}", self.kind.as_str()),
+            n => format!("{user_id}/{}/{n}", self.kind.as_str()),
+        };
         let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, name.as_bytes());
         format!("<{id}@{}>", self.relay.from.email.domain())
     }
 
     /// Claims the mail, waiting out a lease a stopped sender left behind. False: it went out
     /// before, nothing to do.
-    async fn claim(&self, user_id: &str, message_id: &str) -> Result<bool, StageError> {
+    async fn claim(&self, key: &MailKey<'_>, message_id: &str) -> Result<bool, StageError> {
         let lease_ms =
             i64::try_from(self.relay.config.lease_secs.max(1) * 1000).unwrap_or(i64::MAX);
         loop {
             let now = now_ms();
             let claim = self
                 .users
-                .claim_mail(
-                    user_id,
-                    self.kind.as_str(),
-                    message_id,
-                    &self.owner,
-                    lease_ms,
-                    now,
-                )
+                .claim_mail(key, message_id, &self.owner, lease_ms, now)
                 .await
                 .map_err(store_error)?;
             match claim {
@@ -360,39 +396,30 @@ impl SendMail {
                 }
                 Claim::HeldUntil(until) => {
                     let wait = u64::try_from(until - now + 1).unwrap_or(0);
-                    tracing::info!(stage = %self.stage, user = %user_id, wait_ms = wait, "mail held by another sender's lease; waiting");
+                    tracing::info!(stage = %self.stage, user = %key.user_id, wait_ms = wait, "mail held by another sender's lease; waiting");
                     tokio::time::sleep(Duration::from_millis(wait.min(lease_ms as u64))).await;
                 }
             }
         }
     }
 
-    async fn send(&self, user: &UserProfile) -> Result<(), StageError> {
-        let message_id = self.message_id(&user.user_id);
-        if !self.claim(&user.user_id, &message_id).await? {
+    /// Sends the mail of `round` (of codes; 0 for other kinds) to `user`.
+    async fn send(&self, user: &UserProfile, round: i64) -> Result<(), StageError> {
+        let message_id = self.message_id(&user.user_id, round);
+        let key = MailKey {
+            user_id: &user.user_id,
+            kind: self.kind.as_str(),
+            round,
+        };
+        if !self.claim(&key, &message_id).await? {
             self.metrics.mail(&self.stage, "duplicate");
             return Ok(());
         }
         let kind = self.kind.as_str();
         let code = (self.kind == MailKind::Verification).then(VerificationCode::random);
-        let (mut conn, message) = match self.open(user, &message_id, code.as_ref()).await {
+        let (mut conn, gate, message) = match self.open(user, &message_id, code.as_ref()).await {
             Ok(open) => open,
-            Err(Unsent { error }) => {
-                let permanent = error.class != mediaflow_runtime::ErrorClass::Transient;
-                self.users
-                    .release_mail(
-                        &user.user_id,
-                        kind,
-                        &self.owner,
-                        &error.message,
-                        permanent,
-                        now_ms(),
-                    )
-                    .await
-                    .map_err(store_error)?;
-                self.metrics.mail(&self.stage, "refused");
-                return Err(error);
-            }
+            Err(Unsent { error }) => return self.unsent(&key, error).await,
         };
         let now = now_ms();
         let sealed = code.as_ref().map(|c| {
@@ -400,35 +427,99 @@ impl SendMail {
             (self.key.seal(&user.user_id, c), expires)
         });
         let code = sealed.as_ref().map(|(s, e)| (s.as_str(), *e));
-        let decided = self
-            .users
-            .decide_mail(&user.user_id, kind, &self.owner, code, now)
-            .await;
+        let decided = self.users.decide_mail(&key, &self.owner, code, now).await;
         let decision = match decided {
             Ok(Some(decision)) => decision,
             Ok(None) | Err(_) => {
-                // Dropping the connection without the final dot: the relay discards it.
-                conn.abort().await;
+                // Closing the connection in the middle of DATA: the relay discards the
+                // unfinished message. (No QUIT: in DATA it would be part of the message.)
+                drop(conn);
                 return Err(match decided {
                     Err(e) => store_error(e),
-                    _ => StageError::transient("lost the lease on the mail before sending it"),
+                    _ => StageError::transient(
+                        "lost the lease on the mail, or a newer code replaced its code, before \
+                         sending it",
+                    ),
                 });
             }
         };
-        // The decision is committed and the message ended in one poll: the COMMIT and the
-        // final dot leave in two writes meant to be microseconds apart, so a sender killed
-        // leaves both (the mail is recorded and sent) or neither (the relay drops the
-        // unfinished message and the lease lets the next delivery send it). Between the two
-        // writes a loaded machine can deschedule the process: a kill then loses the mail
-        // (README, "Exactly one mail"). Waiting for the commit before the dot would widen that
-        // to the commit's whole round trip.
         let timeout = self.relay.timeout();
-        tracing::debug!(user = %user.user_id, "ending the message and committing its decision");
-        let (committed, answer) = tokio::join!(
-            decision.commit(),
-            tokio::time::timeout(timeout, conn.message(&message))
-        );
-        tracing::debug!(user = %user.user_id, committed = committed.is_ok(), answered = answer.is_ok(), "message ended");
+        let ended = {
+            // lettre writes the whole message into the gate and waits for the relay's answer.
+            gate.hold();
+            let mut answer = std::pin::pin!(tokio::time::timeout(timeout, conn.message(&message)));
+            let written = std::future::poll_fn(|cx| match answer.as_mut().poll(cx) {
+                Poll::Ready(early) => Poll::Ready(Some(early)),
+                Poll::Pending if gate.stalled() => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            })
+            .await;
+            if let Some(early) = written {
+                // Nothing of the message left the gate; the decision is rolled back.
+                drop(decision);
+                let why = match early {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "the message could not be written".to_owned(),
+                };
+                let relay = format!(
+                    "SMTP relay {}:{}",
+                    self.relay.config.host, self.relay.config.port
+                );
+                return self
+                    .unsent(&key, StageError::transient(format!("{relay}: {why}")))
+                    .await;
+            }
+            // The COMMIT goes out in the commit's first poll and the held message right after
+            // it in the same poll, two writes with nothing between them: a sender killed
+            // leaves both (the mail is recorded and sent) or neither (the relay never saw the
+            // end of the message, and the lease lets the next delivery send it). Only a kill
+            // in between, while the process is descheduled between two system calls, loses
+            // the mail (README, "Exactly one mail").
+            let held = gate.held();
+            let mut commit = std::pin::pin!(decision.commit());
+            let (mut committed, mut answered, mut released) = (None, None, false);
+            std::future::poll_fn(|cx| {
+                if committed.is_none()
+                    && let Poll::Ready(r) = commit.as_mut().poll(cx)
+                {
+                    committed = Some(r);
+                }
+                if !released {
+                    if matches!(committed, Some(Err(_))) {
+                        // Failed at once: the message stays held and is never sent.
+                        return Poll::Ready(());
+                    }
+                    gate.release();
+                    released = true;
+                }
+                if answered.is_none()
+                    && let Poll::Ready(r) = answer.as_mut().poll(cx)
+                {
+                    answered = Some(r);
+                }
+                if committed.is_some() && answered.is_some() {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                }
+            })
+            .await;
+            tracing::debug!(user = %user.user_id, bytes = held, released, "message ended");
+            match (committed, answered) {
+                (Some(committed), Some(answered)) => Ok((committed, answered)),
+                // The commit failed at once: the message was never released.
+                (Some(Err(e)), None) => Err(e),
+                _ => unreachable!("polled until both ended, or the commit failed at once"),
+            }
+        };
+        let (committed, answer) = match ended {
+            Ok(both) => both,
+            Err(e) => {
+                // The message never left the gate: closing drops it (as above).
+                drop(conn);
+                return self.unsent(&key, store_error(e)).await;
+            }
+        };
         if let Err(e) = committed {
             // The message may be out while the decision is not recorded: record it again
             // (the lease is still this sender's), else it would be sent again once the lease
@@ -436,7 +527,7 @@ impl SendMail {
             tracing::warn!(stage = %self.stage, user = %user.user_id, error = %e, "committing a mail's decision failed; recording it again");
             let again = self
                 .users
-                .decide_mail(&user.user_id, kind, &self.owner, code, now_ms())
+                .decide_mail(&key, &self.owner, code, now_ms())
                 .await
                 .map_err(store_error)?;
             match again {
@@ -452,7 +543,7 @@ impl SendMail {
         match answer {
             Ok(Ok(_)) => {
                 self.users
-                    .settle_mail(&user.user_id, kind, None, now_ms())
+                    .settle_mail(&key, None, now_ms())
                     .await
                     .map_err(store_error)?;
                 self.metrics.mail(&self.stage, "sent");
@@ -463,7 +554,7 @@ impl SendMail {
                 let permanent = e.is_permanent();
                 let why = format!("the relay refused the message: {e}");
                 self.users
-                    .settle_mail(&user.user_id, kind, Some((&why, permanent)), now_ms())
+                    .settle_mail(&key, Some((&why, permanent)), now_ms())
                     .await
                     .map_err(store_error)?;
                 self.metrics.mail(&self.stage, "refused");
@@ -481,6 +572,18 @@ impl SendMail {
         }
     }
 
+    /// The mail did not go out: its claim is given up (failed for good when `error` is
+    /// permanent), and `error` is the event's outcome.
+    async fn unsent(&self, key: &MailKey<'_>, error: StageError) -> Result<(), StageError> {
+        let permanent = error.class != mediaflow_runtime::ErrorClass::Transient;
+        self.users
+            .release_mail(key, &self.owner, &error.message, permanent, now_ms())
+            .await
+            .map_err(store_error)?;
+        self.metrics.mail(&self.stage, "refused");
+        Err(error)
+    }
+
     fn unconfirmed(&self, user: &UserProfile, message_id: &str, why: &str) {
         self.metrics.mail(&self.stage, "unconfirmed");
         tracing::warn!(stage = %self.stage, user = %user.user_id, mail = self.kind.as_str(), message_id, reason = why,
@@ -493,7 +596,7 @@ impl SendMail {
         user: &UserProfile,
         message_id: &str,
         code: Option<&VerificationCode>,
-    ) -> Result<(AsyncSmtpConnection, Vec<u8>), Unsent> {
+    ) -> Result<(AsyncSmtpConnection, GateHandle, Vec<u8>), Unsent> {
         let permanent = |e: String| Unsent {
             error: StageError::bad_input(e),
         };
@@ -538,6 +641,7 @@ impl SendMail {
         let smtp = |e: Failed| Unsent {
             error: match e {
                 Failed::Tcp(e) => StageError::transient(format!("{relay}: {e}")),
+                Failed::Relay(e) => StageError::transient(format!("{relay}: {e}")),
                 Failed::Smtp(e) => {
                     StageError::dependency(!e.is_permanent(), format!("{relay}: {e}"))
                 }
@@ -551,18 +655,20 @@ impl SendMail {
             )),
         };
         let envelope = async {
-            let mut conn = self.relay.connect().await?;
+            let (mut conn, gate) = self.relay.connect().await?;
             conn.command(Mail::new(Some(self.relay.from.email.clone()), vec![]))
-                .await?;
+                .await
+                .map_err(|e| Failed::Relay(format!("MAIL FROM: {e}")))?;
+            // From here a refusal is about this mail (its recipient, its content).
             conn.command(Rcpt::new(to, vec![])).await?;
             conn.command(Data).await?;
-            Ok::<_, Failed>(conn)
+            Ok::<_, Failed>((conn, gate))
         };
-        let conn = tokio::time::timeout(timeout, envelope)
+        let (conn, gate) = tokio::time::timeout(timeout, envelope)
             .await
             .map_err(|_| late())?
             .map_err(smtp)?;
-        Ok((conn, message))
+        Ok((conn, gate, message))
     }
 }
 
@@ -574,6 +680,11 @@ impl Handler for SendMail {
     async fn handle(&self, event: &Event) -> Result<Vec<Output>, StageError> {
         let data =
             mediaflow_events::data_json(event).map_err(|e| StageError::bad_input(e.to_string()))?;
+        // A new code's event (`mediaflow.user.code-requested`) names its round.
+        let round = match self.kind {
+            MailKind::Verification => data.get("round").and_then(Value::as_i64).unwrap_or(0),
+            MailKind::Welcome => 0,
+        };
         let user: UserProfile = serde_json::from_value(data).map_err(|e| {
             StageError::bad_input(format!(
                 "event {} ({}) does not describe a user: {e}",
@@ -584,15 +695,21 @@ impl Handler for SendMail {
         if self.kind == MailKind::Verification {
             // The code is stored on the user's row: a user the gateway never recorded cannot
             // verify, so it gets no mail.
-            let known = self.users.user(&user.user_id).await.map_err(store_error)?;
-            if known.is_none() {
+            let Some(known) = self.users.user(&user.user_id).await.map_err(store_error)? else {
                 return Err(StageError::bad_input(format!(
                     "user {} is not recorded; no verification mail",
                     user.user_id
                 )));
+            };
+            // A code no one can use any more: the user is verified, or asked for a newer one.
+            if known.state == UserState::Verified || known.code_round > round {
+                tracing::info!(stage = %self.stage, user = %user.user_id, round, latest = known.code_round,
+                    "no verification mail: the user is verified or has a newer code");
+                self.metrics.mail(&self.stage, "superseded");
+                return Ok(Vec::new());
             }
         }
-        self.send(&user).await?;
+        self.send(&user, round).await?;
         Ok(Vec::new())
     }
 }

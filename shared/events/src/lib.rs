@@ -20,7 +20,7 @@ pub use media::{
 };
 pub use topics::{TopicSpec, Topics};
 pub use user::{
-    Channel, NotificationPrefs, NotificationRegistered, SmsRequested, UserProfile, UserSignedUp,
-    UserVerified,
+    Channel, CodeRequested, NotificationPrefs, NotificationRegistered, SmsRequested, UserProfile,
+    UserSignedUp, UserVerified,
 };
 pub use video::{PreviewRef, StoryboardRef, VideoFrame, VideoProcessed};

@@ -27,6 +27,9 @@ pub fn document(event_type: &str) -> Option<&'static str> {
         "mediaflow.user.verified" => Some(include_str!(
             "../../../schemas/mediaflow.user.verified.json"
         )),
+        "mediaflow.user.code-requested" => Some(include_str!(
+            "../../../schemas/mediaflow.user.code-requested.json"
+        )),
         "mediaflow.notification.registered" => Some(include_str!(
             "../../../schemas/mediaflow.notification.registered.json"
         )),
@@ -50,6 +53,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "mediaflow.item.processed",
     "mediaflow.user.signed-up",
     "mediaflow.user.verified",
+    "mediaflow.user.code-requested",
     "mediaflow.notification.registered",
     "mediaflow.sms.requested",
     "mediaflow.dead-letter",
@@ -136,6 +140,8 @@ mod tests {
         validate(crate::UserSignedUp::TYPE, &sample(&no_phone)).unwrap();
         let v = crate::user::tests::verified();
         validate(crate::UserVerified::TYPE, &sample(&v)).unwrap();
+        let c = crate::user::tests::code_requested();
+        validate(crate::CodeRequested::TYPE, &sample(&c)).unwrap();
         let r = crate::user::tests::registered();
         validate(crate::NotificationRegistered::TYPE, &sample(&r)).unwrap();
         let sms = crate::user::tests::sms();

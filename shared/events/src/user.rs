@@ -88,6 +88,31 @@ impl EventData for UserVerified {
     }
 }
 
+/// `mediaflow.user.code-requested`: a pending user asked for a new verification code
+/// (`POST /v1/users/{id}/code`). Published on `users.signed-up`, so it takes the sign-up's path
+/// to the user's zone's mail stage; the new code replaces the one before.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CodeRequested {
+    #[serde(flatten)]
+    pub user: UserProfile,
+    /// The code's round: 1 for the first new code (the sign-up's was 0).
+    pub round: i64,
+    /// RFC 3339.
+    pub requested_at: String,
+}
+
+impl EventData for CodeRequested {
+    const TYPE: &'static str = "mediaflow.user.code-requested";
+
+    fn subject(&self) -> String {
+        self.user.user_id.clone()
+    }
+
+    fn id(&self) -> String {
+        deterministic_id(&[Self::TYPE, &self.user.user_id, &self.round.to_string()])
+    }
+}
+
 /// A way of reaching a user with notifications.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -179,6 +204,14 @@ pub(crate) mod tests {
         UserVerified {
             user: profile(),
             verified_at: "2026-12-03T12:05:00Z".into(),
+        }
+    }
+
+    pub(crate) fn code_requested() -> CodeRequested {
+        CodeRequested {
+            user: profile(),
+            round: 1,
+            requested_at: "2026-12-03T12:02:00Z".into(),
         }
     }
 

@@ -9,8 +9,8 @@ pub mod store;
 pub use code::{CodeKey, VerificationCode};
 pub use signup::{SignupError, SignupRequest};
 pub use store::{
-    Claim, Created, MailDecision, MailRow, MailState, RegistrationRow, UserRow, UserState, Users,
-    UsersError, VerifyError,
+    Claim, CodeRequest, Created, MailDecision, MailKey, MailRow, MailState, RegistrationRow,
+    UserRow, UserState, Users, UsersError, VerifyError,
 };
 
 use serde::{Deserialize, Serialize};
@@ -29,6 +29,11 @@ pub struct SignupConfig {
     /// Empty: `mediaflow up` keeps a random one in `<data_dir>/signup-code.key`. Processes
     /// that verify and send codes must share it: set it from a secret when they run apart.
     pub code_key: String,
+    /// Seconds a user waits between asking for new codes (counted from the sign-up for the
+    /// first).
+    pub resend_interval_secs: u64,
+    /// Codes a user may have in all, the sign-up's included.
+    pub max_codes: u32,
 }
 
 impl Default for SignupConfig {
@@ -38,6 +43,8 @@ impl Default for SignupConfig {
             code_ttl_secs: 15 * 60,
             max_code_attempts: 5,
             code_key: String::new(),
+            resend_interval_secs: 60,
+            max_codes: 5,
         }
     }
 }

@@ -58,8 +58,43 @@ pub struct UserRow {
     /// Codes entered so far against the current code.
     pub code_attempts: i64,
     pub code_expires_at_ms: Option<i64>,
+    /// Codes asked for after the sign-up's (`POST /v1/users/{id}/code`); the current code is
+    /// this round's.
+    pub code_round: i64,
+    /// When the latest round was asked for.
+    pub code_requested_at_ms: Option<i64>,
+    #[serde(skip)]
+    pub code_requested_announced: bool,
     #[serde(skip)]
     code_hmac: Option<String>,
+}
+
+/// Which mail: one of a user's kinds of mail, in one round (a verification mail has a round per
+/// code; other kinds only round 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MailKey<'a> {
+    pub user_id: &'a str,
+    pub kind: &'a str,
+    pub round: i64,
+}
+
+/// What asking for a new code found (`Users::request_code`).
+#[derive(Debug)]
+pub enum CodeRequest {
+    /// Round `user.code_round` is the new code's; announce it unless `user` says it was.
+    Granted(UserRow),
+    /// The user is verified: no code needed.
+    Verified,
+    /// The last code was asked for (or the user signed up) too recently: retry after this
+    /// many milliseconds.
+    TooSoon {
+        retry_after_ms: i64,
+    },
+    /// The user had as many codes as allowed.
+    TooMany {
+        max_codes: u32,
+    },
+    UnknownUser,
 }
 
 /// What `Users::create` did.
@@ -130,6 +165,7 @@ impl MailState {
 #[derive(Clone, Debug, Serialize)]
 pub struct MailRow {
     pub kind: String,
+    pub round: i64,
     pub message_id: String,
     pub state: MailState,
     pub attempts: i64,
@@ -184,7 +220,7 @@ pub struct Users {
 
 const USER_COLUMNS: &str = "id, email, phone, zone, notify_email, notify_sms, state, \
      signed_up_announced, verified_announced, code_hmac, code_expires_at_ms, code_attempts, \
-     created_at_ms, verified_at_ms";
+     code_round, code_requested_at_ms, code_requested_announced, created_at_ms, verified_at_ms";
 
 fn user_row(r: &AnyRow) -> Result<UserRow, UsersError> {
     let state: String = r.try_get("state")?;
@@ -211,6 +247,9 @@ fn user_row(r: &AnyRow) -> Result<UserRow, UsersError> {
         code_hmac: r.try_get("code_hmac")?,
         code_expires_at_ms: r.try_get("code_expires_at_ms")?,
         code_attempts: r.try_get("code_attempts")?,
+        code_round: r.try_get("code_round")?,
+        code_requested_at_ms: r.try_get("code_requested_at_ms")?,
+        code_requested_announced: r.try_get::<i64, _>("code_requested_announced")? != 0,
         created_at_ms: r.try_get("created_at_ms")?,
         verified_at_ms: r.try_get("verified_at_ms")?,
     })
@@ -383,36 +422,89 @@ impl Users {
         Ok(user)
     }
 
-    /// Claims mail `kind` to `user_id` for sender `owner` until `now_ms + lease_ms`, recording
-    /// the mail (as pending, with `message_id`) if it is new. A lease that ran out is taken
-    /// over: its sender stopped before committing, so its message never ended.
+    /// Starts a new code round for pending user `id`, unless the latest code (or the sign-up)
+    /// is younger than `interval_ms` or the user had `max_codes` codes. A round granted and
+    /// not yet announced is granted again, as it is, to the retry.
+    pub async fn request_code(
+        &self,
+        id: &str,
+        interval_ms: i64,
+        max_codes: u32,
+        now_ms: i64,
+    ) -> Result<CodeRequest, UsersError> {
+        // One statement decides, so concurrent requests start one round.
+        sqlx::query(
+            "UPDATE users SET code_round = code_round + 1, code_requested_at_ms = $2, \
+             code_requested_announced = 0 \
+             WHERE id = $1 AND state = 'pending' AND code_requested_announced = 1 \
+             AND code_round + 1 < $3 \
+             AND COALESCE(code_requested_at_ms, created_at_ms) <= $2 - $4",
+        )
+        .bind(id)
+        .bind(now_ms)
+        .bind(i64::from(max_codes))
+        .bind(interval_ms)
+        .execute(self.pool())
+        .await?;
+        let Some(user) = self.user(id).await? else {
+            return Ok(CodeRequest::UnknownUser);
+        };
+        Ok(match user {
+            u if u.state == UserState::Verified => CodeRequest::Verified,
+            u if !u.code_requested_announced => CodeRequest::Granted(u),
+            u if u.code_round + 1 >= i64::from(max_codes) => CodeRequest::TooMany { max_codes },
+            u => CodeRequest::TooSoon {
+                retry_after_ms: (u.code_requested_at_ms.unwrap_or(u.created_at_ms) + interval_ms
+                    - now_ms)
+                    .max(1),
+            },
+        })
+    }
+
+    /// Notes that `mediaflow.user.code-requested` of round `round` was acknowledged.
+    pub async fn mark_code_announced(&self, id: &str, round: i64) -> Result<(), UsersError> {
+        sqlx::query(
+            "UPDATE users SET code_requested_announced = 1 WHERE id = $1 AND code_round = $2",
+        )
+        .bind(id)
+        .bind(round)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Claims mail `key` for sender `owner` until `now_ms + lease_ms`, recording the mail (as
+    /// pending, with `message_id`) if it is new. A lease that ran out is taken over: its
+    /// sender stopped before committing, so its message never ended.
     pub async fn claim_mail(
         &self,
-        user_id: &str,
-        kind: &str,
+        key: &MailKey<'_>,
         message_id: &str,
         owner: &str,
         lease_ms: i64,
         now_ms: i64,
     ) -> Result<Claim, UsersError> {
         sqlx::query(
-            "INSERT INTO mail_outbox (user_id, kind, message_id, state, attempts, updated_at_ms) \
-             VALUES ($1, $2, $3, 'pending', 0, $4) ON CONFLICT (user_id, kind) DO NOTHING",
+            "INSERT INTO mail_outbox (user_id, kind, round, message_id, state, attempts, \
+             updated_at_ms) VALUES ($1, $2, $3, $4, 'pending', 0, $5) \
+             ON CONFLICT (user_id, kind, round) DO NOTHING",
         )
-        .bind(user_id)
-        .bind(kind)
+        .bind(key.user_id)
+        .bind(key.kind)
+        .bind(key.round)
         .bind(message_id)
         .bind(now_ms)
         .execute(self.pool())
         .await?;
         let claimed = sqlx::query(
-            "UPDATE mail_outbox SET state = 'sending', owner = $3, lease_until_ms = $4, \
-             attempts = attempts + 1, updated_at_ms = $5 \
-             WHERE user_id = $1 AND kind = $2 \
-             AND (state = 'pending' OR (state = 'sending' AND lease_until_ms < $5))",
+            "UPDATE mail_outbox SET state = 'sending', owner = $4, lease_until_ms = $5, \
+             attempts = attempts + 1, updated_at_ms = $6 \
+             WHERE user_id = $1 AND kind = $2 AND round = $3 \
+             AND (state = 'pending' OR (state = 'sending' AND lease_until_ms < $6))",
         )
-        .bind(user_id)
-        .bind(kind)
+        .bind(key.user_id)
+        .bind(key.kind)
+        .bind(key.round)
         .bind(owner)
         .bind(now_ms + lease_ms)
         .bind(now_ms)
@@ -424,10 +516,12 @@ impl Users {
             return Ok(Claim::Claimed);
         }
         let r = sqlx::query(
-            "SELECT state, lease_until_ms, error FROM mail_outbox WHERE user_id = $1 AND kind = $2",
+            "SELECT state, lease_until_ms, error FROM mail_outbox \
+             WHERE user_id = $1 AND kind = $2 AND round = $3",
         )
-        .bind(user_id)
-        .bind(kind)
+        .bind(key.user_id)
+        .bind(key.kind)
+        .bind(key.round)
         .fetch_one(self.pool())
         .await?;
         let state: String = r.try_get("state")?;
@@ -446,13 +540,13 @@ impl Users {
     }
 
     /// The decision to send, not yet committed: marks the mail `unconfirmed` (and stores the
-    /// code it carries, sealed, with its expiry) if `owner` still holds its lease. None when the
-    /// lease was lost: the caller must not end the message. The caller commits the decision in
-    /// the same instant as it ends the message (`MailDecision::commit`).
+    /// code it carries, sealed, with its expiry, as the code of the mail's round) if `owner`
+    /// still holds its lease and, for a code, the round is still the user's latest and the user
+    /// pending. None otherwise: the caller must not end the message. The caller commits the
+    /// decision in the same instant as it ends the message (`MailDecision::commit`).
     pub async fn decide_mail(
         &self,
-        user_id: &str,
-        kind: &str,
+        key: &MailKey<'_>,
         owner: &str,
         code: Option<(&str, i64)>,
         now_ms: i64,
@@ -460,13 +554,14 @@ impl Users {
         let mut tx = self.pool().begin().await?;
         let held = sqlx::query(
             "UPDATE mail_outbox SET state = 'unconfirmed', updated_at_ms = $4, sent_at_ms = $4 \
-             WHERE user_id = $1 AND kind = $2 AND owner = $3 AND state = 'sending' \
-             AND lease_until_ms >= $4",
+             WHERE user_id = $1 AND kind = $2 AND round = $5 AND owner = $3 \
+             AND state = 'sending' AND lease_until_ms >= $4",
         )
-        .bind(user_id)
-        .bind(kind)
+        .bind(key.user_id)
+        .bind(key.kind)
         .bind(owner)
         .bind(now_ms)
+        .bind(key.round)
         .execute(&mut *tx)
         .await?
         .rows_affected()
@@ -475,15 +570,21 @@ impl Users {
             return Ok(None);
         }
         if let Some((sealed, expires_at_ms)) = code {
-            sqlx::query(
+            let current = sqlx::query(
                 "UPDATE users SET code_hmac = $2, code_expires_at_ms = $3, code_attempts = 0 \
-                 WHERE id = $1",
+                 WHERE id = $1 AND code_round = $4 AND state = 'pending'",
             )
-            .bind(user_id)
+            .bind(key.user_id)
             .bind(sealed)
             .bind(expires_at_ms)
+            .bind(key.round)
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected()
+                == 1;
+            if !current {
+                return Ok(None);
+            }
         }
         Ok(Some(MailDecision { tx }))
     }
@@ -493,8 +594,7 @@ impl Users {
     /// and a code it carried is withdrawn.
     pub async fn settle_mail(
         &self,
-        user_id: &str,
-        kind: &str,
+        key: &MailKey<'_>,
         refusal: Option<(&str, bool)>,
         now_ms: i64,
     ) -> Result<(), UsersError> {
@@ -506,22 +606,24 @@ impl Users {
         };
         sqlx::query(
             "UPDATE mail_outbox SET state = $3, error = $4, updated_at_ms = $5, sent_at_ms = $6 \
-             WHERE user_id = $1 AND kind = $2",
+             WHERE user_id = $1 AND kind = $2 AND round = $7",
         )
-        .bind(user_id)
-        .bind(kind)
+        .bind(key.user_id)
+        .bind(key.kind)
         .bind(state)
         .bind(error)
         .bind(now_ms)
         .bind(refusal.is_none().then_some(now_ms))
+        .bind(key.round)
         .execute(&mut *tx)
         .await?;
         if refusal.is_some() {
             sqlx::query(
                 "UPDATE users SET code_hmac = NULL, code_expires_at_ms = NULL \
-                 WHERE id = $1 AND state = 'pending'",
+                 WHERE id = $1 AND state = 'pending' AND code_round = $2",
             )
-            .bind(user_id)
+            .bind(key.user_id)
+            .bind(key.round)
             .execute(&mut *tx)
             .await?;
         }
@@ -533,8 +635,7 @@ impl Users {
     /// refused the envelope): `pending`, or `failed` when `permanent`.
     pub async fn release_mail(
         &self,
-        user_id: &str,
-        kind: &str,
+        key: &MailKey<'_>,
         owner: &str,
         error: &str,
         permanent: bool,
@@ -542,14 +643,16 @@ impl Users {
     ) -> Result<(), UsersError> {
         sqlx::query(
             "UPDATE mail_outbox SET state = $4, error = $5, owner = NULL, lease_until_ms = NULL, \
-             updated_at_ms = $6 WHERE user_id = $1 AND kind = $2 AND owner = $3 AND state = 'sending'",
+             updated_at_ms = $6 \
+             WHERE user_id = $1 AND kind = $2 AND round = $7 AND owner = $3 AND state = 'sending'",
         )
-        .bind(user_id)
-        .bind(kind)
+        .bind(key.user_id)
+        .bind(key.kind)
         .bind(owner)
         .bind(if permanent { "failed" } else { "pending" })
         .bind(error)
         .bind(now_ms)
+        .bind(key.round)
         .execute(self.pool())
         .await?;
         Ok(())
@@ -558,8 +661,8 @@ impl Users {
     /// A user's mails.
     pub async fn mails(&self, user_id: &str) -> Result<Vec<MailRow>, UsersError> {
         sqlx::query(
-            "SELECT kind, message_id, state, attempts, error, sent_at_ms FROM mail_outbox \
-             WHERE user_id = $1 ORDER BY kind",
+            "SELECT kind, round, message_id, state, attempts, error, sent_at_ms FROM mail_outbox \
+             WHERE user_id = $1 ORDER BY kind, round",
         )
         .bind(user_id)
         .fetch_all(self.pool())
@@ -568,6 +671,7 @@ impl Users {
         .map(|r| {
             Ok(MailRow {
                 kind: r.try_get("kind")?,
+                round: r.try_get("round")?,
                 message_id: r.try_get("message_id")?,
                 state: MailState::parse(&r.try_get::<String, _>("state")?)?,
                 attempts: r.try_get("attempts")?,
