@@ -1,6 +1,10 @@
-//! The reduce stage's pure core (ch. 12): mergeable partial aggregates and tumbling event-time
-//! windows. No I/O; the stage that uses it owns delivery, state and emission.
+//! The pure cores of coordinated batch processing (ch. 12): the join's barrier, the reduce's
+//! mergeable partial aggregates, and tumbling event-time windows. No I/O; the stages that use
+//! them own delivery, state and emission.
 //!
+//! - [`Barrier`] is one key's join: what it waits for (the branches a pipeline declares, or a
+//!   batch's manifest), what arrived, and the one [`Outcome`] it releases under its
+//!   [`FailurePolicy`] and deadline, the same whatever the order or repeats of arrivals.
 //! - [`Spec`] says what one event contributes ([`Spec::observe`]): a count by key, a sum of a
 //!   field, a histogram of a field over declared buckets, or a weighted histogram (the book's
 //!   family-size histograms merged by population).
@@ -11,10 +15,12 @@
 //! - [`Tumbling`] and [`Watermark`] place events in windows and say when a window is closed and an
 //!   event late.
 
+pub mod barrier;
 pub mod fixed;
 pub mod partial;
 pub mod window;
 
+pub use barrier::{Arrival, Barrier, BarrierError, Expected, FailurePolicy, Outcome, Step};
 pub use fixed::{Fixed, parse_fixed};
 pub use partial::{Partial, Spec};
 pub use window::{Tumbling, Watermark, Window};
