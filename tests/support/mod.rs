@@ -505,6 +505,7 @@ impl TestPlatform {
             object,
             filename: None,
             uploaded_at: "2026-11-24T00:00:00Z".into(),
+            batch: None,
         })
     }
 

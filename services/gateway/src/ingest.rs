@@ -3,7 +3,7 @@
 
 use mediaflow_bus::{Bus, BusError, Publisher};
 use mediaflow_db::{Db, DbError, MediaRow, MediaStatus};
-use mediaflow_events::{MediaKind, MediaUploaded, ObjectRef};
+use mediaflow_events::{BatchItem, MediaKind, MediaUploaded, ObjectRef};
 
 /// Why an object could not be admitted.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +32,7 @@ pub async fn record_and_announce(
     kind: MediaKind,
     object: ObjectRef,
     filename: Option<String>,
+    batch: Option<BatchItem>,
 ) -> Result<MediaUploaded, IngestError> {
     let Intake {
         bus,
@@ -62,6 +63,7 @@ pub async fn record_and_announce(
         uploaded_at: chrono::DateTime::from_timestamp_millis(now)
             .unwrap_or_default()
             .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        batch,
     };
     if let Err(e) = publisher
         .publish(&bus.topics().media_uploaded(), &event)

@@ -4,6 +4,7 @@
 //! and `/metrics`.
 
 pub mod admin;
+pub mod batches;
 mod error;
 pub mod ingest;
 mod sniff;
@@ -23,7 +24,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use mediaflow_bus::{Bus, Publisher};
 use mediaflow_db::{Db, MediaStatus};
-use mediaflow_events::ObjectRef;
+use mediaflow_events::{BatchItem, ObjectRef};
 use mediaflow_store::ObjectStore;
 use mediaflow_telemetry::Metrics;
 use serde::{Deserialize, Serialize};
@@ -150,10 +151,12 @@ impl Gateway {
             .route("/v1/media", post(upload))
             .route("/v1/media/{id}", get(media_status))
             .route("/v1/media/{id}/results/{name}", get(download_result))
+            .route("/v1/batches/{id}/media", post(batch_upload))
             // Raw bodies are limited while they stream (`spool`); this bounds what the multipart
             // parser reads, part headers included.
             .layer(DefaultBodyLimit::max(body_limit))
             .merge(users::routes())
+            .merge(batches::routes())
             .with_state(self)
             .merge(admin)
     }
@@ -172,7 +175,20 @@ pub struct Accepted {
 }
 
 async fn upload(State(gw): State<Gateway>, request: Request) -> Response {
-    let result = accept_upload(&gw, request).await;
+    answer_upload(&gw, request, None).await
+}
+
+/// An upload that takes an item of batch `id`.
+async fn batch_upload(
+    State(gw): State<Gateway>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Response {
+    answer_upload(&gw, request, Some(id)).await
+}
+
+async fn answer_upload(gw: &Gateway, request: Request, batch: Option<String>) -> Response {
+    let result = accept_upload(gw, request, batch).await;
     match result {
         Ok(accepted) => {
             gw.inner.metrics.upload("accepted", accepted.size);
@@ -202,7 +218,25 @@ fn safe_filename(raw: &str) -> Option<String> {
 /// Room for multipart boundaries and part headers around the file.
 const MULTIPART_FRAMING: u64 = 64 * 1024;
 
-async fn accept_upload(gw: &Gateway, request: Request) -> Result<Accepted, ApiError> {
+/// Refuses an upload that cannot take an item of `batch` (by its file name), before its bytes
+/// are read.
+async fn check_batch(
+    gw: &Gateway,
+    batch: Option<&str>,
+    filename: Option<&str>,
+) -> Result<(), ApiError> {
+    let Some(batch) = batch else {
+        return Ok(());
+    };
+    let take = batches::store(gw).check(batch, filename).await?;
+    batches::refusal(take).map_or(Ok(()), Err)
+}
+
+async fn accept_upload(
+    gw: &Gateway,
+    request: Request,
+    batch: Option<String>,
+) -> Result<Accepted, ApiError> {
     let _permit = gw
         .inner
         .uploads
@@ -260,6 +294,7 @@ async fn accept_upload(gw: &Gateway, request: Request) -> Result<Accepted, ApiEr
                 });
             }
             let filename = field.file_name().and_then(safe_filename);
+            check_batch(gw, batch.as_deref(), filename.as_deref()).await?;
             let declared = field.content_type().map(str::to_ascii_lowercase);
             let spooled = spool::spool(&gw.inner.spool_dir, field, limit, memory).await?;
             found = Some((spooled, declared, filename));
@@ -270,6 +305,7 @@ async fn accept_upload(gw: &Gateway, request: Request) -> Result<Accepted, ApiEr
         })?
     } else {
         let filename = filename_from_headers(&headers);
+        check_batch(gw, batch.as_deref(), filename.as_deref()).await?;
         let body = request.into_body().into_data_stream();
         (
             spool::spool(&gw.inner.spool_dir, body, limit, memory).await?,
@@ -295,7 +331,7 @@ async fn accept_upload(gw: &Gateway, request: Request) -> Result<Accepted, ApiEr
     // From here on the upload is committed as one unit: a client that disconnects must not stop
     // it between the row and the event.
     let gw = gw.clone();
-    tokio::spawn(async move { commit_upload(&gw, spooled, format, filename).await })
+    tokio::spawn(async move { commit_upload(&gw, spooled, format, filename, batch).await })
         .await
         .map_err(|e| ApiError::Internal {
             internal: format!("upload task: {e}"),
@@ -308,8 +344,46 @@ async fn commit_upload(
     spooled: spool::Spooled,
     format: Sniffed,
     filename: Option<String>,
+    batch: Option<String>,
 ) -> Result<Accepted, ApiError> {
     let id = uuid::Uuid::now_v7().to_string();
+    // The batch's item is taken before the object is stored, and given back if the upload
+    // fails after: a refused upload leaves nothing behind.
+    let batch = match batch {
+        None => None,
+        Some(batch_id) => {
+            let take = batches::store(gw)
+                .take(&batch_id, filename.as_deref(), &id, Db::now_ms())
+                .await?;
+            if let Some(refused) = batches::refusal(take) {
+                return Err(refused);
+            }
+            let item = match batches::store(gw).batch(&batch_id).await? {
+                Some(b) if b.manifest => filename.clone().unwrap_or_default(),
+                _ => id.clone(),
+            };
+            Some(BatchItem { batch_id, item })
+        }
+    };
+    let stored = store_and_announce(gw, &id, &spooled, &format, filename, batch.clone()).await;
+    if let (Err(_), Some(b)) = (&stored, &batch)
+        && let Err(e) = batches::store(gw).give_back(&b.batch_id, &id).await
+    {
+        tracing::error!(batch = %b.batch_id, media_id = %id, error = %e, "could not give back a failed upload's batch item");
+    }
+    stored
+}
+
+/// Stores upload `id`'s object, records it and announces it.
+async fn store_and_announce(
+    gw: &Gateway,
+    id: &str,
+    spooled: &spool::Spooled,
+    format: &Sniffed,
+    filename: Option<String>,
+    batch: Option<BatchItem>,
+) -> Result<Accepted, ApiError> {
+    let id = id.to_owned();
     let key = format!("uploads/{id}/original.{}", format.extension);
     let store = &gw.inner.store;
     match &spooled.body {
@@ -334,7 +408,16 @@ async fn commit_upload(
         publisher: &inner.publisher,
         stages: &inner.upload_stages,
     };
-    ingest::record_and_announce(&inner.db, &intake, &id, format.kind, object, filename).await?;
+    ingest::record_and_announce(
+        &inner.db,
+        &intake,
+        &id,
+        format.kind,
+        object,
+        filename,
+        batch,
+    )
+    .await?;
     tracing::info!(media_id = %id, kind = %format.kind, size = spooled.size, "upload accepted");
     Ok(Accepted {
         status_url: format!("/v1/media/{id}"),
@@ -343,7 +426,7 @@ async fn commit_upload(
         kind: format.kind.to_string(),
         content_type: format.content_type.to_owned(),
         size: spooled.size,
-        sha256: spooled.sha256,
+        sha256: spooled.sha256.clone(),
     })
 }
 

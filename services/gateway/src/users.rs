@@ -169,8 +169,11 @@ impl From<VerifyError> for ApiError {
     }
 }
 
-/// The JSON body of a request, bounded, as `T`.
-async fn json_body<T: serde::de::DeserializeOwned>(request: Request) -> Result<T, ApiError> {
+/// The JSON body of a request, at most `limit` bytes, as `T`.
+pub(crate) async fn json_body<T: serde::de::DeserializeOwned>(
+    request: Request,
+    limit: usize,
+) -> Result<T, ApiError> {
     let json = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -188,10 +191,10 @@ async fn json_body<T: serde::de::DeserializeOwned>(request: Request) -> Result<T
             detail: "send the body as `Content-Type: application/json`".into(),
         });
     }
-    let bytes = axum::body::to_bytes(request.into_body(), MAX_BODY)
+    let bytes = axum::body::to_bytes(request.into_body(), limit)
         .await
         .map_err(|_| ApiError::TooLarge {
-            limit: MAX_BODY as u64,
+            limit: limit as u64,
         })?;
     serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest {
         detail: format!("the body is not a valid request: {e}"),
@@ -225,7 +228,7 @@ async fn sign_up(State(gw): State<Gateway>, request: Request) -> Response {
 async fn accept_sign_up(gw: &Gateway, request: Request) -> Result<Response, ApiError> {
     let api = api(gw)?;
     let key = idempotency_key(request.headers())?;
-    let body: SignupRequest = json_body(request).await?;
+    let body: SignupRequest = json_body(request, MAX_BODY).await?;
     let id = uuid::Uuid::now_v7().to_string();
     let profile = body
         .profile(&id, &api.config.zones)
@@ -289,7 +292,7 @@ async fn verify(State(gw): State<Gateway>, Path(id): Path<String>, request: Requ
 
 async fn accept_verify(gw: &Gateway, id: &str, request: Request) -> Result<Response, ApiError> {
     let api = api(gw)?;
-    let body: VerifyRequest = json_body(request).await?;
+    let body: VerifyRequest = json_body(request, MAX_BODY).await?;
     let verified = api
         .users
         .verify(

@@ -96,7 +96,7 @@ pub async fn backfill(
             publisher: &publisher,
             stages,
         };
-        record_and_announce(db, &intake, &id, format.kind, object, filename).await?;
+        record_and_announce(db, &intake, &id, format.kind, object, filename, None).await?;
         report.enqueued += 1;
     }
     Ok(report)

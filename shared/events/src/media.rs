@@ -79,6 +79,17 @@ pub struct MediaUploaded {
     pub filename: Option<String>,
     /// RFC 3339 time the upload was accepted.
     pub uploaded_at: String,
+    /// The batch the upload is an item of (`POST /v1/batches/{id}/media`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<BatchItem>,
+}
+
+/// An upload's place in a batch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchItem {
+    pub batch_id: String,
+    /// The item's name: its manifest name, or (a batch declared by its count) the media id.
+    pub item: String,
 }
 
 impl EventData for MediaUploaded {
@@ -207,6 +218,10 @@ pub(crate) mod tests {
             object: object("uploads/0190c0de-0000-7000-8000-000000000001/original.jpg"),
             filename: Some("cat.jpg".into()),
             uploaded_at: "2026-11-23T12:00:00Z".into(),
+            batch: Some(BatchItem {
+                batch_id: "0190c0de-0000-7000-8000-0000000000b1".into(),
+                item: "cat.jpg".into(),
+            }),
         }
     }
 

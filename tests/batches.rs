@@ -1,0 +1,183 @@
+//! Batches (ch. 12) through the API on the real broker, S3 server and database: a manifest batch
+//! takes each of its names once, a count batch takes as many uploads as it expects, refusals
+//! come before anything is stored, uploads announce their batch item, and the batch shows its
+//! items' progress per stage.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use serde_json::{Value, json};
+use support::{Backend, TestPlatform, fixtures};
+
+async fn create(tp: &TestPlatform, body: Value) -> Result<(u16, Value)> {
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/batches", tp.base))
+        .json(&body)
+        .send()
+        .await?;
+    Ok((r.status().as_u16(), r.json().await?))
+}
+
+/// Uploads fixture `file` raw into batch `batch`, named `name` (or unnamed).
+async fn upload(
+    tp: &TestPlatform,
+    batch: &str,
+    file: &str,
+    name: Option<&str>,
+) -> Result<(u16, Value)> {
+    let mut request = reqwest::Client::new()
+        .post(format!("{}/v1/batches/{batch}/media", tp.base))
+        .body(std::fs::read(fixtures().join(file))?);
+    if let Some(name) = name {
+        request = request.header("x-filename", name);
+    }
+    let r = request.send().await?;
+    Ok((r.status().as_u16(), r.json().await?))
+}
+
+async fn media_rows(tp: &TestPlatform) -> Result<i64> {
+    let db = mediaflow_db::Db::connect(&tp.config.database_url(), 1).await?;
+    let r = sqlx::query("SELECT COUNT(*) AS n FROM media")
+        .fetch_one(db.pool())
+        .await?;
+    Ok(sqlx::Row::try_get(&r, "n")?)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn batches_take_their_items_once_and_show_progress_per_stage() -> Result<()> {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        batch_scenario(backend).await?;
+    }
+    Ok(())
+}
+
+async fn batch_scenario(backend: Backend) -> Result<()> {
+    let tp = TestPlatform::start(backend).await?;
+    let (status, body) = create(
+        &tp,
+        json!({"name": "x", "expected_items": 2, "manifest": ["a"]}),
+    )
+    .await?;
+    ensure!(
+        status == 422 && body["code"] == "invalid-batch",
+        "{status} {body}"
+    );
+
+    let (status, batch) = create(
+        &tp,
+        json!({"name": "holiday", "manifest": ["rocket.jpg", "coffee.png", "astronaut.png"],
+               "failure_policy": "complete-partial"}),
+    )
+    .await?;
+    ensure!(
+        status == 201 && batch["state"] == "open" && batch["expected_items"] == 3,
+        "{batch}"
+    );
+    let id = batch["id"].as_str().context("id")?.to_owned();
+
+    let (status, first) = upload(&tp, &id, "rocket.jpg", Some("rocket.jpg")).await?;
+    ensure!(status == 202, "{status} {first}");
+    let before = media_rows(&tp).await?;
+    for (file, name, want, code) in [
+        ("rocket.jpg", Some("rocket.jpg"), 409, "item-taken"),
+        ("rocket.jpg", Some("other.jpg"), 422, "not-in-manifest"),
+        ("rocket.jpg", None, 422, "item-name-needed"),
+    ] {
+        let (status, body) = upload(&tp, &id, file, name).await?;
+        ensure!(
+            status == want && body["code"] == code,
+            "{name:?}: {status} {body}"
+        );
+    }
+    let (status, _) = upload(
+        &tp,
+        "0190c0de-0000-7000-8000-000000000000",
+        "rocket.jpg",
+        Some("a.jpg"),
+    )
+    .await?;
+    ensure!(status == 404, "unknown batch: {status}");
+    ensure!(
+        media_rows(&tp).await? == before,
+        "a refused upload left a media row"
+    );
+    for name in ["coffee.png", "astronaut.png"] {
+        let (status, body) = upload(&tp, &id, name, Some(name)).await?;
+        ensure!(status == 202, "{name}: {status} {body}");
+    }
+
+    // Count batches: as many uploads as expected, items named by media id.
+    let (_, counted) = create(&tp, json!({"name": "two", "expected_items": 2})).await?;
+    let counted_id = counted["id"].as_str().context("id")?.to_owned();
+    for n in 0..3 {
+        let (status, body) = upload(&tp, &counted_id, "chelsea.png", None).await?;
+        let want = if n < 2 { 202 } else { 409 };
+        ensure!(status == want, "upload {n}: {status} {body}");
+        if n == 2 {
+            ensure!(body["code"] == "batch-full", "{body}");
+        }
+    }
+
+    // Each upload announced its batch item.
+    let events = tp.events("media.uploaded").await?;
+    let mut items: Vec<(String, String)> = Vec::new();
+    for e in &events {
+        let data = mediaflow_events::data_json(e)?;
+        mediaflow_events::schema::validate("mediaflow.media.uploaded", &data)
+            .map_err(anyhow::Error::msg)?;
+        if data["batch"]["batch_id"] == id.as_str() {
+            items.push((
+                data["batch"]["item"].as_str().unwrap_or("").to_owned(),
+                data["filename"].as_str().unwrap_or("").to_owned(),
+            ));
+        }
+    }
+    items.sort();
+    ensure!(
+        items
+            == [
+                ("astronaut.png".into(), "astronaut.png".into()),
+                ("coffee.png".into(), "coffee.png".into()),
+                ("rocket.jpg".into(), "rocket.jpg".into())
+            ],
+        "{items:?}"
+    );
+
+    // Progress: every item done, by media status and per stage.
+    let start = Instant::now();
+    let shown = loop {
+        let shown: Value = reqwest::get(format!("{}/v1/batches/{id}", tp.base))
+            .await?
+            .json()
+            .await?;
+        if shown["progress"]["items"]["done"] == 3 {
+            break shown;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(120),
+            "batch not done: {shown}"
+        );
+        // Polling the API.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    ensure!(
+        shown["uploaded"] == 3 && shown["state"] == "open",
+        "{shown}"
+    );
+    let stages = shown["progress"]["stages"].as_array().context("stages")?;
+    ensure!(
+        stages
+            .iter()
+            .any(|s| s["stage"] == "image-worker" && s["items"]["done"] == 3),
+        "{shown}"
+    );
+    let r = reqwest::get(format!(
+        "{}/v1/batches/0190c0de-0000-7000-8000-000000000000",
+        tp.base
+    ))
+    .await?;
+    ensure!(r.status() == 404);
+    tp.stop().await
+}
