@@ -181,3 +181,56 @@ async fn batch_scenario(backend: Backend) -> Result<()> {
     ensure!(r.status() == 404);
     tp.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_uploads_a_folder_as_a_batch_and_follows_it() -> Result<()> {
+    let tp = TestPlatform::start(Backend::Sqlite).await?;
+    let folder = tempfile::tempdir()?;
+    for name in ["rocket.jpg", "coffee.png", "astronaut.png"] {
+        std::fs::copy(fixtures().join(name), folder.path().join(name))?;
+    }
+    std::fs::write(folder.path().join(".hidden"), b"not an item")?;
+    let out = tokio::process::Command::new(support::mediaflow_bin())
+        .args(["batch", "upload"])
+        .arg(folder.path())
+        .args(["--name", "from the cli", "--url", &tp.base, "--wait", "120"])
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "{stdout}\n{stderr}");
+    ensure!(
+        stdout.contains("(from the cli): 3 of 3 items uploaded") && stdout.contains("done 3"),
+        "{stdout}"
+    );
+    ensure!(stderr.contains("uploaded 3 of 3 files"), "{stderr}");
+    let id = stdout
+        .split_whitespace()
+        .nth(1)
+        .context("the batch id")?
+        .to_owned();
+    let shown: Value = reqwest::get(format!("{}/v1/batches/{id}", tp.base))
+        .await?
+        .json()
+        .await?;
+    ensure!(
+        shown["manifest"] == true && shown["expected_items"] == 3,
+        "{shown}"
+    );
+
+    // A folder with a name that cannot be an item is refused before anything is declared.
+    std::fs::write(folder.path().join(" padded.jpg"), b"x")?;
+    let out = tokio::process::Command::new(support::mediaflow_bin())
+        .args(["batch", "upload"])
+        .arg(folder.path())
+        .args(["--url", &tp.base])
+        .output()
+        .await?;
+    ensure!(!out.status.success());
+    ensure!(
+        String::from_utf8_lossy(&out.stderr).contains("padded.jpg"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    tp.stop().await
+}

@@ -3,6 +3,7 @@
 //! `Platform::start`, so tests exercise exactly what users run.
 
 pub mod backfill;
+pub mod batch;
 pub mod config;
 pub mod dlq;
 pub mod http_source;

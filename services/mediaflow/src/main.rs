@@ -78,8 +78,38 @@ enum Command {
         #[arg(long)]
         show: Option<String>,
     },
+    /// Batches: a folder's files as one batch.
+    Batch {
+        #[command(subcommand)]
+        command: BatchCommand,
+    },
     /// Print the effective configuration as TOML.
     Config,
+}
+
+#[derive(Subcommand)]
+enum BatchCommand {
+    /// Declare a batch whose manifest is the folder's files, upload them with a progress bar,
+    /// and print the batch.
+    Upload {
+        /// The folder; its regular, non-hidden files are the batch's items.
+        folder: PathBuf,
+        /// The batch's name (the folder's name when not given).
+        #[arg(long)]
+        name: Option<String>,
+        /// What a failed item does to the batch.
+        #[arg(long, default_value = "fail-batch", value_parser = ["fail-batch", "complete-partial"])]
+        failure_policy: String,
+        /// Uploads in flight at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Follow the batch until every item is done or failed (up to this many seconds).
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "3600")]
+        wait: Option<u64>,
+        /// The gateway (default: the running `mediaflow up`'s, else `gateway.listen`).
+        #[arg(long)]
+        url: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -373,6 +403,29 @@ async fn run(command: Command, config: MediaflowConfig) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Batch {
+            command:
+                BatchCommand::Upload {
+                    folder,
+                    name,
+                    failure_policy,
+                    concurrency,
+                    wait,
+                    url,
+                },
+        } => {
+            let job = mediaflow::batch::FolderUpload {
+                base: gateway_base(&config, url),
+                dir: folder,
+                name,
+                failure_policy,
+                concurrency,
+                wait: wait.map(Duration::from_secs),
+            };
+            let batch = mediaflow::batch::upload_folder(&job).await?;
+            print!("{}", mediaflow::batch::summary(&batch));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Mail { show } => {
             let dir = config.data_dir.join("mail");
             let mails = mediaflow_embedded::read_maildir(&dir)?;
@@ -411,6 +464,24 @@ async fn run(command: Command, config: MediaflowConfig) -> Result<ExitCode> {
 
 /// With embedded infrastructure configured, `run` and `tail` join the platform that `up` started
 /// on this data folder, reading its endpoints file.
+/// Where the gateway answers: `url`, else the running `mediaflow up`'s, else `gateway.listen`.
+fn gateway_base(config: &MediaflowConfig, url: Option<String>) -> String {
+    if let Some(url) = url {
+        return url.trim_end_matches('/').to_owned();
+    }
+    let running = std::fs::read_to_string(Endpoints::file(&config.data_dir))
+        .ok()
+        .and_then(|text| serde_json::from_str::<Endpoints>(&text).ok());
+    if let Some(endpoints) = running {
+        return endpoints.gateway;
+    }
+    let mut listen = config.gateway.listen;
+    if listen.ip().is_unspecified() {
+        listen.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    format!("http://{listen}")
+}
+
 fn adopt_running_platform(config: &mut MediaflowConfig) -> Result<()> {
     let file = Endpoints::file(&config.data_dir);
     let text = std::fs::read_to_string(&file).with_context(|| {
