@@ -19,7 +19,9 @@ use lettre::{Address, Message};
 use mediaflow_events::UserProfile;
 use mediaflow_runtime::{Handler, Output, StageError};
 use mediaflow_telemetry::Metrics;
-use mediaflow_users::{Claim, CodeKey, MailKey, UserState, Users, VerificationCode, now_ms};
+use mediaflow_users::{
+    Claim, CodeKey, CommitPath, MailKey, UserState, Users, VerificationCode, now_ms,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -469,13 +471,16 @@ impl SendMail {
                     .unsent(&key, StageError::transient(format!("{relay}: {why}")))
                     .await;
             }
-            // The COMMIT goes out in the commit's first poll and the held message right after
-            // it in the same poll, two writes with nothing between them: a sender killed
-            // leaves both (the mail is recorded and sent) or neither (the relay never saw the
-            // end of the message, and the lease lets the next delivery send it). Only a kill
-            // in between, while the process is descheduled between two system calls, loses
-            // the mail (README, "Exactly one mail").
+            // On PostgreSQL the COMMIT leaves in the commit's first poll and the held message
+            // right after it in the same poll, two writes with nothing between them: a sender
+            // killed leaves both (the mail is recorded and sent) or neither (the relay never
+            // saw the end of the message, and the lease lets the next delivery send it). Only
+            // a kill in between, while the process is descheduled between two system calls,
+            // loses the mail (README, "Exactly one mail"). SQLite commits on a thread of its
+            // own, so there the message waits for the commit to return: a kill in between
+            // loses the mail rather than sends it twice.
             let held = gate.held();
+            let server = decision.path() == CommitPath::Server;
             let mut commit = std::pin::pin!(decision.commit());
             let (mut committed, mut answered, mut released) = (None, None, false);
             std::future::poll_fn(|cx| {
@@ -485,9 +490,11 @@ impl SendMail {
                     committed = Some(r);
                 }
                 if !released {
-                    if matches!(committed, Some(Err(_))) {
-                        // Failed at once: the message stays held and is never sent.
-                        return Poll::Ready(());
+                    match &committed {
+                        // Failed: the message stays held and is never sent.
+                        Some(Err(_)) => return Poll::Ready(()),
+                        None if !server => return Poll::Pending,
+                        _ => {}
                     }
                     gate.release();
                     released = true;
@@ -507,7 +514,7 @@ impl SendMail {
             tracing::debug!(user = %user.user_id, bytes = held, released, "message ended");
             match (committed, answered) {
                 (Some(committed), Some(answered)) => Ok((committed, answered)),
-                // The commit failed at once: the message was never released.
+                // The commit failed before the release: the message never left.
                 (Some(Err(e)), None) => Err(e),
                 _ => unreachable!("polled until both ended, or the commit failed at once"),
             }

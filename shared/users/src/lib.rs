@@ -9,8 +9,8 @@ pub mod store;
 pub use code::{CodeKey, VerificationCode};
 pub use signup::{SignupError, SignupRequest};
 pub use store::{
-    Claim, CodeRequest, Created, MailDecision, MailKey, MailRow, MailState, RegistrationRow,
-    UserRow, UserState, Users, UsersError, VerifyError,
+    Claim, CodeRequest, CommitPath, Created, MailDecision, MailKey, MailRow, MailState,
+    RegistrationRow, UserRow, UserState, Users, UsersError, VerifyError,
 };
 
 use serde::{Deserialize, Serialize};

@@ -191,6 +191,16 @@ pub struct MailDecision {
     tx: sqlx::Transaction<'static, sqlx::Any>,
 }
 
+/// Where a decision's COMMIT is decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommitPath {
+    /// A server (PostgreSQL): the COMMIT leaves the process in the commit's first poll, and the
+    /// server commits it whatever the process does next.
+    Server,
+    /// In the process (SQLite, on a thread of sqlx's): committed when the commit returns.
+    InProcess,
+}
+
 impl std::fmt::Debug for MailDecision {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("MailDecision(..)")
@@ -198,6 +208,15 @@ impl std::fmt::Debug for MailDecision {
 }
 
 impl MailDecision {
+    pub fn path(&self) -> CommitPath {
+        // The transaction derefs to its connection.
+        if (*self.tx).backend_name() == "PostgreSQL" {
+            CommitPath::Server
+        } else {
+            CommitPath::InProcess
+        }
+    }
+
     pub async fn commit(self) -> Result<(), UsersError> {
         self.tx.commit().await?;
         Ok(())
