@@ -352,16 +352,14 @@ async fn commit_upload(
     let batch = match batch {
         None => None,
         Some(batch_id) => {
-            let take = batches::store(gw)
+            let item = batches::store(gw)
                 .take(&batch_id, filename.as_deref(), &id, Db::now_ms())
-                .await?;
-            if let Some(refused) = batches::refusal(take) {
-                return Err(refused);
-            }
-            let item = match batches::store(gw).batch(&batch_id).await? {
-                Some(b) if b.manifest => filename.clone().unwrap_or_default(),
-                _ => id.clone(),
-            };
+                .await?
+                .map_err(|refused| {
+                    batches::refusal(refused).unwrap_or(ApiError::Internal {
+                        internal: format!("batch {batch_id}: an item refused without a reason"),
+                    })
+                })?;
             Some(BatchItem { batch_id, item })
         }
     };

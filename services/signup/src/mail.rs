@@ -210,10 +210,21 @@ pub struct Relay {
     config: MailConfig,
     from: Mailbox,
     hello: ClientId,
-    /// The certificates of `ca_file`.
-    extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
     /// For `tls = "tls"`: the TLS client set up once.
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// For `tls = "starttls"`: lettre's TLS parameters, set up once (the system's roots are
+    /// read then, not on every mail).
+    starttls: Option<Starttls>,
+}
+
+/// lettre's TLS parameters, which do not say what they are.
+#[derive(Clone)]
+struct Starttls(TlsParameters);
+
+impl std::fmt::Debug for Starttls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Starttls(..)")
+    }
 }
 
 impl Relay {
@@ -238,12 +249,29 @@ impl Relay {
             TlsMode::Tls => Some(Arc::new(wire::tls_config(&extra_roots)?)),
             TlsMode::None | TlsMode::Starttls => None,
         };
+        let starttls = match config.tls {
+            TlsMode::Starttls => {
+                let mut params = TlsParameters::builder(config.host.clone());
+                for cert in &extra_roots {
+                    params = params.add_root_certificate(
+                        Certificate::from_der(cert.to_vec())
+                            .map_err(|e| format!("mail.ca_file: {e}"))?,
+                    );
+                }
+                Some(Starttls(
+                    params
+                        .build()
+                        .map_err(|e| format!("mail TLS set-up: {e}"))?,
+                ))
+            }
+            TlsMode::None | TlsMode::Tls => None,
+        };
         Ok(Self {
             config,
             from,
             hello,
-            extra_roots,
             tls,
+            starttls,
         })
     }
 
@@ -261,18 +289,8 @@ impl Relay {
         let mut conn = AsyncSmtpConnection::connect_with_transport(Box::new(wire), &self.hello)
             .await
             .map_err(|e| Failed::Relay(format!("greeting and EHLO: {e}")))?;
-        if c.tls == TlsMode::Starttls {
-            let mut tls = TlsParameters::builder(c.host.clone());
-            for cert in &self.extra_roots {
-                tls = tls.add_root_certificate(
-                    Certificate::from_der(cert.to_vec())
-                        .map_err(|e| Failed::Relay(format!("mail.ca_file: {e}")))?,
-                );
-            }
-            let tls = tls
-                .build()
-                .map_err(|e| Failed::Relay(format!("TLS set-up: {e}")))?;
-            conn.starttls(tls, &self.hello)
+        if let Some(Starttls(tls)) = &self.starttls {
+            conn.starttls(tls.clone(), &self.hello)
                 .await
                 .map_err(|e| Failed::Relay(format!("STARTTLS: {e}")))?;
         }

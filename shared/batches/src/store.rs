@@ -44,7 +44,7 @@ pub struct BatchRow {
 /// What an upload's attempt to take an item found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Take {
-    /// The item is the upload's.
+    /// (`check`) An item is free for the upload; `take` answers with the item instead.
     Taken,
     UnknownBatch,
     /// The batch no longer takes uploads.
@@ -197,27 +197,28 @@ impl Batches {
 
     /// Gives upload `media_id` an item of batch `id`: the manifest's `name`, or (a count batch)
     /// a new item named by the media id. One conditional statement decides, so concurrent
-    /// uploads cannot overfill a batch or take one name twice.
+    /// uploads cannot overfill a batch or take one name twice. The item's name when taken
+    /// (`Ok`), else why not.
     pub async fn take(
         &self,
         id: &str,
         name: Option<&str>,
         media_id: &str,
         now_ms: i64,
-    ) -> Result<Take, BatchesError> {
+    ) -> Result<Result<String, Take>, BatchesError> {
         // Whether the batch has a manifest never changes: read it first, so that each
         // transaction below starts with its write (SQLite cannot upgrade a reader that others
         // wrote past).
         let Some(batch) = self.batch(id).await? else {
-            return Ok(Take::UnknownBatch);
+            return Ok(Err(Take::UnknownBatch));
         };
         if batch.state != "open" {
-            return Ok(Take::Closed);
+            return Ok(Err(Take::Closed));
         }
         let mut tx = self.pool().begin().await?;
         let taken = if batch.manifest {
             let Some(name) = name else {
-                return Ok(Take::NameNeeded);
+                return Ok(Err(Take::NameNeeded));
             };
             let took = sqlx::query(
                 "UPDATE batch_items SET media_id = $3, added_at_ms = $4 \
@@ -236,7 +237,7 @@ impl Batches {
                     .bind(id)
                     .execute(&mut *tx)
                     .await?;
-                Take::Taken
+                Ok(name.to_owned())
             } else {
                 let listed = sqlx::query(
                     "SELECT 1 AS one FROM batch_items WHERE batch_id = $1 AND name = $2",
@@ -246,11 +247,11 @@ impl Batches {
                 .fetch_optional(&mut *tx)
                 .await?
                 .is_some();
-                if listed {
+                Err(if listed {
                     Take::AlreadyTaken
                 } else {
                     Take::NotInManifest
-                }
+                })
             }
         } else {
             let room = sqlx::query(
@@ -272,12 +273,12 @@ impl Batches {
                 .bind(now_ms)
                 .execute(&mut *tx)
                 .await?;
-                Take::Taken
+                Ok(media_id.to_owned())
             } else {
-                Take::Full
+                Err(Take::Full)
             }
         };
-        if taken == Take::Taken {
+        if taken.is_ok() {
             tx.commit().await?;
         }
         Ok(taken)
@@ -384,13 +385,18 @@ mod tests {
         .unwrap();
         let takes = (0..10).map(|n| {
             let b = b.clone();
-            tokio::spawn(async move { b.take("c", None, &format!("m{n}"), 2).await.unwrap() })
+            tokio::spawn(async move {
+                b.take("c", Some("ignored"), &format!("m{n}"), 2)
+                    .await
+                    .unwrap()
+            })
         });
         let mut taken = 0;
         for t in takes {
             match t.await.unwrap() {
-                Take::Taken => taken += 1,
-                Take::Full => {}
+                // A count batch's item is named by the media id, whatever the file's name.
+                Ok(item) if item.starts_with('m') => taken += 1,
+                Err(Take::Full) => {}
                 other => panic!("{other:?}"),
             }
         }
@@ -427,23 +433,20 @@ mod tests {
         for r in racers {
             results.push(r.await.unwrap());
         }
-        assert_eq!(
-            results.iter().filter(|t| **t == Take::Taken).count(),
-            1,
-            "{results:?}"
-        );
+        let won: Vec<_> = results.iter().filter_map(|t| t.as_ref().ok()).collect();
+        assert_eq!(won, ["a.jpg"], "{results:?}");
         assert!(
             results
                 .iter()
-                .all(|t| matches!(t, Take::Taken | Take::AlreadyTaken))
+                .all(|t| matches!(t, Ok(_) | Err(Take::AlreadyTaken)))
         );
         assert_eq!(
             b.take("m", Some("z.jpg"), "y", 4).await.unwrap(),
-            Take::NotInManifest
+            Err(Take::NotInManifest)
         );
         assert_eq!(
             b.take("nope", None, "y", 4).await.unwrap(),
-            Take::UnknownBatch
+            Err(Take::UnknownBatch)
         );
         let row = b.batch("m").await.unwrap().unwrap();
         assert_eq!(
