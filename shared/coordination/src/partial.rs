@@ -1,6 +1,7 @@
 //! What an event contributes to an aggregate ([`Spec::observe`]) and how contributions merge
 //! ([`Partial::merge`]).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -14,7 +15,8 @@ use crate::fixed::{Fixed, MAX_SCALE, parse_fixed};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Spec {
-    /// Counts by key. The field holds a string (one for that key), an array of strings (one for
+    /// Counts by key. The field (`*` matches every element of an array: `/colours/*/name`)
+    /// holds a string (one for that key), an array of strings (one for
     /// each), or an object of key to count (`{"face": 2, "plate": 1}`) added as it is.
     Count { field: String },
     /// The sum of a number, and how many numbers.
@@ -157,7 +159,7 @@ impl Spec {
                         .ok_or_else(|| AggregateError::Overflow(format!("count of `{key}`")))?;
                     Ok::<_, AggregateError>(())
                 };
-                match at(data, field)? {
+                match &*at(data, field)? {
                     Value::String(key) => add(counts, key, 1)?,
                     Value::Array(keys) => {
                         for key in keys {
@@ -195,7 +197,8 @@ impl Spec {
                 },
                 Partial::Weighted { mass, weight, .. },
             ) => {
-                let given = at(data, fractions)?
+                let given = at(data, fractions)?;
+                let given = given
                     .as_array()
                     .ok_or_else(|| wrong(fractions, "an array of fractions"))?;
                 if given.len() != mass.len() {
@@ -229,11 +232,35 @@ impl Spec {
     }
 }
 
-fn at<'v>(data: &'v Value, field: &str) -> Result<&'v Value, AggregateError> {
-    data.pointer(field).ok_or_else(|| AggregateError::Field {
+/// The value at `field`, a JSON pointer in which a `*` segment stands for every element of an
+/// array: `/tags/colours/*/name` is the array of the colours' names (elements without the rest
+/// of the path are left out).
+fn at<'v>(data: &'v Value, field: &str) -> Result<Cow<'v, Value>, AggregateError> {
+    select(data, field).ok_or_else(|| AggregateError::Field {
         field: field.to_owned(),
         problem: "missing".into(),
     })
+}
+
+fn select<'v>(data: &'v Value, field: &str) -> Option<Cow<'v, Value>> {
+    let Some((head, rest)) = field.split_once("/*") else {
+        return data.pointer(field).map(Cow::Borrowed);
+    };
+    if !(rest.is_empty() || rest.starts_with('/')) {
+        // `*` inside a segment's name (`/a*b`): a plain key.
+        return data.pointer(field).map(Cow::Borrowed);
+    }
+    let items = data.pointer(head)?.as_array()?;
+    let deeper = rest.contains("/*");
+    let mut out = Vec::new();
+    for item in items {
+        match select(item, rest).map(Cow::into_owned) {
+            Some(Value::Array(inner)) if deeper => out.extend(inner),
+            Some(v) => out.push(v),
+            None => {}
+        }
+    }
+    Some(Cow::Owned(Value::Array(out)))
 }
 
 fn wrong(field: &str, wanted: &str) -> AggregateError {
@@ -244,7 +271,8 @@ fn wrong(field: &str, wanted: &str) -> AggregateError {
 }
 
 fn number(data: &Value, field: &str, scale: u32) -> Result<i128, AggregateError> {
-    let n = at(data, field)?
+    let n = at(data, field)?;
+    let n = n
         .as_number()
         .ok_or_else(|| wrong(field, "a number"))?;
     parse_fixed(n, scale).map_err(|e| AggregateError::Field {
@@ -493,6 +521,31 @@ mod tests {
         let err = s.observe(&json!({"objects": 3})).unwrap_err();
         assert!(err.to_string().contains("/objects"), "{err}");
         let err = s.observe(&json!({"other": 1})).unwrap_err();
+        assert!(err.to_string().contains("missing"), "{err}");
+    }
+
+    #[test]
+    fn a_star_in_the_field_takes_every_element_of_an_array() {
+        let s = spec(json!({"op": "count", "field": "/tags/colours/*/name"}));
+        let acc = reduce(
+            &s,
+            &[
+                json!({"tags": {"colours": [{"name": "red", "share": 0.5}, {"name": "blue"}]}}),
+                json!({"tags": {"colours": [{"name": "red"}, {"hex": "#000"}]}}),
+                json!({"tags": {"colours": []}}),
+            ],
+        );
+        assert_eq!(acc.report(), json!({"blue": 1, "red": 2}));
+        let nested = spec(json!({"op": "count", "field": "/images/*/boxes/*/label"}));
+        let acc = reduce(
+            &nested,
+            &[json!({"images": [
+                {"boxes": [{"label": "face"}, {"label": "plate"}]},
+                {"boxes": [{"label": "face"}]}
+            ]})],
+        );
+        assert_eq!(acc.report(), json!({"face": 2, "plate": 1}));
+        let err = s.observe(&json!({"tags": {"colours": "red"}})).unwrap_err();
         assert!(err.to_string().contains("missing"), "{err}");
     }
 
