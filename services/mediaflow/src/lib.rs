@@ -5,6 +5,7 @@
 pub mod backfill;
 pub mod batch;
 pub mod config;
+pub mod coordinated;
 pub mod dlq;
 pub mod http_source;
 mod platform;

@@ -96,8 +96,8 @@ impl std::fmt::Debug for Registry {
 
 impl Default for Registry {
     /// Every kind the platform ships: copier, filter, splitter, sharder, merger, image, video,
-    /// exec, chain (with the shipped workers), and the sign-up flow's mail, webhook, register
-    /// and sms.
+    /// exec, chain (with the shipped workers), the sign-up flow's mail, webhook, register
+    /// and sms, and the coordinated join and reduce.
     fn default() -> Self {
         let empty = Self {
             kinds: BTreeMap::new(),
@@ -114,6 +114,8 @@ impl Default for Registry {
             .with(crate::signup::WebhookKind)
             .with(crate::signup::RegisterKind)
             .with(crate::signup::SmsKind)
+            .with(crate::coordinated::JoinKind)
+            .with(crate::coordinated::ReduceKind)
     }
 }
 
@@ -166,6 +168,29 @@ fn media_check<T: serde::de::DeserializeOwned>(
         },
     };
     out_only(stage, problem)
+}
+
+/// A declaration's settings of type `T`, checked by `check`, and the ports `needed` gives
+/// for them (no others allowed).
+pub(crate) fn declared<T: serde::de::DeserializeOwned>(
+    stage: &StageDecl,
+    check: impl FnOnce(&T) -> Result<(), String>,
+    needed: impl FnOnce(&T) -> Vec<String>,
+) -> Vec<Problem> {
+    match settings::<T>(stage) {
+        Err(p) => vec![p],
+        Ok(c) => check(&c)
+            .err()
+            .map(|e| {
+                Problem::at(
+                    stage.config_at(),
+                    format!("stage `{}`: {e}", stage.name.value),
+                )
+            })
+            .into_iter()
+            .chain(ports(stage, &needed(&c), false))
+            .collect(),
+    }
 }
 
 /// A linking kind of ch. 11; `LinkingKinds` checks its declaration.

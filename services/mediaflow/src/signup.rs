@@ -6,18 +6,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use mediaflow_pipeline::kinds::{ports, settings};
 use mediaflow_pipeline::{Problem, StageDecl};
 use mediaflow_signup::{
     MailStageConfig, Register, RegisterConfig, Relay, SendMail, Sms, SmsConfig, Templates, Webhook,
     WebhookConfig,
 };
 use mediaflow_users::{CodeKey, Users};
-use serde::de::DeserializeOwned;
 
 use crate::MediaflowConfig;
 use crate::platform::StageSpec;
-use crate::registry::{BuildContext, Built, Kind};
+use crate::registry::{BuildContext, Built, Kind, declared};
 
 /// The key of `signup.code_key`, or the one kept in `<data_dir>/signup-code.key` (made on
 /// first use) when that is empty.
@@ -41,29 +39,6 @@ pub fn code_key(config: &MediaflowConfig) -> Result<CodeKey> {
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     CodeKey::from_base64(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
-}
-
-/// A declaration's settings of type `T`, checked by `check`, and the ports `needed` gives
-/// for them (no others allowed).
-fn declared<T: DeserializeOwned>(
-    stage: &StageDecl,
-    check: impl FnOnce(&T) -> Result<(), String>,
-    needed: impl FnOnce(&T) -> Vec<String>,
-) -> Vec<Problem> {
-    match settings::<T>(stage) {
-        Err(p) => vec![p],
-        Ok(c) => check(&c)
-            .err()
-            .map(|e| {
-                Problem::at(
-                    stage.config_at(),
-                    format!("stage `{}`: {e}", stage.name.value),
-                )
-            })
-            .into_iter()
-            .chain(ports(stage, &needed(&c), false))
-            .collect(),
-    }
 }
 
 fn out() -> Vec<String> {

@@ -162,10 +162,11 @@ impl Consumer {
     }
 
     /// A consumer outside any group, reading `partitions` of `topic` from their beginning.
+    /// A consumer outside any group reading `partitions` of `topic`, each from its offset.
     pub(crate) fn reader(
         mut cfg: ClientConfig,
         topic: &str,
-        partitions: &[i32],
+        partitions: &[(i32, Offset)],
     ) -> Result<Self, BusError> {
         let group = format!("mediaflow-reader-{}", uuid::Uuid::new_v4());
         cfg.set("group.id", &group)
@@ -175,8 +176,8 @@ impl Consumer {
             .create_with_context(Hooks { listener: None })
             .map_err(BusError::Client)?;
         let mut tpl = TopicPartitionList::new();
-        for &p in partitions {
-            tpl.add_partition_offset(topic, p, Offset::Beginning)
+        for &(p, from) in partitions {
+            tpl.add_partition_offset(topic, p, from)
                 .map_err(BusError::Client)?;
         }
         inner.assign(&tpl).map_err(BusError::Client)?;

@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use logs::Quiet;
 use mediaflow_events::{TopicSpec, Topics};
-use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::{ClientConfig, Offset};
 
 /// A handle to the Kafka cluster mediaflow runs on.
 #[derive(Clone)]
@@ -142,7 +142,8 @@ impl Bus {
         if pending.is_empty() {
             return Ok(out);
         }
-        let partitions: Vec<i32> = pending.keys().copied().collect();
+        let partitions: Vec<(i32, Offset)> =
+            pending.keys().map(|&p| (p, Offset::Beginning)).collect();
         let reader = Consumer::reader(self.client_config(), topic, &partitions)?;
         while !pending.is_empty() {
             let delivery = tokio::time::timeout(timeout, reader.recv())
@@ -159,6 +160,76 @@ impl Bus {
         }
         out.sort_by_key(|d| (d.partition, d.offset));
         Ok(out)
+    }
+
+    /// How many partitions `topic` has.
+    pub async fn partition_count(&self, topic: &str) -> Result<i32, BusError> {
+        let marks = self.watermarks(topic).await?;
+        match marks.len() {
+            0 => Err(BusError::Internal(format!(
+                "topic {topic} has no partitions"
+            ))),
+            n => Ok(n as i32),
+        }
+    }
+
+    /// The offset the next message on `partition` of `topic` will get (its high watermark).
+    pub async fn end_offset(&self, topic: &str, partition: i32) -> Result<i64, BusError> {
+        self.watermarks(topic)
+            .await?
+            .into_iter()
+            .find(|&(p, _, _)| p == partition)
+            .map(|(_, _, high)| high)
+            .ok_or_else(|| {
+                BusError::Internal(format!("topic {topic} has no partition {partition}"))
+            })
+    }
+
+    async fn watermarks(&self, topic: &str) -> Result<Vec<(i32, i64, i64)>, BusError> {
+        let cfg = self.client_config();
+        let timeout = self.config.request_timeout();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer<Quiet> =
+                cfg.create_with_context(Quiet).map_err(BusError::Client)?;
+            watermarks(&consumer, &topic, timeout)
+        })
+        .await
+        .map_err(|e| BusError::Internal(e.to_string()))?
+    }
+
+    /// The offset of the event with id `id` on `partition` of `topic` at or after offset
+    /// `from`, if it is there now: how a publisher that may have crashed after a send finds out
+    /// whether the send landed.
+    pub async fn find_event(
+        &self,
+        topic: &str,
+        partition: i32,
+        from: i64,
+        id: &str,
+    ) -> Result<Option<i64>, BusError> {
+        use cloudevents::AttributesReader;
+        let end = self.end_offset(topic, partition).await?;
+        if end <= from {
+            return Ok(None);
+        }
+        let timeout = self.config.request_timeout();
+        let reader = Consumer::reader(
+            self.client_config(),
+            topic,
+            &[(partition, Offset::Offset(from))],
+        )?;
+        loop {
+            let delivery = tokio::time::timeout(timeout, reader.recv())
+                .await
+                .map_err(|_| BusError::Internal(format!("reading {topic} timed out")))??;
+            if delivery.event.as_ref().is_ok_and(|e| e.id() == id) {
+                return Ok(Some(delivery.offset));
+            }
+            if delivery.offset + 1 >= end {
+                return Ok(None);
+            }
+        }
     }
 
     /// Number of messages retained on `topic`: the sum over its partitions of high minus low
@@ -218,7 +289,7 @@ impl Bus {
                         .find_partition(topic, partition)
                         .map(|e| e.offset())
                     {
-                        Some(rdkafka::Offset::Offset(at)) => Some(at),
+                        Some(Offset::Offset(at)) => Some(at),
                         _ => None,
                     };
                     positions.push(PartitionPosition {
@@ -259,7 +330,7 @@ impl Bus {
             for topic in &topics {
                 for (partition, low, _) in watermarks(&consumer, topic, timeout)? {
                     wanted
-                        .add_partition_offset(topic, partition, rdkafka::Offset::Offset(low))
+                        .add_partition_offset(topic, partition, Offset::Offset(low))
                         .map_err(BusError::Client)?;
                 }
             }

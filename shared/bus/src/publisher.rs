@@ -89,16 +89,34 @@ impl Publisher {
         key: &str,
         event: cloudevents::Event,
     ) -> Result<Published, BusError> {
+        self.send(topic, None, key, event).await
+    }
+
+    /// Publishes `event` on partition `partition` of `topic` with key `key`.
+    pub async fn publish_to(
+        &self,
+        topic: &str,
+        partition: i32,
+        key: &str,
+        event: cloudevents::Event,
+    ) -> Result<Published, BusError> {
+        self.send(topic, Some(partition), key, event).await
+    }
+
+    async fn send(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: &str,
+        event: cloudevents::Event,
+    ) -> Result<Published, BusError> {
         let record =
             MessageRecord::from_event(event).map_err(|e| BusError::Encode(e.to_string()))?;
-        let delivery = self
-            .producer
-            .send(
-                FutureRecord::to(topic).key(key).message_record(&record),
-                self.timeout,
-            )
-            .await;
-        match delivery {
+        let mut to = FutureRecord::to(topic).key(key).message_record(&record);
+        if let Some(p) = partition {
+            to = to.partition(p);
+        }
+        match self.producer.send(to, self.timeout).await {
             Ok(d) => Ok(Published {
                 partition: d.partition,
                 offset: d.offset,
@@ -108,6 +126,12 @@ impl Publisher {
                 source,
             }),
         }
+    }
+
+    /// The partition librdkafka's default partitioner (`consistent_random`) gives `key` among
+    /// `partitions`: CRC-32 of the key, modulo the count.
+    pub fn partition_for(key: &str, partitions: i32) -> i32 {
+        (crc32fast::hash(key.as_bytes()) % partitions.max(1) as u32) as i32
     }
 
     /// Waits for every queued message to be acknowledged.

@@ -272,9 +272,7 @@ fn wrong(field: &str, wanted: &str) -> AggregateError {
 
 fn number(data: &Value, field: &str, scale: u32) -> Result<i128, AggregateError> {
     let n = at(data, field)?;
-    let n = n
-        .as_number()
-        .ok_or_else(|| wrong(field, "a number"))?;
+    let n = n.as_number().ok_or_else(|| wrong(field, "a number"))?;
     parse_fixed(n, scale).map_err(|e| AggregateError::Field {
         field: field.to_owned(),
         problem: e.to_string(),

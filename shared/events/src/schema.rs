@@ -36,6 +36,14 @@ pub fn document(event_type: &str) -> Option<&'static str> {
         "mediaflow.sms.requested" => Some(include_str!(
             "../../../schemas/mediaflow.sms.requested.json"
         )),
+        "mediaflow.media.completed" => Some(include_str!(
+            "../../../schemas/mediaflow.media.completed.json"
+        )),
+        "mediaflow.batch.completed" => Some(include_str!(
+            "../../../schemas/mediaflow.batch.completed.json"
+        )),
+        "mediaflow.report" => Some(include_str!("../../../schemas/mediaflow.report.json")),
+        "mediaflow.late" => Some(include_str!("../../../schemas/mediaflow.late.json")),
         "mediaflow.dead-letter" => {
             Some(include_str!("../../../schemas/mediaflow.dead-letter.json"))
         }
@@ -56,6 +64,10 @@ pub const EVENT_TYPES: &[&str] = &[
     "mediaflow.user.code-requested",
     "mediaflow.notification.registered",
     "mediaflow.sms.requested",
+    "mediaflow.media.completed",
+    "mediaflow.batch.completed",
+    "mediaflow.report",
+    "mediaflow.late",
     "mediaflow.dead-letter",
 ];
 

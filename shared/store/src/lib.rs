@@ -383,6 +383,18 @@ impl ObjectStore {
         }
     }
 
+    /// Deletes `key`; deleting what is not there succeeds (S3 semantics), so a retry is safe.
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| request_error("DeleteObject", key, &e))
+    }
+
     /// A URL that lets anyone holding it GET `key` until it expires.
     pub async fn presigned_get(&self, key: &str, expires: Duration) -> Result<String, StoreError> {
         let cfg = PresigningConfig::expires_in(expires).map_err(|e| StoreError::Request {

@@ -96,6 +96,8 @@ pub struct Metrics {
     mails: Family<StageLabels, Counter>,
     hook_calls: Family<StageLabels, Counter>,
     signups: Family<UploadLabels, Counter>,
+    coordinated: Family<StageLabels, Counter>,
+    late_events: Family<StageOnly, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -138,6 +140,18 @@ impl Metrics {
             "signups",
             "Sign-up and verification requests, by outcome",
             signups.clone(),
+        );
+        let coordinated = Family::<StageLabels, Counter>::default();
+        registry.register(
+            "coordinated",
+            "What join and reduce stages did, by stage and outcome (released, reported, emitted, recovered: an emission found already published after a crash)",
+            coordinated.clone(),
+        );
+        let late_events = Family::<StageOnly, Counter>::default();
+        registry.register(
+            "late_events",
+            "Events a windowed reduce stage received after their window closed, sent to its late topic",
+            late_events.clone(),
         );
         let stage_messages = Family::<StageLabels, Counter>::default();
         registry.register(
@@ -246,6 +260,8 @@ impl Metrics {
             mails,
             hook_calls,
             signups,
+            coordinated,
+            late_events,
             consumer_lag,
             stage_restarts,
             stage_stalls,
@@ -304,6 +320,25 @@ impl Metrics {
         self.signups
             .get_or_create(&UploadLabels {
                 outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A join or reduce stage did `outcome` (released, reported, emitted, recovered).
+    pub fn coordinated(&self, stage: &str, outcome: &str) {
+        self.coordinated
+            .get_or_create(&StageLabels {
+                stage: stage.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A reduce stage sent an event that came after its window closed to its late topic.
+    pub fn late_event(&self, stage: &str) {
+        self.late_events
+            .get_or_create(&StageOnly {
+                stage: stage.to_owned(),
             })
             .inc();
     }
