@@ -51,8 +51,10 @@ pub struct Branch {
     /// The type of the event the branch produces (`mediaflow.image.processed`).
     #[serde(rename = "type")]
     pub event_type: String,
-    /// The stage whose dead letters about a media fail this branch for it.
-    pub stage: Option<String>,
+    /// The stages whose dead letters about a media fail this branch for it (the branch's
+    /// workers: every shard of a sharded stage).
+    #[serde(default)]
+    pub stages: Vec<String>,
 }
 
 /// A join stage's settings.
@@ -166,7 +168,7 @@ impl Join {
                     .config
                     .branches
                     .iter()
-                    .find(|(_, b)| b.stage.as_deref() == Some(letter.stage.as_str()))
+                    .find(|(_, b)| b.stages.contains(&letter.stage))
                 else {
                     return Ok(None);
                 };

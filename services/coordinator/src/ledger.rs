@@ -25,8 +25,6 @@ use mediaflow_telemetry::Metrics;
 use sqlx::{AnyConnection, Row};
 use tokio::sync::Notify;
 
-/// How long a relay holds an emission it is publishing; beyond the publisher's delivery timeout.
-const LEASE: Duration = Duration::from_secs(45);
 /// How often a relay looks for emissions when nobody woke it.
 const POLL: Duration = Duration::from_secs(1);
 /// Emissions taken per look.
@@ -107,17 +105,27 @@ pub struct Relay {
     bus: Bus,
     publisher: Publisher,
     metrics: Metrics,
+    /// How long it holds an emission it is publishing: beyond the publisher's delivery timeout.
+    lease: Duration,
     wake: Arc<Notify>,
 }
 
 impl Relay {
-    pub fn new(stage: &str, db: Db, bus: Bus, publisher: Publisher, metrics: Metrics) -> Self {
+    pub fn new(
+        stage: &str,
+        db: Db,
+        bus: Bus,
+        publisher: Publisher,
+        metrics: Metrics,
+        lease: Duration,
+    ) -> Self {
         Self {
             stage: stage.to_owned(),
             db,
             bus,
             publisher,
             metrics,
+            lease,
             wake: Arc::new(Notify::new()),
         }
     }
@@ -193,7 +201,7 @@ impl Relay {
         )
         .bind(&pending.id)
         .bind(now)
-        .bind(now + LEASE.as_millis() as i64)
+        .bind(now + self.lease.as_millis() as i64)
         .execute(self.db.pool())
         .await?
         .rows_affected()

@@ -65,6 +65,10 @@ pub struct ReduceConfig {
     /// `aggregates` over events.
     #[serde(default)]
     pub merge: Vec<String>,
+    /// `group_by: batch`: this reducer's report is the batch's own (`report` of
+    /// `GET /v1/batches/{id}`; every reducer's is under `reports`).
+    #[serde(default)]
+    pub batch_report: bool,
 }
 
 impl ReduceConfig {
@@ -87,6 +91,9 @@ impl ReduceConfig {
                 Err("`window.size_secs` must be at least 1".into())
             }
             (GroupBy::Batch, Some(_)) => Err("`window` is for `group_by: window`".into()),
+            (GroupBy::Window, _) if self.batch_report => {
+                Err("`batch_report` is for `group_by: batch`".into())
+            }
             _ => Ok(()),
         }
     }
@@ -422,10 +429,7 @@ impl Reduce {
 
         let text =
             serde_json::to_string(&report).map_err(|e| StageError::permanent(e.to_string()))?;
-        let batch_id = match group {
-            ReportGroup::Batch { batch_id } => Some(batch_id.clone()),
-            ReportGroup::Window { .. } => None,
-        };
+        let batch_id = batch_id_of(group);
         sqlx::query(
             "INSERT INTO reports (stage, grp, batch_id, report, reported_at_ms) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT (stage, grp) DO UPDATE SET \
@@ -439,6 +443,14 @@ impl Reduce {
         .execute(&mut *conn)
         .await
         .map_err(db_error)?;
+        if let (true, Some(batch_id)) = (self.config.batch_report, &batch_id_of(group)) {
+            sqlx::query("UPDATE batches SET report = $2 WHERE id = $1")
+                .bind(batch_id)
+                .bind(&text)
+                .execute(&mut *conn)
+                .await
+                .map_err(db_error)?;
+        }
         sqlx::query("UPDATE reduce_groups SET reported = 1 WHERE stage = $1 AND grp = $2")
             .bind(&self.stage)
             .bind(&key)
@@ -641,6 +653,13 @@ impl Reduce {
             self.reported(true);
         }
         Ok(())
+    }
+}
+
+fn batch_id_of(group: &ReportGroup) -> Option<String> {
+    match group {
+        ReportGroup::Batch { batch_id } => Some(batch_id.clone()),
+        ReportGroup::Window { .. } => None,
     }
 }
 

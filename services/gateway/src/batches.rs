@@ -41,6 +41,9 @@ pub struct BatchView {
     #[serde(flatten)]
     pub batch: BatchRow,
     pub progress: Progress,
+    /// Every reducer's report of the batch, by reduce stage (`report` is the one the pipeline
+    /// names the batch's own).
+    pub reports: std::collections::BTreeMap<String, serde_json::Value>,
     pub status_url: String,
     /// Where its items are uploaded.
     pub upload_url: String,
@@ -48,7 +51,9 @@ pub struct BatchView {
 
 async fn view(gw: &Gateway, batch: BatchRow) -> Result<BatchView, ApiError> {
     let progress = store(gw).progress(&batch.id).await?;
+    let reports = store(gw).reports(&batch.id).await?;
     Ok(BatchView {
+        reports,
         status_url: format!("/v1/batches/{}", batch.id),
         upload_url: format!("/v1/batches/{}/media", batch.id),
         batch,

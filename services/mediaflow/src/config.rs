@@ -36,8 +36,8 @@ pub struct MediaflowConfig {
     /// `mediaflow up` and `run gateway` the gateway serves them.
     pub admin: AdminConfig,
     /// The pipeline files (YAML) declaring topics and stages: one path or a list, run together.
-    /// Unset: the shipped `pipelines/default.yaml` (uploads) and `pipelines/signup.yaml` (the
-    /// sign-up flow).
+    /// Unset: the shipped `pipelines/default.yaml` (uploads), `pipelines/signup.yaml` (the
+    /// sign-up flow) and `pipelines/tagging.yaml` (batches: detect, blur, join, reduce).
     pub pipeline: Option<Pipelines>,
     /// Settings of `image` stages that give none in the pipeline file.
     pub image_worker: ImageWorkerConfig,
@@ -172,6 +172,10 @@ pub struct StagesConfig {
     /// is then logged, counted (`mediaflow_stage_stalls_total`), named by `/readyz`, and made to
     /// leave and rejoin its consumer group.
     pub stall_timeout_secs: u64,
+    /// Seconds a join's or reducer's relay holds an emission while it publishes it. After a
+    /// crash, the next relay waits this long, then reads the topic to learn whether the send
+    /// landed: keep it above the publisher's delivery timeout (`bus.request_timeout_ms`).
+    pub emission_lease_secs: u64,
 }
 
 impl Default for StagesConfig {
@@ -186,6 +190,7 @@ impl Default for StagesConfig {
             max_backoff_ms: o.retry.max_backoff.as_millis() as u64,
             drain_deadline_secs: o.drain_deadline.as_secs(),
             stall_timeout_secs: 30,
+            emission_lease_secs: 45,
         }
     }
 }

@@ -21,6 +21,7 @@ fn relay(stage: &StageSpec, ctx: &BuildContext<'_>) -> Relay {
         s.publisher
             .with_source(&format!("/mediaflow/{}", stage.name)),
         s.metrics.clone(),
+        std::time::Duration::from_secs(ctx.config.stages.emission_lease_secs.max(1)),
     )
 }
 

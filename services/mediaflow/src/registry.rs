@@ -17,6 +17,7 @@ use mediaflow_pipeline::kinds::{
     FilterConfig, LinkingKinds, SharderConfig, SplitterConfig, ports, settings,
 };
 use mediaflow_pipeline::{KindCatalog, Problem, StageDecl};
+use mediaflow_redact_worker::{RedactConfig, RedactWorker};
 use mediaflow_runtime::{Handler, Stopped};
 use mediaflow_video_worker::{VideoWorker, VideoWorkerConfig};
 
@@ -97,7 +98,7 @@ impl std::fmt::Debug for Registry {
 impl Default for Registry {
     /// Every kind the platform ships: copier, filter, splitter, sharder, merger, image, video,
     /// exec, chain (with the shipped workers), the sign-up flow's mail, webhook, register
-    /// and sms, and the coordinated join and reduce.
+    /// and sms, the coordinated join and reduce, and redact (detect and blur).
     fn default() -> Self {
         let empty = Self {
             kinds: BTreeMap::new(),
@@ -116,6 +117,7 @@ impl Default for Registry {
             .with(crate::signup::SmsKind)
             .with(crate::coordinated::JoinKind)
             .with(crate::coordinated::ReduceKind)
+            .with(Redact)
     }
 }
 
@@ -287,6 +289,34 @@ impl Kind for Video {
             s.store.clone(),
             s.db.clone(),
         )))
+    }
+}
+
+/// Detect and blur (faces and licence plates, with OpenCV's Haar cascades): ch. 12's
+/// multi-worker stage. Its settings are the stage's `config` (`RedactConfig`).
+struct Redact;
+
+impl Kind for Redact {
+    fn name(&self) -> &str {
+        "redact"
+    }
+
+    fn check(&self, stage: &StageDecl) -> Vec<Problem> {
+        media_check(stage, RedactConfig::check)
+    }
+
+    fn build(&self, stage: &StageSpec, ctx: &BuildContext<'_>) -> Result<Built> {
+        let config = stage.settings::<RedactConfig>()?;
+        let s = ctx.services;
+        let worker = RedactWorker::new(
+            &stage.name,
+            &stage.version.to_string(),
+            config,
+            s.store.clone(),
+            s.db.clone(),
+        )
+        .map_err(|e| anyhow::anyhow!("stage `{}`: {e}", stage.name))?;
+        Ok(Built::handler(worker))
     }
 }
 

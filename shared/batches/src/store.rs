@@ -314,6 +314,25 @@ impl Batches {
         Ok(())
     }
 
+    /// Every reducer's report of batch `id`, by reduce stage.
+    pub async fn reports(
+        &self,
+        id: &str,
+    ) -> Result<BTreeMap<String, serde_json::Value>, BatchesError> {
+        let rows = sqlx::query("SELECT stage, report FROM reports WHERE batch_id = $1")
+            .bind(id)
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter()
+            .map(|r| -> Result<(String, serde_json::Value), BatchesError> {
+                let text: String = r.try_get("report")?;
+                let report = serde_json::from_str(&text)
+                    .map_err(|e| DbError::Corrupt(format!("report: {e}")))?;
+                Ok((r.try_get("stage")?, report))
+            })
+            .collect()
+    }
+
     /// Batch `id`'s items by media status, and each stage's items by state.
     pub async fn progress(&self, id: &str) -> Result<Progress, BatchesError> {
         let mut progress = Progress::default();

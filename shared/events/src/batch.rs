@@ -264,6 +264,26 @@ pub(crate) mod tests {
             data: json!({"x": 1}),
         };
         validate(LateEvent::TYPE, &sample(&late)).unwrap();
+        let image = crate::media::tests::image_processed();
+        let redacted = crate::ImageRedacted {
+            media_id: image.media_id.clone(),
+            stage: "redact".into(),
+            stage_version: "1".into(),
+            output: image.renditions[0].object.clone(),
+            input: image.input,
+            width: 640,
+            height: 480,
+            pixels: 640 * 480,
+            objects: BTreeMap::from([("face".to_owned(), 1), ("plate".to_owned(), 0)]),
+            detections: vec![crate::Detection {
+                label: "face".into(),
+                x: 10,
+                y: 20,
+                width: 30,
+                height: 30,
+            }],
+        };
+        validate(crate::ImageRedacted::TYPE, &sample(&redacted)).unwrap();
         let mut v = sample(&late);
         v.as_object_mut().unwrap().remove("watermark_ms");
         assert!(validate(LateEvent::TYPE, &v).is_err());

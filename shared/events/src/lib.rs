@@ -17,8 +17,8 @@ pub use dead_letter::{DeadLetter, MessageSource, RawMessage};
 pub use envelope::{EventData, EventError, data_json, decode, encode};
 pub use item::{ItemProcessed, WorkItem, item_id};
 pub use media::{
-    BatchItem, ImageProcessed, MediaKind, MediaProcessed, MediaUploaded, ObjectRef, Output,
-    RenditionRef, StepResult,
+    BatchItem, Detection, ImageProcessed, ImageRedacted, MediaKind, MediaProcessed, MediaUploaded,
+    ObjectRef, Output, RenditionRef, StepResult,
 };
 pub use topics::{TopicSpec, Topics};
 pub use user::{

@@ -1,5 +1,7 @@
 //! Payloads of the media pipeline: an upload, and what stages made from it.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -138,6 +140,50 @@ pub struct ImageProcessed {
 
 impl EventData for ImageProcessed {
     const TYPE: &'static str = "mediaflow.image.processed";
+
+    fn subject(&self) -> String {
+        self.media_id.clone()
+    }
+
+    fn id(&self) -> String {
+        deterministic_id(&[Self::TYPE, &self.media_id, &self.stage, &self.stage_version])
+    }
+}
+
+/// One thing a detector found: a box in the image's pixels (as shown, after EXIF orientation).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Detection {
+    /// What was found (`face`, `plate`): the detector's name.
+    pub label: String,
+    pub x: u32,
+    pub y: u32,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// `mediaflow.image.redacted`: a detect-and-blur stage found faces and licence plates in an
+/// image and wrote a copy with each one blurred (lossless, so only the boxes differ).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRedacted {
+    pub media_id: String,
+    pub stage: String,
+    pub stage_version: String,
+    /// The original.
+    pub input: ObjectRef,
+    /// The redacted copy (PNG).
+    pub output: ObjectRef,
+    /// Size as shown (after EXIF orientation).
+    pub width: u32,
+    pub height: u32,
+    /// width x height.
+    pub pixels: u64,
+    /// Label -> how many were found (every detector's label present, 0 included).
+    pub objects: BTreeMap<String, u64>,
+    pub detections: Vec<Detection>,
+}
+
+impl EventData for ImageRedacted {
+    const TYPE: &'static str = "mediaflow.image.redacted";
 
     fn subject(&self) -> String {
         self.media_id.clone()

@@ -36,6 +36,9 @@ pub fn document(event_type: &str) -> Option<&'static str> {
         "mediaflow.sms.requested" => Some(include_str!(
             "../../../schemas/mediaflow.sms.requested.json"
         )),
+        "mediaflow.image.redacted" => Some(include_str!(
+            "../../../schemas/mediaflow.image.redacted.json"
+        )),
         "mediaflow.media.completed" => Some(include_str!(
             "../../../schemas/mediaflow.media.completed.json"
         )),
@@ -64,6 +67,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "mediaflow.user.code-requested",
     "mediaflow.notification.registered",
     "mediaflow.sms.requested",
+    "mediaflow.image.redacted",
     "mediaflow.media.completed",
     "mediaflow.batch.completed",
     "mediaflow.report",

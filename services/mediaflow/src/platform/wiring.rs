@@ -20,10 +20,14 @@ pub const DEFAULT_PIPELINE: &str = include_str!("../../../../pipelines/default.y
 /// The sign-up flow `mediaflow up` runs beside it.
 pub const SIGNUP_PIPELINE: &str = include_str!("../../../../pipelines/signup.yaml");
 
+/// The book's image tagging pipeline (ch. 12), on batch uploads.
+pub const TAGGING_PIPELINE: &str = include_str!("../../../../pipelines/tagging.yaml");
+
 /// What runs when no `pipeline` file is configured.
-pub const SHIPPED_PIPELINES: [(&str, &str); 2] = [
+pub const SHIPPED_PIPELINES: [(&str, &str); 3] = [
     ("pipelines/default.yaml", DEFAULT_PIPELINE),
     ("pipelines/signup.yaml", SIGNUP_PIPELINE),
+    ("pipelines/tagging.yaml", TAGGING_PIPELINE),
 ];
 
 /// The name the gateway runs under (`mediaflow run gateway`); no stage may take it.
