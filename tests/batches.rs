@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
-use support::{Backend, TestPlatform, fixtures};
+use support::{Backend, TestPlatform, fixtures, with_tagging};
 
 async fn create(tp: &TestPlatform, body: Value) -> Result<(u16, Value)> {
     let r = reqwest::Client::new()
@@ -54,7 +54,7 @@ async fn batches_take_their_items_once_and_show_progress_per_stage() -> Result<(
 }
 
 async fn batch_scenario(backend: Backend) -> Result<()> {
-    let tp = TestPlatform::start(backend).await?;
+    let tp = TestPlatform::start_with(backend, with_tagging).await?;
     let (status, body) = create(
         &tp,
         json!({"name": "x", "expected_items": 2, "manifest": ["a"]}),
@@ -152,7 +152,7 @@ async fn batch_scenario(backend: Backend) -> Result<()> {
             .await?
             .json()
             .await?;
-        if shown["progress"]["items"]["done"] == 3 {
+        if shown["progress"]["items"]["done"] == 3 && shown["state"] != "open" {
             break shown;
         }
         ensure!(
@@ -162,15 +162,16 @@ async fn batch_scenario(backend: Backend) -> Result<()> {
         // Polling the API.
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    // The tagging pipeline's batch join released it, and its reducers reported.
     ensure!(
-        shown["uploaded"] == 3 && shown["state"] == "open",
+        shown["uploaded"] == 3 && shown["state"] == "complete" && shown["completed_at_ms"].is_i64(),
         "{shown}"
     );
     let stages = shown["progress"]["stages"].as_array().context("stages")?;
     ensure!(
         stages
             .iter()
-            .any(|s| s["stage"] == "image-worker" && s["items"]["done"] == 3),
+            .any(|s| s["stage"] == "tag" && s["items"]["done"] == 3),
         "{shown}"
     );
     let r = reqwest::get(format!(
@@ -184,7 +185,7 @@ async fn batch_scenario(backend: Backend) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_cli_uploads_a_folder_as_a_batch_and_follows_it() -> Result<()> {
-    let tp = TestPlatform::start(Backend::Sqlite).await?;
+    let tp = TestPlatform::start_with(Backend::Sqlite, with_tagging).await?;
     let folder = tempfile::tempdir()?;
     for name in ["rocket.jpg", "coffee.png", "astronaut.png"] {
         std::fs::copy(fixtures().join(name), folder.path().join(name))?;

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail, ensure};
 use cloudevents::AttributesReader;
 use mediaflow_events::{BatchCompleted, ImageRedacted, MediaCompleted, Report};
 use serde_json::{Value, json};
-use support::{Backend, TestPlatform, fixtures, python, repo_file};
+use support::{Backend, TestPlatform, fixtures, python, repo_file, with_tagging};
 
 /// Photos with people (astronaut, OpenCV's samples), a licence plate, and none (chelsea,
 /// coffee, hubble, rocket, camera shots with EXIF orientation); PNG and JPEG.
@@ -44,13 +44,6 @@ fn item(photo: &str) -> &str {
 
 /// The redact stage's `detect_max_side` default.
 const DETECT_MAX_SIDE: u32 = 1600;
-
-pub fn with_tagging(c: &mut mediaflow::MediaflowConfig) {
-    c.pipeline = Some(mediaflow::config::Pipelines::Many(vec![
-        repo_file("pipelines/default.yaml"),
-        repo_file("pipelines/tagging.yaml"),
-    ]));
-}
 
 async fn create_batch(tp: &TestPlatform, body: Value) -> Result<String> {
     let r = reqwest::Client::new()
@@ -383,5 +376,218 @@ async fn batch_of_photos(backend: Backend) -> Result<()> {
     }
     let events = tp.events("media.completed").await?;
     ensure!(events.iter().all(|e| e.source() == "/mediaflow/media-join"));
+    tp.stop().await
+}
+
+/// A JPEG cut short: the gateway takes it (it is a JPEG by its magic bytes), both branches
+/// refuse it as bad input.
+fn broken_jpeg() -> Result<Vec<u8>> {
+    let mut bytes = std::fs::read(fixtures().join("rocket.jpg"))?;
+    bytes.truncate(4000);
+    Ok(bytes)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn interleaved_batches_complete_independently_under_their_policies() -> Result<()> {
+    let tp = TestPlatform::start_with(Backend::Postgres, with_tagging).await?;
+    let partial = create_batch(
+        &tp,
+        json!({"name": "partial", "manifest": ["a.png", "b.jpg", "broken.jpg"],
+               "failure_policy": "complete-partial"}),
+    )
+    .await?;
+    let failing = create_batch(
+        &tp,
+        json!({"name": "failing", "manifest": ["c.png", "broken.jpg", "d.jpg"],
+               "failure_policy": "fail-batch"}),
+    )
+    .await?;
+    let counted = create_batch(&tp, json!({"name": "counted", "expected_items": 3})).await?;
+    // One of two expected items comes; the batch's deadline releases it without the other.
+    let short = create_batch(
+        &tp,
+        json!({"name": "short", "expected_items": 2, "timeout_secs": 12,
+               "failure_policy": "complete-partial"}),
+    )
+    .await?;
+    let photo = |name: &str| std::fs::read(fixtures().join(name));
+    let uploads: Vec<(&str, &str, Vec<u8>)> = vec![
+        (&partial, "a.png", photo("coffee.png")?),
+        (&failing, "c.png", photo("chelsea.png")?),
+        (&counted, "x1", photo("astronaut.png")?),
+        (&partial, "broken.jpg", broken_jpeg()?),
+        (&short, "s1", photo("coffee.png")?),
+        (&failing, "broken.jpg", broken_jpeg()?),
+        (&counted, "x2", photo("rocket.jpg")?),
+        (&partial, "b.jpg", photo("rocket.jpg")?),
+        (&counted, "x3", photo("opencv/messi5.jpg")?),
+        (&failing, "d.jpg", photo("opencv/left.jpg")?),
+    ];
+    for (batch, name, bytes) in uploads {
+        upload(&tp, batch, name, bytes).await?;
+    }
+
+    let shown = wait_reported(&tp, &partial, Duration::from_secs(120)).await?;
+    let report = &shown["report"];
+    ensure!(
+        shown["state"] == "partial"
+            && report["outcome"] == "partial"
+            && report["inputs"] == 2
+            && report["failures"]["broken.jpg"]
+                .as_str()
+                .is_some_and(|why| why.contains("bad_input")),
+        "{shown}"
+    );
+    ensure!(report["aggregates"]["bytes"]["count"] == 2, "{report}");
+
+    let shown = wait_reported(&tp, &failing, Duration::from_secs(120)).await?;
+    let report = &shown["report"];
+    ensure!(
+        shown["state"] == "failed"
+            && report["outcome"] == "failed"
+            && report["aggregates"] == json!({})
+            && report["failures"]["broken.jpg"].is_string(),
+        "{shown}"
+    );
+
+    let shown = wait_reported(&tp, &counted, Duration::from_secs(120)).await?;
+    ensure!(
+        shown["state"] == "complete"
+            && shown["report"]["inputs"] == 3
+            && shown["report"]["aggregates"]["objects"]["face"]
+                .as_u64()
+                .is_some_and(|n| n >= 1),
+        "{shown}"
+    );
+
+    let shown = wait_reported(&tp, &short, Duration::from_secs(120)).await?;
+    ensure!(
+        shown["state"] == "partial"
+            && shown["report"]["inputs"] == 1
+            && shown["report"]["failures"].as_object().is_some_and(|f| f
+                .values()
+                .any(|w| w.as_str().is_some_and(|w| w.contains("never arrived")))),
+        "{shown}"
+    );
+
+    // Each batch released once, whatever the interleaving.
+    let released: Vec<BatchCompleted> = tp.decoded("batch.completed").await?;
+    let ids: BTreeSet<&str> = released.iter().map(|b| b.batch_id.as_str()).collect();
+    ensure!(released.len() == 4 && ids.len() == 4, "{released:?}");
+    let reports: Vec<Report> = tp.decoded("reports").await?;
+    ensure!(reports.len() == 4, "{} reports", reports.len());
+    tp.stop().await
+}
+
+/// The book's census example as event-time windows: towns report their population and
+/// family-size histogram; a minute's report sums the people and merges the histograms weighted
+/// by population. An event whose minute already closed goes to the late topic, counted.
+const WINDOWED: &str = r#"
+topics:
+  - name: towns
+    produced_by: the test
+  - name: census
+  - name: towns.late
+stages:
+  - name: census
+    kind: reduce
+    inputs: [towns]
+    outputs:
+      out: census
+      late: towns.late
+    config:
+      group_by: window
+      window: {size_secs: 60, allowed_lateness_secs: 10}
+      aggregates:
+        people: {op: sum, field: /population}
+        families:
+          op: weighted
+          fractions: /family_sizes
+          weight: /population
+          buckets: ["1", "2", "3", "4+"]
+        regions: {op: count, field: /region}
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn windows_close_on_the_watermark_and_late_events_are_kept_visible() -> Result<()> {
+    use cloudevents::{EventBuilder, EventBuilderV10};
+    let files = tempfile::tempdir()?;
+    let path = files.path().join("census.yaml");
+    std::fs::write(&path, WINDOWED)?;
+    let tp = TestPlatform::start_with(Backend::Sqlite, |c| c.pipeline = Some(path.into())).await?;
+    let topic = format!("{}towns", tp.config.bus.topic_prefix);
+    let publisher = tp.bus.publisher("/test")?;
+    // A minute boundary.
+    let t0 =
+        chrono::DateTime::from_timestamp_millis(1_800_000_000_000 - 1_800_000_000_000 % 60_000)
+            .context("t0")?;
+    let town = |id: &str, secs: i64, population: u64, fractions: [f64; 4], region: &str| {
+        EventBuilderV10::new()
+            .id(id)
+            .ty("census.town")
+            .source("/test")
+            .subject("towns")
+            .time(t0 + chrono::Duration::seconds(secs))
+            .data(
+                "application/json",
+                json!({"population": population, "family_sizes": fractions, "region": region}),
+            )
+            .build()
+            .map_err(anyhow::Error::msg)
+    };
+    let send = |e: cloudevents::Event| {
+        let (publisher, topic) = (&publisher, &topic);
+        async move { anyhow::Ok(publisher.publish_event(topic, "towns", e).await?) }
+    };
+    // The first minute, a town of the next, and one that moves the watermark past the first.
+    send(town("a", 5, 1000, [0.3, 0.3, 0.2, 0.2], "north")?).await?;
+    send(town("b", 30, 3000, [0.1, 0.4, 0.3, 0.2], "south")?).await?;
+    send(town("c", 65, 500, [0.5, 0.5, 0.0, 0.0], "north")?).await?;
+    tp.wait_caught_up("census", "towns").await?;
+    ensure!(
+        tp.decoded::<Report>("census").await?.is_empty(),
+        "a window reported before the watermark passed it"
+    );
+    send(town("d", 75, 200, [0.25, 0.25, 0.25, 0.25], "south")?).await?;
+    tp.wait_caught_up("census", "towns").await?;
+    let reports: Vec<Report> = tp.decoded("census").await?;
+    ensure!(reports.len() == 1, "{reports:?}");
+    let first = &reports[0];
+    let a = serde_json::to_value(&first.aggregates)?;
+    ensure!(first.inputs == 2, "{a}");
+    ensure!(a["people"]["sum"].as_f64() == Some(4000.0), "{a}");
+    ensure!(a["regions"] == json!({"north": 1, "south": 1}), "{a}");
+    // (0.3 x 1000 + 0.1 x 3000) / 4000, ...
+    for (bucket, want) in [("1", 0.15), ("2", 0.375), ("3", 0.275), ("4+", 0.2)] {
+        let got = a["families"]["fractions"][bucket]
+            .as_f64()
+            .context("fraction")?;
+        ensure!(
+            (got - want).abs() < 1e-9,
+            "bucket {bucket}: {got} != {want}: {a}"
+        );
+    }
+
+    // Late: an event of the closed minute, and a repeat of one already counted.
+    send(town("e", 20, 700, [1.0, 0.0, 0.0, 0.0], "east")?).await?;
+    send(town("a", 5, 1000, [0.3, 0.3, 0.2, 0.2], "north")?).await?;
+    tp.wait_caught_up("census", "towns").await?;
+    let late: Vec<mediaflow_events::LateEvent> = tp.decoded("towns.late").await?;
+    ensure!(
+        late.len() == 1
+            && late[0].event_id == "e"
+            && late[0].window_end_ms == t0.timestamp_millis() + 60_000,
+        "{late:?}"
+    );
+    ensure!(
+        tp.metric("mediaflow_late_events_total{stage=\"census\"}")
+            .await?
+            == 1.0,
+        "late events not counted"
+    );
+    ensure!(
+        tp.decoded::<Report>("census").await?.len() == 1,
+        "the closed window reported again"
+    );
     tp.stop().await
 }

@@ -158,6 +158,14 @@ pub fn repo_file(path: &str) -> PathBuf {
         .join(path)
 }
 
+/// Runs the upload pipeline and the tagging pipeline (batches) together.
+pub fn with_tagging(c: &mut MediaflowConfig) {
+    c.pipeline = Some(mediaflow::config::Pipelines::Many(vec![
+        repo_file("pipelines/default.yaml"),
+        repo_file("pipelines/tagging.yaml"),
+    ]));
+}
+
 /// The folder of real sample media extracted by `./x` (photos from scikit-image's wheel).
 pub fn fixtures() -> PathBuf {
     let dir = std::env::var_os("MEDIAFLOW_FIXTURES")

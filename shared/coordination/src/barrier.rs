@@ -7,6 +7,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+/// Why what had not arrived by the deadline failed.
+pub const TIMED_OUT: &str = "timed out: never arrived before the deadline";
+
+/// The failure's name for the items a count barrier still waited for at its deadline.
+pub const MISSING: &str = "(missing)";
+
 /// What a barrier waits for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -143,23 +149,28 @@ impl Barrier {
         if self.released.is_some() || self.deadline_ms.is_none_or(|d| now_ms < d) {
             return None;
         }
-        let missing: Vec<String> = match &self.expected {
+        let missing: Vec<(String, String)> = match &self.expected {
             Expected::Names(names) => names
                 .iter()
                 .filter(|n| !self.done.contains_key(*n) && !self.failed.contains_key(*n))
-                .cloned()
+                .map(|n| (n.clone(), TIMED_OUT.to_owned()))
                 .collect(),
-            // Nameless items that never came: one entry says how many.
+            // Nameless items that never came: one entry, `(missing)`, says how many.
             Expected::Count(n) => {
                 let gap = n.saturating_sub(self.progress().0);
                 (gap > 0)
-                    .then(|| format!("{gap} item(s) never arrived"))
+                    .then(|| {
+                        (
+                            MISSING.to_owned(),
+                            format!("{gap} of {n} items: {TIMED_OUT}"),
+                        )
+                    })
                     .into_iter()
                     .collect()
             }
         };
-        for name in missing {
-            self.failed.insert(name, "timed out".into());
+        for (name, why) in missing {
+            self.failed.insert(name, why);
         }
         self.release()
     }
@@ -334,7 +345,7 @@ mod tests {
         let Some(Outcome::Partial { failures, .. }) = b.expire(1_000) else {
             panic!("released at the deadline")
         };
-        assert_eq!(failures["b"], "timed out");
+        assert_eq!(failures["b"], TIMED_OUT);
         assert_eq!(b.expire(2_000), None, "released once");
 
         let mut b = Barrier::new(Expected::Count(3), FailurePolicy::FailBatch, Some(10));
@@ -342,8 +353,9 @@ mod tests {
         let Some(Outcome::Failed { failures, .. }) = b.expire(10) else {
             panic!("fail-batch at the deadline")
         };
-        assert!(
-            failures.keys().any(|k| k.contains("2 item(s)")),
+        assert_eq!(
+            failures[MISSING],
+            format!("2 of 3 items: {TIMED_OUT}"),
             "{failures:?}"
         );
 
