@@ -591,3 +591,427 @@ async fn windows_close_on_the_watermark_and_late_events_are_kept_visible() -> Re
     );
     tp.stop().await
 }
+
+/// The join and reduce stages of `tagging.yaml`, with the topics they read.
+const COORDINATED: [(&str, &[&str]); 5] = [
+    (
+        "media-join",
+        &["images.redacted", "tagging.tagged", "dead-letters"],
+    ),
+    ("batch-join", &["media.completed"]),
+    ("colours", &["tagging.for-colours", "batch.completed"]),
+    ("objects", &["tagging.for-objects", "batch.completed"]),
+    ("report", &["tagging.partials"]),
+];
+
+/// A tagging platform whose join and reduce stages are left to run as processes of their own
+/// (`spawn_coordinated`), to be stopped, rewound and killed.
+async fn coordinated_platform() -> Result<TestPlatform> {
+    TestPlatform::start_with(Backend::Postgres, |c| {
+        with_tagging(c);
+        c.stages.enabled = Some(
+            [
+                "router",
+                "image-worker",
+                "video-worker",
+                "batch-intake",
+                "tagging-fanout",
+                "redact-sharder",
+                "redact-0",
+                "redact-1",
+                "tag",
+                "completed-fanout",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+        );
+    })
+    .await
+}
+
+/// Starts coordinated stage `n` as its own process (a static group member, as a restarted pod
+/// would be); a killed relay's emission is taken over after 3 s.
+fn spawn_coordinated(
+    tp: &TestPlatform,
+    n: usize,
+    logs: &std::path::Path,
+) -> Result<tokio::process::Child> {
+    let stage = COORDINATED[n].0;
+    tp.spawn_stage(
+        stage,
+        stage,
+        logs,
+        &[
+            ("MEDIAFLOW__STAGES__EMISSION_LEASE_SECS", "3"),
+            ("MEDIAFLOW__BUS__GROUP_INSTANCE_ID", stage),
+        ],
+    )
+}
+
+async fn wait_coordinated_caught_up(tp: &TestPlatform) -> Result<()> {
+    for (stage, inputs) in COORDINATED {
+        for input in inputs {
+            tp.wait_caught_up_within(stage, input, Duration::from_secs(120))
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Every report of batch `id` in the database, by reduce stage, without the time it was made.
+async fn stored_reports(tp: &TestPlatform, id: &str) -> Result<BTreeMap<String, Value>> {
+    let db = mediaflow_db::Db::connect(&tp.config.database_url(), 1).await?;
+    let rows = sqlx::query("SELECT stage, report FROM reports WHERE batch_id = $1")
+        .bind(id)
+        .fetch_all(db.pool())
+        .await?;
+    rows.iter()
+        .map(|r| {
+            let mut report: Value =
+                serde_json::from_str(&sqlx::Row::try_get::<String, _>(r, "report")?)?;
+            report
+                .as_object_mut()
+                .context("a report")?
+                .remove("reported_at");
+            Ok((sqlx::Row::try_get(r, "stage")?, report))
+        })
+        .collect()
+}
+
+/// Messages on each topic the coordinated stages write, by topic.
+async fn emitted(tp: &TestPlatform) -> Result<BTreeMap<&'static str, usize>> {
+    let mut counts = BTreeMap::new();
+    for topic in [
+        "media.completed",
+        "batch.completed",
+        "tagging.partials",
+        "reports",
+    ] {
+        counts.insert(topic, tp.events(topic).await?.len());
+    }
+    Ok(counts)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_input_delivered_twice_changes_no_report() -> Result<()> {
+    let tp = coordinated_platform().await?;
+    let logs = tempfile::tempdir()?;
+    let mut running = (0..COORDINATED.len())
+        .map(|n| spawn_coordinated(&tp, n, logs.path()))
+        .collect::<Result<Vec<_>>>()?;
+    let photos = &PHOTOS[..8];
+    let names: Vec<&str> = photos.iter().map(|p| item(p)).collect();
+    let id = create_batch(&tp, json!({"name": "twice", "manifest": names})).await?;
+    for photo in photos {
+        upload(
+            &tp,
+            &id,
+            item(photo),
+            std::fs::read(fixtures().join(photo))?,
+        )
+        .await?;
+    }
+    let shown = wait_reported(&tp, &id, Duration::from_secs(180)).await?;
+    wait_coordinated_caught_up(&tp).await?;
+    let reports = stored_reports(&tp, &id).await?;
+    ensure!(reports.len() == 3, "{reports:?}");
+    let before = emitted(&tp).await?;
+    ensure!(
+        before["media.completed"] == photos.len()
+            && before["batch.completed"] == 1
+            && before["tagging.partials"] == 2
+            && before["reports"] == 1,
+        "{before:?}"
+    );
+
+    // Stop the stages (SIGTERM: they drain and leave), move their groups back to the start of
+    // every input, and produce every input event once more on purpose.
+    for child in &mut running {
+        let pid = child.id().context("pid")?;
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        child.wait().await?;
+    }
+    let prefix = tp.config.bus.topic_prefix.clone();
+    let publisher = tp.bus.publisher("/test")?;
+    let mut inputs = BTreeSet::new();
+    for (stage, topics) in COORDINATED {
+        let topics: Vec<String> = topics.iter().map(|t| format!("{prefix}{t}")).collect();
+        tp.bus
+            .rewind_group(&format!("{prefix}{stage}"), &topics)
+            .await?;
+        inputs.extend(topics);
+    }
+    let mut duplicated = 0;
+    for topic in &inputs {
+        for d in tp.bus.read_to_end(topic).await? {
+            let event = d.event.map_err(anyhow::Error::msg)?;
+            let key = d.key.unwrap_or_else(|| event.id().to_owned());
+            publisher.publish_event(topic, &key, event).await?;
+            duplicated += 1;
+        }
+    }
+    ensure!(duplicated > 4 * photos.len(), "{duplicated} duplicates");
+    let after_duplicates = emitted(&tp).await?;
+
+    // Everything again, twice over: nothing new is emitted, no report changes.
+    let _again = (0..COORDINATED.len())
+        .map(|n| spawn_coordinated(&tp, n, logs.path()))
+        .collect::<Result<Vec<_>>>()?;
+    wait_coordinated_caught_up(&tp).await?;
+    ensure!(
+        emitted(&tp).await? == after_duplicates,
+        "new events after redelivery: {after_duplicates:?} -> {:?}",
+        emitted(&tp).await?
+    );
+    ensure!(
+        stored_reports(&tp, &id).await? == reports,
+        "a report changed"
+    );
+    let again: Value = reqwest::get(format!("{}/v1/batches/{id}", tp.base))
+        .await?
+        .json()
+        .await?;
+    ensure!(again["report"] == shown["report"], "{again}");
+    tp.stop().await
+}
+
+const KILLS: usize = 10;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn joins_and_reducers_killed_mid_batch_report_as_if_undisturbed() -> Result<()> {
+    let tp = coordinated_platform().await?;
+    let logs = tempfile::tempdir()?;
+    let mut running = (0..COORDINATED.len())
+        .map(|n| spawn_coordinated(&tp, n, logs.path()))
+        .collect::<Result<Vec<_>>>()?;
+    // Every photo twice, under two names: 34 items.
+    let items: Vec<(String, &str)> = PHOTOS
+        .iter()
+        .flat_map(|p| {
+            [
+                (format!("1-{}", item(p)), *p),
+                (format!("2-{}", item(p)), *p),
+            ]
+        })
+        .collect();
+    let names: Vec<&str> = items.iter().map(|(n, _)| n.as_str()).collect();
+    let id = create_batch(&tp, json!({"name": "killed", "manifest": names})).await?;
+    let uploads = {
+        let (base, id) = (tp.base.clone(), id.clone());
+        let items: Vec<(String, Vec<u8>)> = items
+            .iter()
+            .map(|(n, p)| Ok((n.clone(), std::fs::read(fixtures().join(p))?)))
+            .collect::<Result<_>>()?;
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut media = Vec::new();
+            for (name, bytes) in items {
+                let r = http
+                    .post(format!("{base}/v1/batches/{id}/media"))
+                    .header("x-filename", &name)
+                    .body(bytes)
+                    .send()
+                    .await?;
+                ensure!(r.status().is_success(), "{name}: {}", r.status());
+                let body: Value = r.json().await?;
+                media.push(body["id"].as_str().unwrap_or_default().to_owned());
+            }
+            anyhow::Ok(media)
+        })
+    };
+    let mut rng = support::Rng::seeded("tagging crash test");
+    let started = Instant::now();
+    for kill in 0..KILLS {
+        // Kill while the joins and reducers work: once more media completed since the last
+        // kill (or, late in the batch, once the batch is released).
+        let before = tp
+            .bus
+            .message_count(&format!("{}media.completed", tp.config.bus.topic_prefix))
+            .await?;
+        let wait = Instant::now();
+        loop {
+            let now = tp
+                .bus
+                .message_count(&format!("{}media.completed", tp.config.bus.topic_prefix))
+                .await?;
+            if now > before || wait.elapsed() > Duration::from_secs(20) {
+                break;
+            }
+            // Polling the topic for progress.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Every stage on some kills, one of them on the others.
+        let victims: Vec<usize> = if kill % 3 == 0 {
+            (0..COORDINATED.len()).collect()
+        } else {
+            vec![rng.below(COORDINATED.len() as u64) as usize]
+        };
+        for n in victims {
+            running[n].start_kill()?; // SIGKILL
+            running[n].wait().await?;
+            running[n] = spawn_coordinated(&tp, n, logs.path())?;
+        }
+    }
+    let media = uploads.await??;
+    let shown = wait_reported(&tp, &id, Duration::from_secs(300)).await?;
+    wait_coordinated_caught_up(&tp).await?;
+    let mut recovered = 0;
+    for entry in std::fs::read_dir(logs.path())? {
+        let log = std::fs::read_to_string(entry?.path())?;
+        recovered += log.matches("not sending it again").count();
+    }
+    eprintln!(
+        "tagging crash test: {} items, {KILLS} kills, reported after {:.1?}; emissions found \
+         on their topic after a crash: {recovered}",
+        items.len(),
+        started.elapsed()
+    );
+    ensure!(shown["state"] == "complete", "{shown}");
+    // The same report as an undisturbed run: what the raw per-item events say.
+    let expected = independent_aggregates(&tp, &media).await?;
+    check_report(&shown["report"], &expected)?;
+    // Each release emitted once.
+    let completed: Vec<MediaCompleted> = tp.decoded("media.completed").await?;
+    let distinct: BTreeSet<&str> = completed.iter().map(|m| m.media_id.as_str()).collect();
+    ensure!(
+        completed.len() == items.len() && distinct.len() == items.len(),
+        "{} media.completed for {} items ({} distinct)",
+        completed.len(),
+        items.len(),
+        distinct.len()
+    );
+    let counts = emitted(&tp).await?;
+    ensure!(
+        counts["batch.completed"] == 1 && counts["tagging.partials"] == 2 && counts["reports"] == 1,
+        "{counts:?}"
+    );
+    tp.stop().await
+}
+
+/// Notes, as a relay does before it sends, the partition of `e` and that partition's end, with
+/// the relay's lease ending at `lease_until`; the partition.
+async fn note(
+    tp: &TestPlatform,
+    db: &mediaflow_db::Db,
+    topic: &str,
+    e: &mediaflow_coordinator::Emission,
+    lease_until: i64,
+) -> Result<i32> {
+    let partition = mediaflow_bus::Publisher::partition_for(&e.key, 3);
+    let from = tp.bus.end_offset(topic, partition).await?;
+    sqlx::query(
+        "UPDATE emissions SET partition_no = $2, from_offset = $3, lease_until_ms = $4 \
+         WHERE id = $1",
+    )
+    .bind(e.event.id())
+    .bind(i64::from(partition))
+    .bind(from)
+    .bind(lease_until)
+    .execute(db.pool())
+    .await?;
+    Ok(partition)
+}
+
+/// The emission ledger's crash window, made on purpose: a relay that noted a partition's end
+/// and sent, then died before marking the emission published; one that noted and died before
+/// sending; one that never started. The next relay publishes each exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_emission_ledger_publishes_once_across_a_crash_between_send_and_mark() -> Result<()> {
+    use mediaflow_coordinator::{Emission, Relay};
+    let tp = TestPlatform::start(Backend::Sqlite).await?;
+    let topic = format!("{}ledger", tp.config.bus.topic_prefix);
+    tp.bus
+        .ensure_topics(&[mediaflow_events::TopicSpec {
+            name: topic.clone(),
+            partitions: 3,
+            retention: Duration::from_secs(3600),
+        }])
+        .await?;
+    let db = mediaflow_db::Db::connect(&tp.config.database_url(), 2).await?;
+    let publisher = tp.bus.publisher("/mediaflow/ledger-test")?;
+    let emission = |batch: &str| {
+        Emission::of(
+            &topic,
+            "/mediaflow/ledger-test",
+            &BatchCompleted {
+                batch_id: batch.to_owned(),
+                stage: "ledger-test".into(),
+                outcome: mediaflow_events::JoinOutcome::Complete,
+                items: BTreeMap::new(),
+                failures: BTreeMap::new(),
+                completed_at: "2026-12-03T10:00:00Z".into(),
+            },
+        )
+    };
+    let now = mediaflow_db::Db::now_ms();
+    let (sent, noted, fresh, held) = (
+        emission("sent-then-crashed")?,
+        emission("noted-then-crashed")?,
+        emission("never-tried")?,
+        emission("held-by-a-live-relay")?,
+    );
+    for e in [&sent, &noted, &fresh, &held] {
+        let mut tx = db.pool().begin().await?;
+        e.record(&mut tx, "ledger-test", now).await?;
+        // Recording the same decision again changes nothing.
+        e.record(&mut tx, "ledger-test", now).await?;
+        tx.commit().await?;
+    }
+    // What the dead relays had done before they died.
+    let partition = note(&tp, &db, &topic, &sent, now - 1).await?;
+    let landed = publisher
+        .publish_to(&topic, partition, &sent.key, sent.event.clone())
+        .await?;
+    note(&tp, &db, &topic, &noted, now - 1).await?;
+    note(&tp, &db, &topic, &held, now + 600_000).await?;
+
+    let metrics = mediaflow_telemetry::Metrics::new();
+    let relay = Relay::new(
+        "ledger-test",
+        db.clone(),
+        tp.bus.clone(),
+        publisher.clone(),
+        metrics.clone(),
+        Duration::from_secs(3),
+    );
+    ensure!(relay.pass().await? == 3, "three emissions finished");
+    ensure!(relay.pass().await? == 0, "nothing left to do");
+    let on_topic = tp.bus.read_to_end(&topic).await?;
+    let mut ids: Vec<String> = on_topic
+        .iter()
+        .map(|d| {
+            d.event
+                .as_ref()
+                .map(|e| e.id().to_owned())
+                .map_err(|e| anyhow::anyhow!("{e}"))
+        })
+        .collect::<Result<_>>()?;
+    ids.sort();
+    let mut want: Vec<String> = [&sent, &noted, &fresh]
+        .iter()
+        .map(|e| e.event.id().to_owned())
+        .collect();
+    want.sort();
+    ensure!(
+        ids == want,
+        "on the topic: {ids:?}, wanted each of {want:?} once"
+    );
+    let offset: Option<i64> =
+        sqlx::query_scalar("SELECT published_offset FROM emissions WHERE id = $1")
+            .bind(sent.event.id())
+            .fetch_one(db.pool())
+            .await?;
+    ensure!(offset == Some(landed.offset), "{offset:?} vs {landed:?}");
+    let rendered = metrics.render();
+    ensure!(
+        rendered
+            .contains(r#"mediaflow_coordinated_total{stage="ledger-test",outcome="recovered"} 1"#)
+            && rendered.contains(
+                r#"mediaflow_coordinated_total{stage="ledger-test",outcome="emitted"} 2"#
+            ),
+        "{rendered}"
+    );
+    tp.stop().await
+}
