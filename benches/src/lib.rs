@@ -1,6 +1,8 @@
 //! What the benchmark programs share: timing, the CPUs they may use, and image similarity
 //! measured by a tool nobody here wrote.
 
+pub mod up;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;

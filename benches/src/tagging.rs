@@ -1,0 +1,229 @@
+//! The book's image tagging pipeline (`pipelines/tagging.yaml`) end to end on one core, against
+//! the sum of its kernels' own time on the same images: how much the platform (gateway, broker,
+//! S3, database, sharder, copiers, joins, reducers, the emission ledger) costs beyond the image
+//! work itself.
+//!
+//! usage: tagging --mediaflow BIN --photos DIR --work DIR [--images 500] [--cpus 0] [--clients 4]
+//!
+//! 1. Kernels, in this process, one image at a time on one thread: the `tag` stage's (decode,
+//!    the 256 px rendition, tags) and the `redact` stage's (decode, both Haar cascades, blur,
+//!    PNG encode), over the `--images` uploads (the photos under `--photos`, cycled).
+//! 2. End to end: the release `mediaflow up` running `tagging.yaml` alone, pinned to `--cpus`;
+//!    a warm-up batch of one photo goes through first (consumer groups form); then a batch of
+//!    `--images` is declared, uploaded by `--clients` clients from this process, and the clock
+//!    stops when `GET /v1/batches/{id}` shows its report.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use futures::StreamExt;
+use mediaflow_benches::up::{SET_ASIDE, Up};
+use mediaflow_imaging::DecodeLimits;
+use mediaflow_imaging::renditions::RenditionSpec;
+use mediaflow_redact_worker::{Detector, RedactConfig, detect_and_blur};
+use serde_json::{Value, json};
+
+struct Args {
+    mediaflow: PathBuf,
+    photos: PathBuf,
+    work: PathBuf,
+    images: usize,
+    cpus: String,
+    clients: usize,
+}
+
+fn args() -> Result<Args> {
+    let mut args = Args {
+        mediaflow: PathBuf::new(),
+        photos: PathBuf::new(),
+        work: PathBuf::new(),
+        images: 500,
+        cpus: "0".into(),
+        clients: 4,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--mediaflow" => args.mediaflow = value.into(),
+            "--photos" => args.photos = value.into(),
+            "--work" => args.work = value.into(),
+            "--images" => args.images = value.parse()?,
+            "--cpus" => args.cpus = value,
+            "--clients" => args.clients = value.parse()?,
+            other => bail!("unknown flag {other}"),
+        }
+    }
+    ensure!(
+        args.mediaflow.is_file() && args.photos.is_dir() && !args.work.as_os_str().is_empty(),
+        "usage: tagging --mediaflow BIN --photos DIR --work DIR [--images 500] [--cpus 0] [--clients 4]"
+    );
+    Ok(args)
+}
+
+/// Every JPEG and PNG under `dir` (one level of folders down), by path.
+fn photos(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    let mut folders = vec![dir.to_path_buf()];
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() && path.file_name().is_some_and(|n| n != "video") {
+            folders.push(path);
+        }
+    }
+    for folder in folders {
+        for entry in std::fs::read_dir(folder)? {
+            let path = entry?.path();
+            if path
+                .extension()
+                .is_some_and(|e| e == "jpg" || e == "png")
+            {
+                found.push(path);
+            }
+        }
+    }
+    found.sort();
+    ensure!(!found.is_empty(), "no photos under {}", dir.display());
+    Ok(found)
+}
+
+/// Seconds the two stages' kernels take over `files`, one after another on this thread:
+/// (tag, redact).
+fn kernels(files: &[Vec<u8>]) -> Result<(f64, f64)> {
+    let specs = vec![RenditionSpec::thumbnail("thumb-256", 256, 85)];
+    let limits = DecodeLimits::default();
+    let config = RedactConfig::default();
+    let detector = Detector::new(
+        config.cascade_paths().map_err(anyhow::Error::msg)?,
+        config.scale_factor,
+        config.min_neighbors,
+        config.min_size,
+        config.detect_max_side,
+    );
+    // Warm-up: the cascades load once per thread.
+    let first = mediaflow_imaging::decode(&files[0], &limits)?;
+    detect_and_blur(&detector, first).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (mut tag, mut redact) = (Duration::ZERO, Duration::ZERO);
+    for bytes in files {
+        let t = Instant::now();
+        mediaflow_imaging::renditions::process(bytes, &specs, &limits)?;
+        tag += t.elapsed();
+        let t = Instant::now();
+        let image = mediaflow_imaging::decode(bytes, &limits)?;
+        let redacted = detect_and_blur(&detector, image).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut png = Vec::new();
+        redacted
+            .image
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+        redact += t.elapsed();
+    }
+    Ok((tag.as_secs_f64(), redact.as_secs_f64()))
+}
+
+async fn declare(up: &Up, items: usize) -> Result<String> {
+    let r = up
+        .http
+        .post(format!("{}/v1/batches", up.gateway))
+        .json(&json!({"name": "bench", "expected_items": items}))
+        .send()
+        .await?;
+    ensure!(r.status() == 201, "declaring a batch: {}", r.status());
+    let body: Value = r.json().await?;
+    Ok(body["id"].as_str().context("batch id")?.to_owned())
+}
+
+async fn upload_batch(up: &Up, id: &str, files: &[Vec<u8>], clients: usize) -> Result<()> {
+    let sent = futures::stream::iter(files.iter().map(|bytes| async move {
+        let r = up
+            .http
+            .post(format!("{}/v1/batches/{id}/media", up.gateway))
+            .body(bytes.clone())
+            .send()
+            .await?;
+        ensure!(r.status() == 202, "upload: {}", r.status());
+        anyhow::Ok(())
+    }))
+    .buffer_unordered(clients)
+    .collect::<Vec<_>>()
+    .await;
+    sent.into_iter().collect()
+}
+
+/// Waits until batch `id` shows its report; the batch.
+async fn reported(up: &Up, id: &str, limit: Duration) -> Result<Value> {
+    let start = Instant::now();
+    loop {
+        let shown: Value = up
+            .http
+            .get(format!("{}/v1/batches/{id}", up.gateway))
+            .send()
+            .await?
+            .json()
+            .await?;
+        if !shown["report"].is_null() {
+            return Ok(shown);
+        }
+        ensure!(start.elapsed() < limit, "batch {id} not reported: {shown}");
+        // Polling the batch as a user would.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<()> {
+    let args = args()?;
+    let photos = photos(&args.photos)?;
+    let files: Vec<Vec<u8>> = (0..args.images)
+        .map(|i| std::fs::read(&photos[i % photos.len()]))
+        .collect::<Result<_, _>>()?;
+    let bytes: usize = files.iter().map(Vec::len).sum();
+    println!(
+        "tagging pipeline: {} uploads of {} distinct photos ({:.1} MB), mediaflow on CPU {}",
+        files.len(),
+        photos.len(),
+        bytes as f64 / 1e6,
+        args.cpus
+    );
+    let (tag, redact) = kernels(&files)?;
+    let kernel = tag + redact;
+    println!(
+        "kernels, one thread: tag {tag:.2} s + redact {redact:.2} s = {kernel:.2} s ({:.1} images/s)",
+        files.len() as f64 / kernel
+    );
+
+    let pipeline = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../pipelines/tagging.yaml"));
+    let dir = args.work.join("tagging");
+    let up = Up::start(&args.mediaflow, &args.cpus, &dir, &pipeline).await?;
+    let warm = declare(&up, 1).await?;
+    upload_batch(&up, &warm, &files[..1], 1).await?;
+    reported(&up, &warm, Duration::from_secs(120)).await?;
+
+    let (cpu0, broker0) = up.cpu();
+    let start = Instant::now();
+    let id = declare(&up, files.len()).await?;
+    upload_batch(&up, &id, &files, args.clients).await?;
+    let shown = reported(&up, &id, Duration::from_secs(3600)).await?;
+    let took = start.elapsed().as_secs_f64();
+    let (cpu1, broker1) = up.cpu();
+    ensure!(
+        shown["state"] == "complete" && shown["report"]["inputs"] == files.len(),
+        "the batch did not complete: {}",
+        shown["state"]
+    );
+    println!(
+        "end to end: {took:.2} s, {:.2} images/s; CPU: mediaflow {:.2} s, broker {:.2} s",
+        files.len() as f64 / took,
+        cpu1 - cpu0,
+        broker1 - broker0
+    );
+    println!(
+        "platform overhead: end to end / kernels = {:.3} ({:+.1}%); CPU (mediaflow + broker) / kernels = {:.3}",
+        took / kernel,
+        (took / kernel - 1.0) * 100.0,
+        (cpu1 - cpu0 + broker1 - broker0) / kernel
+    );
+    up.stop().await?;
+    let _ = std::fs::remove_dir_all(args.work.join(SET_ASIDE));
+    Ok(())
+}
