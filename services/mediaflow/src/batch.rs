@@ -162,7 +162,11 @@ pub async fn upload_folder(job: &FolderUpload) -> Result<Value> {
         } else {
             String::new()
         });
-        if done + failed >= uploaded {
+        // Every item final; a pipeline that joins batches has released this one by then (its
+        // join marks each item done in the transaction that counts it), and its report
+        // follows.
+        let released = shown["state"] != "open";
+        if done + failed >= uploaded && (!released || !shown["report"].is_null()) {
             bar.finish_and_clear();
             return Ok(shown);
         }
@@ -206,9 +210,48 @@ pub fn summary(batch: &Value) -> String {
             counts(&stage["items"])
         ));
     }
+    if let Some(report) = batch["report"]["aggregates"].as_object() {
+        out.push_str(&format!(
+            "  report ({} items):\n",
+            batch["report"]["inputs"]
+        ));
+        for (name, value) in report {
+            out.push_str(&format!("    {name:<12} {}\n", brief(value)));
+        }
+    }
+    if let Some(failures) = batch["report"]["failures"].as_object() {
+        for (item, why) in failures {
+            out.push_str(&format!(
+                "  failed: {item}: {}\n",
+                why.as_str().unwrap_or_default()
+            ));
+        }
+    }
     out.push_str(&format!(
         "  status: GET /v1/batches/{}\n",
         batch["id"].as_str().unwrap_or("?")
     ));
     out
+}
+
+/// An aggregate in one line: counts as they are, a sum as its total, a histogram as its
+/// buckets' counts.
+fn brief(value: &Value) -> String {
+    if let Some(sum) = value.get("sum") {
+        return format!("{sum} (of {})", value["count"]);
+    }
+    if let Some(buckets) = value.get("buckets").and_then(Value::as_array) {
+        return buckets
+            .iter()
+            .map(|b| {
+                let edge = |e: &Value| if e.is_null() { String::new() } else { e.to_string() };
+                format!("[{}, {}): {}", edge(&b["from"]), edge(&b["to"]), b["count"])
+            })
+            .collect::<Vec<_>>()
+            .join("  ");
+    }
+    if let Some(fractions) = value.get("fractions") {
+        return format!("{fractions} (weight {})", value["weight"]);
+    }
+    value.to_string()
 }
