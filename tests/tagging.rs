@@ -890,6 +890,44 @@ async fn joins_and_reducers_killed_mid_batch_report_as_if_undisturbed() -> Resul
     tp.stop().await
 }
 
+/// A tracker that remembers which events it was told are about to be published.
+#[derive(Default)]
+struct Told(std::sync::Mutex<Vec<String>>);
+
+impl mediaflow_runtime::Tracker for Told {
+    fn running<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a cloudevents::Event,
+    ) -> futures::future::BoxFuture<'a, Result<(), mediaflow_runtime::StageError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn queued<'a>(
+        &'a self,
+        outputs: &'a [mediaflow_runtime::Bound],
+    ) -> futures::future::BoxFuture<'a, Result<(), mediaflow_runtime::StageError>> {
+        if let Ok(mut told) = self.0.lock() {
+            told.extend(outputs.iter().map(|o| o.event.id().to_owned()));
+        }
+        Box::pin(async { Ok(()) })
+    }
+    fn done<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a cloudevents::Event,
+    ) -> futures::future::BoxFuture<'a, Result<(), mediaflow_runtime::StageError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn failed<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a cloudevents::Event,
+        _: &'a mediaflow_runtime::StageError,
+    ) -> futures::future::BoxFuture<'a, Result<(), mediaflow_runtime::StageError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
 /// Notes, as a relay does before it sends, the partition of `e` and that partition's end, with
 /// the relay's lease ending at `lease_until`; the partition.
 async fn note(
@@ -968,6 +1006,7 @@ async fn the_emission_ledger_publishes_once_across_a_crash_between_send_and_mark
     note(&tp, &db, &topic, &held, now + 600_000).await?;
 
     let metrics = mediaflow_telemetry::Metrics::new();
+    let told = std::sync::Arc::new(Told::default());
     let relay = Relay::new(
         "ledger-test",
         db.clone(),
@@ -975,6 +1014,7 @@ async fn the_emission_ledger_publishes_once_across_a_crash_between_send_and_mark
         publisher.clone(),
         metrics.clone(),
         Duration::from_secs(3),
+        told.clone(),
     );
     ensure!(relay.pass().await? == 3, "three emissions finished");
     ensure!(relay.pass().await? == 0, "nothing left to do");
@@ -1004,6 +1044,15 @@ async fn the_emission_ledger_publishes_once_across_a_crash_between_send_and_mark
             .fetch_one(db.pool())
             .await?;
     ensure!(offset == Some(landed.offset), "{offset:?} vs {landed:?}");
+    // The stages reading the topic were told before each of the two sends.
+    let mut queued = told.0.lock().map_err(|e| anyhow::anyhow!("{e}"))?.clone();
+    queued.sort();
+    let mut sent_now: Vec<String> = [&noted, &fresh]
+        .iter()
+        .map(|e| e.event.id().to_owned())
+        .collect();
+    sent_now.sort();
+    ensure!(queued == sent_now, "queued {queued:?}, sent {sent_now:?}");
     let rendered = metrics.render();
     ensure!(
         rendered

@@ -597,5 +597,8 @@ async fn main() -> Result<()> {
 /// The upload pipeline alone, as in the runs BENCHMARKS.md records: the sign-up flow's and the
 /// tagging pipeline's idle consumers would add broker polling to the measured overhead.
 fn default_pipeline() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../pipelines/default.yaml"))
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../pipelines/default.yaml"
+    ))
 }

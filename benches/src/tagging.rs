@@ -75,10 +75,7 @@ fn photos(dir: &Path) -> Result<Vec<PathBuf>> {
     for folder in folders {
         for entry in std::fs::read_dir(folder)? {
             let path = entry?.path();
-            if path
-                .extension()
-                .is_some_and(|e| e == "jpg" || e == "png")
-            {
+            if path.extension().is_some_and(|e| e == "jpg" || e == "png") {
                 found.push(path);
             }
         }
@@ -192,7 +189,10 @@ async fn main() -> Result<()> {
         files.len() as f64 / kernel
     );
 
-    let pipeline = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../pipelines/tagging.yaml"));
+    let pipeline = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../pipelines/tagging.yaml"
+    ));
     let dir = args.work.join("tagging");
     let up = Up::start(&args.mediaflow, &args.cpus, &dir, &pipeline).await?;
     let warm = declare(&up, 1).await?;

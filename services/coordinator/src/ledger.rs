@@ -20,7 +20,7 @@ use cloudevents::{AttributesReader, Event};
 use mediaflow_bus::{Bus, BusError, Publisher};
 use mediaflow_db::Db;
 use mediaflow_events::EventData;
-use mediaflow_runtime::StageError;
+use mediaflow_runtime::{Bound, StageError, Tracker};
 use mediaflow_telemetry::Metrics;
 use sqlx::{AnyConnection, Row};
 use tokio::sync::Notify;
@@ -83,6 +83,8 @@ pub enum RelayError {
     Db(#[from] sqlx::Error),
     #[error("broker: {0}")]
     Bus(#[from] BusError),
+    #[error("recording stage status: {0}")]
+    Track(StageError),
     #[error("emission {id} is unreadable: {why}")]
     Corrupt { id: String, why: String },
 }
@@ -107,6 +109,9 @@ pub struct Relay {
     metrics: Metrics,
     /// How long it holds an emission it is publishing: beyond the publisher's delivery timeout.
     lease: Duration,
+    /// Told before each send, so the stages reading the topic are queued for the entity the
+    /// event is about before it is published (as the runtime does for outputs).
+    tracker: Arc<dyn Tracker>,
     wake: Arc<Notify>,
 }
 
@@ -118,6 +123,7 @@ impl Relay {
         publisher: Publisher,
         metrics: Metrics,
         lease: Duration,
+        tracker: Arc<dyn Tracker>,
     ) -> Self {
         Self {
             stage: stage.to_owned(),
@@ -126,6 +132,7 @@ impl Relay {
             publisher,
             metrics,
             lease,
+            tracker,
             wake: Arc::new(Notify::new()),
         }
     }
@@ -235,6 +242,15 @@ impl Relay {
                 id: pending.id.clone(),
                 why: e.to_string(),
             })?;
+        self.tracker
+            .queued(&[Bound {
+                port: String::new(),
+                topic: pending.topic.clone(),
+                key: pending.key.clone(),
+                event: event.clone(),
+            }])
+            .await
+            .map_err(RelayError::Track)?;
         let from = self.bus.end_offset(&pending.topic, partition).await?;
         sqlx::query("UPDATE emissions SET partition_no = $2, from_offset = $3 WHERE id = $1")
             .bind(&pending.id)

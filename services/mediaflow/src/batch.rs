@@ -57,7 +57,11 @@ pub fn batch_files(dir: &Path) -> Result<Vec<(String, PathBuf, u64)>> {
 /// Declares the batch, uploads the folder, and (with `wait`) follows it. Returns the batch as
 /// `GET /v1/batches/{id}` last showed it.
 pub async fn upload_folder(job: &FolderUpload) -> Result<Value> {
-    let files = batch_files(&job.dir)?;
+    upload_files(job, batch_files(&job.dir)?).await
+}
+
+/// As `upload_folder`, for `files` (name, path, size) of the folder (some of `batch_files`).
+pub async fn upload_files(job: &FolderUpload, files: Vec<(String, PathBuf, u64)>) -> Result<Value> {
     let http = reqwest::Client::new();
     let name = job.name.clone().unwrap_or_else(|| {
         job.dir
@@ -244,7 +248,13 @@ fn brief(value: &Value) -> String {
         return buckets
             .iter()
             .map(|b| {
-                let edge = |e: &Value| if e.is_null() { String::new() } else { e.to_string() };
+                let edge = |e: &Value| {
+                    if e.is_null() {
+                        String::new()
+                    } else {
+                        e.to_string()
+                    }
+                };
                 format!("[{}, {}): {}", edge(&b["from"]), edge(&b["to"]), b["count"])
             })
             .collect::<Vec<_>>()

@@ -22,6 +22,7 @@ fn relay(stage: &StageSpec, ctx: &BuildContext<'_>) -> Relay {
             .with_source(&format!("/mediaflow/{}", stage.name)),
         s.metrics.clone(),
         std::time::Duration::from_secs(ctx.config.stages.emission_lease_secs.max(1)),
+        ctx.tracker.clone(),
     )
 }
 

@@ -267,6 +267,34 @@ async fn run(command: Command, config: MediaflowConfig) -> Result<ExitCode> {
                         return Err(e);
                     }
                 }
+                // The photos again, as one batch: the tagging pipeline detects and blurs faces
+                // and plates, joins each photo's branches and the batch, and reduces a report.
+                let photos: Vec<_> = mediaflow::batch::batch_files(&dir)?
+                    .into_iter()
+                    .filter(|(name, _, _)| mediaflow::samples::is_photo(name))
+                    .collect();
+                if !photos.is_empty() {
+                    println!("\nthe photos as one batch (`mediaflow batch upload`):");
+                    let job = mediaflow::batch::FolderUpload {
+                        base: base.clone(),
+                        dir: dir.clone(),
+                        name: Some("samples".into()),
+                        failure_policy: "complete-partial".into(),
+                        concurrency: 4,
+                        wait: Some(Duration::from_secs(120)),
+                    };
+                    let batch = tokio::select! {
+                        r = mediaflow::batch::upload_files(&job, photos) => r,
+                        () = platform.stopped() => Err(anyhow::anyhow!("the platform stopped before the batch finished")),
+                    };
+                    match batch {
+                        Ok(batch) => print!("{}", mediaflow::batch::summary(&batch)),
+                        Err(e) => {
+                            platform.stop(DRAIN_DEADLINE).await?;
+                            return Err(e);
+                        }
+                    }
+                }
                 if exit_after_samples {
                     platform.stop(DRAIN_DEADLINE).await?;
                     return Ok(ExitCode::SUCCESS);

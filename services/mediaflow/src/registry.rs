@@ -47,6 +47,9 @@ pub struct BuildContext<'a> {
     pub config: &'a MediaflowConfig,
     pub services: &'a Services,
     pub topology: &'a Topology,
+    /// Where stages record their state per media item: a kind that publishes beside the runtime
+    /// (the joins' and reducers' relays) queues the readers of what it publishes here first.
+    pub tracker: &'a Arc<dyn mediaflow_runtime::Tracker>,
 }
 
 type Run = Box<dyn FnOnce(Wiring) -> BoxFuture<'static, Result<Stopped>> + Send>;

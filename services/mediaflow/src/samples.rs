@@ -18,6 +18,16 @@ pub struct SampleResult {
     pub probe: Option<serde_json::Value>,
 }
 
+/// Whether a sample's file name says it is a photo (the batch demo takes photos only).
+pub fn is_photo(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    [
+        ".jpg", ".jpeg", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp",
+    ]
+    .iter()
+    .any(|ext| lower.ends_with(ext))
+}
+
 /// Media files in `dir`, sorted by name.
 pub fn sample_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)

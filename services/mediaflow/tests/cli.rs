@@ -66,6 +66,13 @@ fn up_processes_the_samples_and_exits() {
     }
     assert!(stdout.matches("/v1/media/").count() >= 2, "{stdout}");
     assert!(stdout.contains("s3://mediaflow/derived/"), "{stdout}");
+    // The photos again as a batch, through the tagging pipeline, to its report.
+    assert!(
+        stdout.contains("(samples): 2 of 2 items uploaded, state complete")
+            && stdout.contains("report (2 items):")
+            && stdout.contains("objects"),
+        "{stdout}"
+    );
 }
 
 #[test]

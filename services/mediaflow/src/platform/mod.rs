@@ -270,6 +270,7 @@ async fn run_stage_with(
             config,
             services,
             topology,
+            tracker,
         },
     )?;
     let prefix = &config.bus.topic_prefix;

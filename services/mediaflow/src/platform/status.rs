@@ -6,7 +6,8 @@
 //! and its reason) when one gave up.
 //!
 //! Which entity an event is about comes from its type: the media events (`mediaflow.media.*`,
-//! `mediaflow.image.processed`, `mediaflow.video.processed`) are about the media item their
+//! `mediaflow.image.processed`, `mediaflow.image.redacted`, `mediaflow.video.processed`,
+//! `mediaflow.media.completed`) are about the media item their
 //! subject names, work items and their results about the item. Other events (a linking stage's
 //! own traffic) are about no entity and cost no database write.
 
@@ -16,8 +17,8 @@ use cloudevents::{AttributesReader, Event};
 use futures::future::BoxFuture;
 use mediaflow_db::{Db, Entity, StageState};
 use mediaflow_events::{
-    EventData, ImageProcessed, ItemProcessed, MediaProcessed, MediaUploaded, VideoProcessed,
-    WorkItem,
+    EventData, ImageProcessed, ImageRedacted, ItemProcessed, MediaCompleted, MediaProcessed,
+    MediaUploaded, VideoProcessed, WorkItem,
 };
 use mediaflow_runtime::{Bound, StageError, Tracker};
 
@@ -67,8 +68,10 @@ fn entity(event: &Event) -> Option<Entity<'_>> {
     match event.ty() {
         MediaUploaded::TYPE
         | ImageProcessed::TYPE
+        | ImageRedacted::TYPE
         | VideoProcessed::TYPE
-        | MediaProcessed::TYPE => Some(Entity::Media(subject)),
+        | MediaProcessed::TYPE
+        | MediaCompleted::TYPE => Some(Entity::Media(subject)),
         WorkItem::TYPE | ItemProcessed::TYPE => Some(Entity::Item(subject)),
         _ => None,
     }
