@@ -518,9 +518,7 @@ async fn windows_close_on_the_watermark_and_late_events_are_kept_visible() -> Re
     let topic = format!("{}towns", tp.config.bus.topic_prefix);
     let publisher = tp.bus.publisher("/test")?;
     // A minute boundary.
-    let t0 =
-        chrono::DateTime::from_timestamp_millis(1_800_000_000_000 - 1_800_000_000_000 % 60_000)
-            .context("t0")?;
+    let t0 = chrono::DateTime::from_timestamp_millis(30_000_000 * 60_000).context("t0")?;
     let town = |id: &str, secs: i64, population: u64, fractions: [f64; 4], region: &str| {
         EventBuilderV10::new()
             .id(id)
