@@ -112,7 +112,18 @@ async fn batch_scenario(backend: Backend) -> Result<()> {
     let (_, counted) = create(&tp, json!({"name": "two", "expected_items": 2})).await?;
     let counted_id = counted["id"].as_str().context("id")?.to_owned();
     for n in 0..3 {
-        let (status, body) = upload(&tp, &counted_id, "chelsea.png", None).await?;
+        let (status, body) = if n == 0 {
+            // The batch named by a header on a plain upload.
+            let r = reqwest::Client::new()
+                .post(format!("{}/v1/media", tp.base))
+                .header("x-batch-id", &counted_id)
+                .body(std::fs::read(fixtures().join("chelsea.png"))?)
+                .send()
+                .await?;
+            (r.status().as_u16(), r.json::<Value>().await?)
+        } else {
+            upload(&tp, &counted_id, "chelsea.png", None).await?
+        };
         let want = if n < 2 { 202 } else { 409 };
         ensure!(status == want, "upload {n}: {status} {body}");
         if n == 2 {
@@ -120,8 +131,14 @@ async fn batch_scenario(backend: Backend) -> Result<()> {
         }
     }
 
-    // Each upload announced its batch item.
+    // Each upload announced its batch item (the header's one too).
     let events = tp.events("media.uploaded").await?;
+    let counted_items = events
+        .iter()
+        .filter_map(|e| mediaflow_events::data_json(e).ok())
+        .filter(|d| d["batch"]["batch_id"] == counted_id.as_str())
+        .count();
+    ensure!(counted_items == 2, "{counted_items} uploads announced into the count batch");
     let mut items: Vec<(String, String)> = Vec::new();
     for e in &events {
         let data = mediaflow_events::data_json(e)?;

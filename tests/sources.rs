@@ -59,6 +59,7 @@ async fn an_s3_prefix_is_backfilled_once() -> Result<()> {
         &db,
         &tp.bus,
         &tp.platform.topology().upload_stages(),
+        None,
     )
     .await?;
     assert_eq!((report.enqueued, report.already), (3, 0));
@@ -99,6 +100,7 @@ async fn an_s3_prefix_is_backfilled_once() -> Result<()> {
         &db,
         &tp.bus,
         &tp.platform.topology().upload_stages(),
+        None,
     )
     .await?;
     assert_eq!(
@@ -106,7 +108,8 @@ async fn an_s3_prefix_is_backfilled_once() -> Result<()> {
         Report {
             enqueued: 0,
             already: 3,
-            skipped: report.skipped.clone()
+            skipped: report.skipped.clone(),
+            batch: None,
         }
     );
     tp.wait_caught_up("router", "media.uploaded").await?;

@@ -1062,3 +1062,71 @@ async fn the_emission_ledger_publishes_once_across_a_crash_between_send_and_mark
     );
     tp.stop().await
 }
+
+/// A bucket of old photos as a batch (`mediaflow backfill s3://... --batch NAME`): read in
+/// place, reduced into a report, and never deleted (only uploads the gateway stored are
+/// originals the join may delete).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backfilled_prefix_becomes_a_batch_whose_originals_are_kept() -> Result<()> {
+    let tp = TestPlatform::start_with(Backend::Sqlite, with_tagging).await?;
+    let s3 = tp.s3_client();
+    let legacy = format!("legacy-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    s3.create_bucket().bucket(&legacy).send().await?;
+    let keys = ["trip/astronaut.png", "trip/coffee.png", "trip/messi5.jpg"];
+    for (key, fixture) in keys.iter().zip(["astronaut.png", "coffee.png", "opencv/messi5.jpg"]) {
+        s3.put_object()
+            .bucket(&legacy)
+            .key(*key)
+            .body(std::fs::read(fixtures().join(fixture))?.into())
+            .send()
+            .await?;
+    }
+    let out = tokio::process::Command::new(support::mediaflow_bin())
+        .args(["backfill", &format!("s3://{legacy}/trip/"), "--batch", "old trip"])
+        .args(["--failure-policy", "complete-partial"])
+        .env("MEDIAFLOW__EMBEDDED__KAFKA", "false")
+        .env("MEDIAFLOW__EMBEDDED__S3", "false")
+        .env("MEDIAFLOW__BUS__BROKERS", &tp.config.bus.brokers)
+        .env("MEDIAFLOW__BUS__TOPIC_PREFIX", &tp.config.bus.topic_prefix)
+        .env("MEDIAFLOW__STORE__ENDPOINT", &tp.config.store.endpoint)
+        .env("MEDIAFLOW__STORE__BUCKET", &tp.config.store.bucket)
+        .env("MEDIAFLOW__PIPELINE", format!(
+            "[{:?}, {:?}]",
+            repo_file("pipelines/default.yaml").display().to_string(),
+            repo_file("pipelines/tagging.yaml").display().to_string()
+        ))
+        .env("DATABASE_URL", tp.config.database_url())
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && stdout.contains("enqueued 3"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("batch "))
+        .and_then(|l| l.split(':').next())
+        .context("the batch id")?
+        .to_owned();
+    let shown = wait_reported(&tp, &id, Duration::from_secs(120)).await?;
+    ensure!(
+        shown["state"] == "complete"
+            && shown["name"] == "old trip"
+            && shown["report"]["inputs"] == 3
+            && shown["report"]["aggregates"]["objects"]["face"]
+                .as_u64()
+                .is_some_and(|n| n >= 2),
+        "{shown}"
+    );
+    let kept = s3
+        .list_objects_v2()
+        .bucket(&legacy)
+        .send()
+        .await?
+        .contents()
+        .len();
+    ensure!(kept == keys.len(), "the backfilled originals were deleted: {kept} left");
+    tp.stop().await
+}

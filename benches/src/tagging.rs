@@ -88,6 +88,8 @@ fn photos(dir: &Path) -> Result<Vec<PathBuf>> {
 /// Seconds the two stages' kernels take over `files`, one after another on this thread:
 /// (tag, redact).
 fn kernels(files: &[Vec<u8>]) -> Result<(f64, f64)> {
+    // One thread, as the stage runs each detection (OpenCV would use every core otherwise).
+    opencv::core::set_num_threads(1)?;
     let specs = vec![RenditionSpec::thumbnail("thumb-256", 256, 85)];
     let limits = DecodeLimits::default();
     let config = RedactConfig::default();

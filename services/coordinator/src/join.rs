@@ -454,21 +454,20 @@ impl Join {
             .map_err(db_error)
     }
 
-    /// Deletes the objects the branches name as their `input` (the upload), each once.
+    /// Deletes the upload the branches name as their `input`, once; only an upload the gateway
+    /// stored (`uploads/` in the platform's bucket), never an object a backfill read in place.
     async fn delete_originals(&self, results: &BTreeMap<String, Value>) -> Result<(), StageError> {
-        let originals: BTreeSet<(String, String)> = results
+        let originals: BTreeSet<String> = results
             .values()
             .filter_map(|r| {
                 let input = r.get("input")?;
-                Some((
-                    input.get("bucket")?.as_str()?.to_owned(),
-                    input.get("key")?.as_str()?.to_owned(),
-                ))
+                let bucket = input.get("bucket")?.as_str()?;
+                let key = input.get("key")?.as_str()?;
+                (bucket == self.store.bucket() && is_upload(key)).then(|| key.to_owned())
             })
             .collect();
-        for (bucket, key) in originals {
+        for key in originals {
             self.store
-                .in_bucket(&bucket)
                 .delete(&key)
                 .await
                 .map_err(|e| StageError::dependency(e.is_transient(), e.to_string()))?;
@@ -519,6 +518,15 @@ impl Join {
     }
 }
 
+/// Whether `key` is where the gateway stores an upload: `uploads/<media id>/original.<ext>`.
+fn is_upload(key: &str) -> bool {
+    key.strip_prefix("uploads/")
+        .and_then(|rest| rest.split_once('/'))
+        .is_some_and(|(id, file)| {
+            !id.is_empty() && !id.contains("..") && file.starts_with("original.") && !file.contains('/')
+        })
+}
+
 fn parts(outcome: &Outcome) -> (BTreeMap<String, Value>, BTreeMap<String, String>) {
     match outcome.clone() {
         Outcome::Complete { results } => (results, BTreeMap::new()),
@@ -542,5 +550,41 @@ impl Handler for Join {
             self.apply(&key, Some((&name, arrival))).await?;
         }
         Ok(Vec::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_gateways_uploads_are_originals_to_delete() {
+        assert!(is_upload("uploads/0190c0de/original.jpg"));
+        for key in [
+            "photos/a.jpg",
+            "uploads/original.jpg",
+            "uploads/x/y/original.jpg",
+            "uploads/../original.jpg",
+            "derived/x/tag/v1/thumb.jpg",
+            "uploads/x/thumb.jpg",
+        ] {
+            assert!(!is_upload(key), "{key}");
+        }
+    }
+
+    #[test]
+    fn settings_are_checked() {
+        let parse = |v: Value| serde_json::from_value::<JoinConfig>(v).unwrap().check();
+        assert!(parse(serde_json::json!({"by": "media"})).is_err());
+        assert!(
+            parse(serde_json::json!({"by": "media", "branches": {
+                "a": {"type": "t"}, "b": {"type": "t"}}}))
+            .is_err()
+        );
+        assert!(parse(serde_json::json!({"by": "batch", "timeout_secs": 3})).is_err());
+        parse(serde_json::json!({"by": "media", "branches": {"a": {"type": "t", "stages": ["s"]}},
+            "on_failure": "complete-partial", "timeout_secs": 60, "delete_originals": true}))
+        .unwrap();
+        parse(serde_json::json!({"by": "batch"})).unwrap();
     }
 }

@@ -258,10 +258,22 @@ impl Relay {
             .bind(from)
             .execute(self.db.pool())
             .await?;
-        let at = self
+        let at = match self
             .publisher
             .publish_to(&pending.topic, partition, &pending.key, event)
-            .await?;
+            .await
+        {
+            Ok(at) => at,
+            Err(e) => {
+                // The producer is done with it (acknowledged or not, it retries no more): the
+                // next pass may take it at once, and reads the topic from the noted offset first.
+                sqlx::query("UPDATE emissions SET lease_until_ms = NULL WHERE id = $1")
+                    .bind(&pending.id)
+                    .execute(self.db.pool())
+                    .await?;
+                return Err(e.into());
+            }
+        };
         self.mark(&pending.id, at.offset).await?;
         self.metrics.coordinated(&self.stage, "emitted");
         Ok(true)

@@ -174,8 +174,13 @@ pub struct Accepted {
     pub sha256: String,
 }
 
+/// `POST /v1/media`; with an `X-Batch-Id` header, as `POST /v1/batches/{id}/media`.
 async fn upload(State(gw): State<Gateway>, request: Request) -> Response {
-    answer_upload(&gw, request, None).await
+    let batch = request
+        .headers()
+        .get("x-batch-id")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_owned());
+    answer_upload(&gw, request, batch).await
 }
 
 /// An upload that takes an item of batch `id`.

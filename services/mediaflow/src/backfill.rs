@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use futures::StreamExt;
 use mediaflow_bus::Bus;
 use mediaflow_db::Db;
-use mediaflow_events::ObjectRef;
+use mediaflow_events::{BatchItem, ObjectRef};
 use mediaflow_gateway::ingest::{Intake, record_and_announce};
 use mediaflow_store::ObjectStore;
 use sha2::{Digest, Sha256};
@@ -20,6 +20,16 @@ pub struct Report {
     pub already: usize,
     /// Left out, with why (empty, not a supported format).
     pub skipped: Vec<(String, String)>,
+    /// The batch the objects admitted now were announced into (`--batch`).
+    pub batch: Option<String>,
+}
+
+/// A batch to announce the admitted objects into: a count batch of as many items as objects
+/// are admitted now (objects admitted by an earlier run are not in it).
+#[derive(Clone, Debug)]
+pub struct IntoBatch {
+    pub name: String,
+    pub failure_policy: mediaflow_coordination::FailurePolicy,
 }
 
 /// Namespace of backfilled media ids (UUID v5 over the object's location and size).
@@ -31,7 +41,8 @@ pub fn media_id(bucket: &str, key: &str, size: u64) -> String {
 }
 
 /// Admits every object under `prefix` in `bucket` (on the platform's S3 endpoint), each queued
-/// for `stages` (those reading `media.uploaded`: `Topology::upload_stages`).
+/// for `stages` (those reading `media.uploaded`: `Topology::upload_stages`); with `batch`, as the
+/// items of a new batch.
 pub async fn backfill(
     store: &ObjectStore,
     bucket: &str,
@@ -39,10 +50,12 @@ pub async fn backfill(
     db: &Db,
     bus: &Bus,
     stages: &[String],
+    batch: Option<&IntoBatch>,
 ) -> Result<Report> {
     let source = store.in_bucket(bucket);
     let publisher = bus.publisher("/mediaflow/backfill")?;
     let mut report = Report::default();
+    let mut admitted = Vec::new();
     let objects = source
         .list(prefix)
         .await
@@ -91,14 +104,49 @@ pub async fn backfill(
             .next()
             .filter(|n| !n.is_empty())
             .map(str::to_owned);
-        let intake = Intake {
-            bus,
-            publisher: &publisher,
-            stages,
+        admitted.push((id, format.kind, object, filename));
+    }
+    // A batch knows its count before its first item is announced.
+    let batches = mediaflow_batches::Batches::new(db.clone());
+    let batch_id = match batch {
+        Some(b) if !admitted.is_empty() => {
+            let spec = mediaflow_batches::BatchRequest {
+                name: b.name.clone(),
+                expected_items: Some(admitted.len() as u64),
+                manifest: None,
+                failure_policy: b.failure_policy,
+                timeout_secs: None,
+            }
+            .validate()?;
+            let id = uuid::Uuid::now_v7().to_string();
+            batches.create(&id, &spec, Db::now_ms()).await?;
+            Some(id)
+        }
+        _ => None,
+    };
+    let intake = Intake {
+        bus,
+        publisher: &publisher,
+        stages,
+    };
+    for (id, kind, object, filename) in admitted {
+        let item = match &batch_id {
+            Some(batch_id) => {
+                let item = batches
+                    .take(batch_id, None, &id, Db::now_ms())
+                    .await?
+                    .map_err(|refused| anyhow::anyhow!("batch {batch_id}: {refused:?}"))?;
+                Some(BatchItem {
+                    batch_id: batch_id.clone(),
+                    item,
+                })
+            }
+            None => None,
         };
-        record_and_announce(db, &intake, &id, format.kind, object, filename, None).await?;
+        record_and_announce(db, &intake, &id, kind, object, filename, item).await?;
         report.enqueued += 1;
     }
+    report.batch = batch_id;
     Ok(report)
 }
 

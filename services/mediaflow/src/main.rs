@@ -60,6 +60,13 @@ enum Command {
     Backfill {
         /// s3://bucket/prefix on the configured S3 endpoint.
         location: String,
+        /// Announce the objects admitted now as the items of a new batch of this name (its id
+        /// is printed; `GET /v1/batches/{id}` follows it).
+        #[arg(long)]
+        batch: Option<String>,
+        /// The batch's failure policy: `fail-batch` or `complete-partial`.
+        #[arg(long, default_value = "fail-batch", requires = "batch")]
+        failure_policy: String,
     },
     /// List or replay dead letters: messages stages gave up on.
     Dlq {
@@ -347,7 +354,11 @@ async fn run(command: Command, config: MediaflowConfig) -> Result<ExitCode> {
             mediaflow::tail::tail(&bus, &topic, from_beginning, max, token, &mut out).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Backfill { location } => {
+        Command::Backfill {
+            location,
+            batch,
+            failure_policy,
+        } => {
             let (bucket, prefix) = mediaflow::backfill::parse_location(&location)?;
             let mut config = config;
             if config.embedded.kafka || config.embedded.s3 {
@@ -358,8 +369,32 @@ async fn run(command: Command, config: MediaflowConfig) -> Result<ExitCode> {
             let db = mediaflow_db::Db::connect(&config.database_url(), 2).await?;
             let stages = mediaflow::Topology::load(&config, &mediaflow::Registry::default())?
                 .upload_stages();
-            let report =
-                mediaflow::backfill::backfill(&store, &bucket, &prefix, &db, &bus, &stages).await?;
+            let into = batch
+                .map(|name| {
+                    let failure_policy = serde_json::from_value(serde_json::Value::String(
+                        failure_policy.clone(),
+                    ))
+                    .map_err(|_| {
+                        anyhow::anyhow!(
+                            "--failure-policy: `{failure_policy}` is not fail-batch or complete-partial"
+                        )
+                    })?;
+                    anyhow::Ok(mediaflow::backfill::IntoBatch {
+                        name,
+                        failure_policy,
+                    })
+                })
+                .transpose()?;
+            let report = mediaflow::backfill::backfill(
+                &store,
+                &bucket,
+                &prefix,
+                &db,
+                &bus,
+                &stages,
+                into.as_ref(),
+            )
+            .await?;
             for (key, why) in &report.skipped {
                 println!("skipped s3://{bucket}/{key}: {why}");
             }
@@ -369,6 +404,9 @@ async fn run(command: Command, config: MediaflowConfig) -> Result<ExitCode> {
                 report.already,
                 report.skipped.len()
             );
+            if let Some(id) = &report.batch {
+                println!("batch {id}: GET /v1/batches/{id}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Dlq { command } => {

@@ -157,6 +157,9 @@ impl RedactWorker {
         db: Db,
     ) -> Result<Self, String> {
         config.check()?;
+        // One thread per detection: the stage runs one per core at once (its messages are its
+        // parallelism); OpenCV's own pool on top would oversubscribe the cores.
+        opencv::core::set_num_threads(1).map_err(|e| format!("OpenCV threads: {e}"))?;
         let detector = Detector::new(
             config.cascade_paths()?,
             config.scale_factor,
