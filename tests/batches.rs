@@ -138,7 +138,10 @@ async fn batch_scenario(backend: Backend) -> Result<()> {
         .filter_map(|e| mediaflow_events::data_json(e).ok())
         .filter(|d| d["batch"]["batch_id"] == counted_id.as_str())
         .count();
-    ensure!(counted_items == 2, "{counted_items} uploads announced into the count batch");
+    ensure!(
+        counted_items == 2,
+        "{counted_items} uploads announced into the count batch"
+    );
     let mut items: Vec<(String, String)> = Vec::new();
     for e in &events {
         let data = mediaflow_events::data_json(e)?;

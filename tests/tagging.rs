@@ -1073,7 +1073,10 @@ async fn a_backfilled_prefix_becomes_a_batch_whose_originals_are_kept() -> Resul
     let legacy = format!("legacy-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     s3.create_bucket().bucket(&legacy).send().await?;
     let keys = ["trip/astronaut.png", "trip/coffee.png", "trip/messi5.jpg"];
-    for (key, fixture) in keys.iter().zip(["astronaut.png", "coffee.png", "opencv/messi5.jpg"]) {
+    for (key, fixture) in keys
+        .iter()
+        .zip(["astronaut.png", "coffee.png", "opencv/messi5.jpg"])
+    {
         s3.put_object()
             .bucket(&legacy)
             .key(*key)
@@ -1082,7 +1085,12 @@ async fn a_backfilled_prefix_becomes_a_batch_whose_originals_are_kept() -> Resul
             .await?;
     }
     let out = tokio::process::Command::new(support::mediaflow_bin())
-        .args(["backfill", &format!("s3://{legacy}/trip/"), "--batch", "old trip"])
+        .args([
+            "backfill",
+            &format!("s3://{legacy}/trip/"),
+            "--batch",
+            "old trip",
+        ])
         .args(["--failure-policy", "complete-partial"])
         .env("MEDIAFLOW__EMBEDDED__KAFKA", "false")
         .env("MEDIAFLOW__EMBEDDED__S3", "false")
@@ -1090,11 +1098,14 @@ async fn a_backfilled_prefix_becomes_a_batch_whose_originals_are_kept() -> Resul
         .env("MEDIAFLOW__BUS__TOPIC_PREFIX", &tp.config.bus.topic_prefix)
         .env("MEDIAFLOW__STORE__ENDPOINT", &tp.config.store.endpoint)
         .env("MEDIAFLOW__STORE__BUCKET", &tp.config.store.bucket)
-        .env("MEDIAFLOW__PIPELINE", format!(
-            "[{:?}, {:?}]",
-            repo_file("pipelines/default.yaml").display().to_string(),
-            repo_file("pipelines/tagging.yaml").display().to_string()
-        ))
+        .env(
+            "MEDIAFLOW__PIPELINE",
+            format!(
+                "[{:?}, {:?}]",
+                repo_file("pipelines/default.yaml").display().to_string(),
+                repo_file("pipelines/tagging.yaml").display().to_string()
+            ),
+        )
         .env("DATABASE_URL", tp.config.database_url())
         .output()
         .await?;
@@ -1127,6 +1138,9 @@ async fn a_backfilled_prefix_becomes_a_batch_whose_originals_are_kept() -> Resul
         .await?
         .contents()
         .len();
-    ensure!(kept == keys.len(), "the backfilled originals were deleted: {kept} left");
+    ensure!(
+        kept == keys.len(),
+        "the backfilled originals were deleted: {kept} left"
+    );
     tp.stop().await
 }

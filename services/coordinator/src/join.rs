@@ -523,7 +523,10 @@ fn is_upload(key: &str) -> bool {
     key.strip_prefix("uploads/")
         .and_then(|rest| rest.split_once('/'))
         .is_some_and(|(id, file)| {
-            !id.is_empty() && !id.contains("..") && file.starts_with("original.") && !file.contains('/')
+            !id.is_empty()
+                && !id.contains("..")
+                && file.starts_with("original.")
+                && !file.contains('/')
         })
 }
 
@@ -582,8 +585,10 @@ mod tests {
             .is_err()
         );
         assert!(parse(serde_json::json!({"by": "batch", "timeout_secs": 3})).is_err());
-        parse(serde_json::json!({"by": "media", "branches": {"a": {"type": "t", "stages": ["s"]}},
-            "on_failure": "complete-partial", "timeout_secs": 60, "delete_originals": true}))
+        parse(
+            serde_json::json!({"by": "media", "branches": {"a": {"type": "t", "stages": ["s"]}},
+            "on_failure": "complete-partial", "timeout_secs": 60, "delete_originals": true}),
+        )
         .unwrap();
         parse(serde_json::json!({"by": "batch"})).unwrap();
     }
