@@ -1144,3 +1144,74 @@ async fn a_backfilled_prefix_becomes_a_batch_whose_originals_are_kept() -> Resul
     );
     tp.stop().await
 }
+
+/// After a join deleted the originals, the branch stages get their messages again (as after a
+/// crash between publishing their result and committing their input): each finds its own
+/// output there and is done, without a dead letter or a failed media.
+#[tokio::test(flavor = "multi_thread")]
+async fn branches_redelivered_after_their_originals_went_are_done_without_dead_letters()
+-> Result<()> {
+    let tp = TestPlatform::start_with(Backend::Sqlite, with_tagging).await?;
+    let photos = ["astronaut.png", "opencv/messi5.jpg"];
+    let names: Vec<&str> = photos.iter().map(|p| item(p)).collect();
+    let id = create_batch(&tp, json!({"name": "again", "manifest": names})).await?;
+    let mut media = Vec::new();
+    for photo in photos {
+        media.push(
+            upload(
+                &tp,
+                &id,
+                item(photo),
+                std::fs::read(fixtures().join(photo))?,
+            )
+            .await?,
+        );
+    }
+    wait_reported(&tp, &id, Duration::from_secs(120)).await?;
+    let keys = tp.object_keys().await?;
+    ensure!(
+        !keys.iter().any(|k| k.starts_with("uploads/")),
+        "the originals were not deleted: {keys:?}"
+    );
+
+    let prefix = tp.config.bus.topic_prefix.clone();
+    let publisher = tp.bus.publisher("/test")?;
+    let branches = [
+        ("redact-0", "tagging.shard-0"),
+        ("redact-1", "tagging.shard-1"),
+        ("tag", "tagging.to-tag"),
+    ];
+    let mut again = 0;
+    for (_, topic) in branches {
+        let topic = format!("{prefix}{topic}");
+        for d in tp.bus.read_to_end(&topic).await? {
+            let event = d.event.map_err(anyhow::Error::msg)?;
+            let key = d.key.unwrap_or_else(|| event.id().to_owned());
+            publisher.publish_event(&topic, &key, event).await?;
+            again += 1;
+        }
+    }
+    ensure!(again == 2 * photos.len(), "{again} messages again");
+    for (stage, topic) in branches {
+        tp.wait_caught_up(stage, topic).await?;
+    }
+    let dead = tp.events("dead-letters").await?;
+    ensure!(dead.is_empty(), "dead letters: {dead:?}");
+    let db = mediaflow_db::Db::connect(&tp.config.database_url(), 1).await?;
+    for m in &media {
+        let row = db.media(m).await?.context("media row")?;
+        ensure!(
+            row.status == mediaflow_db::MediaStatus::Done,
+            "{m}: {:?} {:?}",
+            row.status,
+            row.error
+        );
+    }
+    let redacted: Vec<ImageRedacted> = tp.decoded("images.redacted").await?;
+    ensure!(
+        redacted.len() == photos.len(),
+        "{} redacted events",
+        redacted.len()
+    );
+    tp.stop().await
+}

@@ -8,7 +8,7 @@ use mediaflow_db::{Db, ImageTagsRow};
 use mediaflow_events::{ImageProcessed, MediaKind, MediaUploaded};
 use mediaflow_imaging::renditions::RenditionSpec;
 use mediaflow_imaging::{DecodeLimits, ImagingError};
-use mediaflow_outputs::{InputBudget, Outputs, Written, db_error, store_error};
+use mediaflow_outputs::{InputBudget, Outputs, Written, db_error};
 use mediaflow_runtime::{Handler, Output, StageError};
 use mediaflow_store::ObjectStore;
 use serde::{Deserialize, Serialize};
@@ -69,7 +69,6 @@ pub struct ImageWorker {
     cpu: std::sync::Arc<tokio::sync::Semaphore>,
     /// Bounds the originals held in memory at once.
     budget: InputBudget,
-    store: ObjectStore,
     outputs: Outputs,
     db: Db,
 }
@@ -89,8 +88,7 @@ impl ImageWorker {
             budget: InputBudget::new(config.max_inflight_input_bytes),
             config,
             cpu: std::sync::Arc::new(tokio::sync::Semaphore::new(cores)),
-            outputs: Outputs::new(store.clone(), stage, version),
-            store,
+            outputs: Outputs::new(store, stage, version),
             db,
         }
     }
@@ -117,12 +115,18 @@ impl Handler for ImageWorker {
         }
         let _room = self.budget.take(upload.object.size).await?;
         // The original may live in another bucket (a backfilled one).
-        let input = self
-            .store
-            .in_bucket(&upload.object.bucket)
-            .get(&upload.object.key, self.config.max_input_bytes)
-            .await
-            .map_err(store_error)?;
+        let Some(input) = self
+            .outputs
+            .read_input(
+                &upload.object,
+                &upload.media_id,
+                "tags.json",
+                self.config.max_input_bytes,
+            )
+            .await?
+        else {
+            return Ok(Vec::new());
+        };
 
         let specs = self.config.renditions.clone();
         let limits = self.limits();

@@ -247,15 +247,10 @@ fn brief(value: &Value) -> String {
     if let Some(buckets) = value.get("buckets").and_then(Value::as_array) {
         return buckets
             .iter()
-            .map(|b| {
-                let edge = |e: &Value| {
-                    if e.is_null() {
-                        String::new()
-                    } else {
-                        e.to_string()
-                    }
-                };
-                format!("[{}, {}): {}", edge(&b["from"]), edge(&b["to"]), b["count"])
+            .map(|b| match (&b["from"], &b["to"]) {
+                (Value::Null, to) => format!("<{to}: {}", b["count"]),
+                (from, Value::Null) => format!(">={from}: {}", b["count"]),
+                (from, to) => format!("{from}..{to}: {}", b["count"]),
             })
             .collect::<Vec<_>>()
             .join("  ");

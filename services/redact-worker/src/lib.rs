@@ -18,7 +18,7 @@ use cloudevents::Event;
 use mediaflow_db::Db;
 use mediaflow_events::{Detection, ImageRedacted, MediaKind, MediaUploaded};
 use mediaflow_imaging::DecodeLimits;
-use mediaflow_outputs::{InputBudget, Outputs, Written, db_error, store_error};
+use mediaflow_outputs::{InputBudget, Outputs, Written, db_error};
 use mediaflow_runtime::{Handler, Output, StageError};
 use mediaflow_store::ObjectStore;
 use serde::{Deserialize, Serialize};
@@ -143,7 +143,6 @@ pub struct RedactWorker {
     /// Bounds the detections running at once to the cores there are.
     cpu: std::sync::Arc<tokio::sync::Semaphore>,
     budget: InputBudget,
-    store: ObjectStore,
     outputs: Outputs,
     db: Db,
 }
@@ -173,8 +172,7 @@ impl RedactWorker {
             detector,
             config,
             cpu: std::sync::Arc::new(tokio::sync::Semaphore::new(cores)),
-            outputs: Outputs::new(store.clone(), stage, version),
-            store,
+            outputs: Outputs::new(store, stage, version),
             db,
         })
     }
@@ -191,12 +189,18 @@ impl Handler for RedactWorker {
             )));
         }
         let _room = self.budget.take(upload.object.size).await?;
-        let input = self
-            .store
-            .in_bucket(&upload.object.bucket)
-            .get(&upload.object.key, self.config.max_input_bytes)
-            .await
-            .map_err(store_error)?;
+        let Some(input) = self
+            .outputs
+            .read_input(
+                &upload.object,
+                &upload.media_id,
+                "redacted.png",
+                self.config.max_input_bytes,
+            )
+            .await?
+        else {
+            return Ok(Vec::new());
+        };
         let limits = self.config.limits();
         let detector = self.detector.clone();
         let bytes = input.bytes;

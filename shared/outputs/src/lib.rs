@@ -50,6 +50,39 @@ impl Outputs {
         key(&self.stage, &self.version, media_id, file)
     }
 
+    /// Reads a stage's input object, or finds that the input was handled before: when the
+    /// object is gone and this stage's own output `file` for `media_id` exists, a join deleted
+    /// the original once every branch's output existed (`delete_originals`), and this is a
+    /// redelivery of a message already handled (its event published; the join released on it).
+    /// `None` then: the redelivery is done, with nothing to publish again.
+    pub async fn read_input(
+        &self,
+        input: &ObjectRef,
+        media_id: &str,
+        file: &str,
+        limit: u64,
+    ) -> Result<Option<mediaflow_store::Object>, StageError> {
+        match self
+            .store
+            .in_bucket(&input.bucket)
+            .get(&input.key, limit)
+            .await
+        {
+            Ok(object) => Ok(Some(object)),
+            Err(StoreError::NotFound { key }) => {
+                let output = self.key(media_id, file);
+                if self.store.exists(&output).await.map_err(store_error)? {
+                    tracing::info!(media_id, input = %key, %output,
+                        "the original is gone and this stage's output exists: handled before");
+                    Ok(None)
+                } else {
+                    Err(store_error(StoreError::NotFound { key }))
+                }
+            }
+            Err(e) => Err(store_error(e)),
+        }
+    }
+
     /// The key of output file `file` of `entity`: an item's go under `derived/items/`.
     pub fn key_for(&self, entity: Entity<'_>, file: &str) -> String {
         match entity {
