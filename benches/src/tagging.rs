@@ -4,10 +4,13 @@
 //! work itself.
 //!
 //! usage: tagging --mediaflow BIN --photos DIR --work DIR [--images 500] [--cpus 0] [--clients 4]
+//!        tagging --kernels-only --photos DIR [--images 500]
 //!
-//! 1. Kernels, in this process, one image at a time on one thread: the `tag` stage's (decode,
-//!    the 256 px rendition, tags) and the `redact` stage's (decode, both Haar cascades, blur,
-//!    PNG encode), over the `--images` uploads (the photos under `--photos`, cycled).
+//! 1. Kernels, one image at a time on one thread, in a copy of this program pinned to the first
+//!    of `--cpus` (`--kernels-only`), before and after the end-to-end run (this machine's speed
+//!    drifts within minutes; their mean counts): the `tag` stage's (decode, the 256 px
+//!    rendition, tags) and the `redact` stage's (decode, both Haar cascades, blur, PNG encode),
+//!    over the `--images` uploads (the photos under `--photos`, cycled).
 //! 2. End to end: the release `mediaflow up` running `tagging.yaml` alone, pinned to `--cpus`;
 //!    a warm-up batch of one photo goes through first (consumer groups form); then a batch of
 //!    `--images` is declared, uploaded by `--clients` clients from this process, and the clock
@@ -25,6 +28,7 @@ use mediaflow_redact_worker::{Detector, RedactConfig, detect_and_blur};
 use serde_json::{Value, json};
 
 struct Args {
+    kernels_only: bool,
     mediaflow: PathBuf,
     photos: PathBuf,
     work: PathBuf,
@@ -35,6 +39,7 @@ struct Args {
 
 fn args() -> Result<Args> {
     let mut args = Args {
+        kernels_only: false,
         mediaflow: PathBuf::new(),
         photos: PathBuf::new(),
         work: PathBuf::new(),
@@ -44,6 +49,10 @@ fn args() -> Result<Args> {
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--kernels-only" {
+            args.kernels_only = true;
+            continue;
+        }
         let value = it.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--mediaflow" => args.mediaflow = value.into(),
@@ -56,8 +65,10 @@ fn args() -> Result<Args> {
         }
     }
     ensure!(
-        args.mediaflow.is_file() && args.photos.is_dir() && !args.work.as_os_str().is_empty(),
-        "usage: tagging --mediaflow BIN --photos DIR --work DIR [--images 500] [--cpus 0] [--clients 4]"
+        args.photos.is_dir()
+            && (args.kernels_only || args.mediaflow.is_file() && !args.work.as_os_str().is_empty()),
+        "usage: tagging --mediaflow BIN --photos DIR --work DIR [--images 500] [--cpus 0] [--clients 4] \
+         | tagging --kernels-only --photos DIR [--images 500]"
     );
     Ok(args)
 }
@@ -176,6 +187,11 @@ async fn main() -> Result<()> {
     let files: Vec<Vec<u8>> = (0..args.images)
         .map(|i| std::fs::read(&photos[i % photos.len()]))
         .collect::<Result<_, _>>()?;
+    if args.kernels_only {
+        let (tag, redact) = kernels(&files)?;
+        println!("{tag} {redact}");
+        return Ok(());
+    }
     let bytes: usize = files.iter().map(Vec::len).sum();
     println!(
         "tagging pipeline: {} uploads of {} distinct photos ({:.1} MB), mediaflow on CPU {}",
@@ -184,12 +200,8 @@ async fn main() -> Result<()> {
         bytes as f64 / 1e6,
         args.cpus
     );
-    let (tag, redact) = kernels(&files)?;
-    let kernel = tag + redact;
-    println!(
-        "kernels, one thread: tag {tag:.2} s + redact {redact:.2} s = {kernel:.2} s ({:.1} images/s)",
-        files.len() as f64 / kernel
-    );
+    let cpu = args.cpus.split([',', '-']).next().unwrap_or("0").to_owned();
+    let before = pinned_kernels(&args, &cpu)?;
 
     let pipeline = PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -219,13 +231,47 @@ async fn main() -> Result<()> {
         cpu1 - cpu0,
         broker1 - broker0
     );
+    up.stop().await?;
+    let _ = std::fs::remove_dir_all(args.work.join(SET_ASIDE));
+    let after = pinned_kernels(&args, &cpu)?;
+    let kernel = (before.0 + before.1 + after.0 + after.1) / 2.0;
+    println!(
+        "kernels, one thread on CPU {cpu}: before tag {:.2} s + redact {:.2} s; after tag {:.2} s + redact {:.2} s; mean {kernel:.2} s ({:.2} images/s)",
+        before.0,
+        before.1,
+        after.0,
+        after.1,
+        files.len() as f64 / kernel
+    );
     println!(
         "platform overhead: end to end / kernels = {:.3} ({:+.1}%); CPU (mediaflow + broker) / kernels = {:.3}",
         took / kernel,
         (took / kernel - 1.0) * 100.0,
         (cpu1 - cpu0 + broker1 - broker0) / kernel
     );
-    up.stop().await?;
-    let _ = std::fs::remove_dir_all(args.work.join(SET_ASIDE));
     Ok(())
+}
+
+/// The kernels' seconds (tag, redact), measured by a copy of this program pinned to `cpu`.
+fn pinned_kernels(args: &Args, cpu: &str) -> Result<(f64, f64)> {
+    let out = std::process::Command::new("taskset")
+        .args(["-c", cpu])
+        .arg(std::env::current_exe()?)
+        .arg("--kernels-only")
+        .arg("--photos")
+        .arg(&args.photos)
+        .args(["--images", &args.images.to_string()])
+        .output()
+        .context("running the kernels under taskset")?;
+    ensure!(
+        out.status.success(),
+        "the kernels failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout)?;
+    let mut times = text.split_whitespace().map(str::parse::<f64>);
+    match (times.next(), times.next()) {
+        (Some(Ok(tag)), Some(Ok(redact))) => Ok((tag, redact)),
+        _ => bail!("unexpected kernel output: {text}"),
+    }
 }
