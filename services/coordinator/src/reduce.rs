@@ -268,19 +268,8 @@ impl Reduce {
         let now = Db::now_ms();
         let mut tx = self.db.pool().begin().await.map_err(db_error)?;
         self.lock_group(&mut tx, group, None).await?;
-        let text = serde_json::to_string(contribution)
-            .map_err(|e| StageError::permanent(e.to_string()))?;
-        sqlx::query(
-            "INSERT INTO reduce_inputs (stage, grp, input, partials) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (stage, grp, input) DO NOTHING",
-        )
-        .bind(&self.stage)
-        .bind(group.key())
-        .bind(input)
-        .bind(text)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
+        self.insert_input(&mut tx, group, input, contribution)
+            .await?;
         let reported = self.try_report(&mut tx, group, now).await?;
         tx.commit().await.map_err(db_error)?;
         self.reported(reported);
@@ -314,6 +303,30 @@ impl Reduce {
             self.metrics.coordinated(&self.stage, "reported");
             self.relay.wake();
         }
+    }
+
+    /// Keeps `input`'s contribution to `group`, once: a repeat of the input changes nothing.
+    async fn insert_input(
+        &self,
+        conn: &mut AnyConnection,
+        group: &ReportGroup,
+        input: &str,
+        contribution: &Contribution,
+    ) -> Result<(), StageError> {
+        let text = serde_json::to_string(contribution)
+            .map_err(|e| StageError::permanent(e.to_string()))?;
+        sqlx::query(
+            "INSERT INTO reduce_inputs (stage, grp, input, partials) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (stage, grp, input) DO NOTHING",
+        )
+        .bind(&self.stage)
+        .bind(group.key())
+        .bind(input)
+        .bind(text)
+        .execute(conn)
+        .await
+        .map_err(db_error)?;
+        Ok(())
     }
 
     /// Makes sure `group` has its row, and locks it for this transaction.
@@ -598,19 +611,8 @@ impl Reduce {
             let contribution = self.observe(&data)?;
             self.lock_group(&mut tx, &group, Some(window.end_ms))
                 .await?;
-            let text = serde_json::to_string(&contribution)
-                .map_err(|e| StageError::permanent(e.to_string()))?;
-            sqlx::query(
-                "INSERT INTO reduce_inputs (stage, grp, input, partials) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (stage, grp, input) DO NOTHING",
-            )
-            .bind(&self.stage)
-            .bind(group.key())
-            .bind(&input)
-            .bind(text)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
+            self.insert_input(&mut tx, &group, &input, &contribution)
+                .await?;
             watermark.observe(t_ms);
             sqlx::query(
                 "UPDATE reduce_watermarks SET max_time_ms = $2 WHERE stage = $1 AND max_time_ms < $2",

@@ -5,7 +5,7 @@
 
 use cloudevents::Event;
 use mediaflow_db::{Db, ImageTagsRow};
-use mediaflow_events::{ImageProcessed, MediaKind, MediaUploaded};
+use mediaflow_events::ImageProcessed;
 use mediaflow_imaging::renditions::RenditionSpec;
 use mediaflow_imaging::{DecodeLimits, ImagingError};
 use mediaflow_outputs::{InputBudget, Outputs, Written, db_error};
@@ -105,14 +105,7 @@ impl ImageWorker {
 
 impl Handler for ImageWorker {
     async fn handle(&self, event: &Event) -> Result<Vec<Output>, StageError> {
-        let upload: MediaUploaded =
-            mediaflow_events::decode(event).map_err(|e| StageError::bad_input(e.to_string()))?;
-        if upload.kind != MediaKind::Image {
-            return Err(StageError::bad_input(format!(
-                "media {} is a {}, not an image",
-                upload.media_id, upload.kind
-            )));
-        }
+        let upload = mediaflow_outputs::image_upload(event)?;
         let _room = self.budget.take(upload.object.size).await?;
         // The original may live in another bucket (a backfilled one).
         let Some(input) = self

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 
 use cloudevents::Event;
 use mediaflow_db::Db;
-use mediaflow_events::{Detection, ImageRedacted, MediaKind, MediaUploaded};
+use mediaflow_events::{Detection, ImageRedacted};
 use mediaflow_imaging::DecodeLimits;
 use mediaflow_outputs::{InputBudget, Outputs, Written, db_error};
 use mediaflow_runtime::{Handler, Output, StageError};
@@ -180,14 +180,7 @@ impl RedactWorker {
 
 impl Handler for RedactWorker {
     async fn handle(&self, event: &Event) -> Result<Vec<Output>, StageError> {
-        let upload: MediaUploaded =
-            mediaflow_events::decode(event).map_err(|e| StageError::bad_input(e.to_string()))?;
-        if upload.kind != MediaKind::Image {
-            return Err(StageError::bad_input(format!(
-                "media {} is a {}, not an image",
-                upload.media_id, upload.kind
-            )));
-        }
+        let upload = mediaflow_outputs::image_upload(event)?;
         let _room = self.budget.take(upload.object.size).await?;
         let Some(input) = self
             .outputs

@@ -286,6 +286,21 @@ const INPUTS: u64 = 4;
 const MAX_PERMITS: u32 = 1 << 28;
 
 /// An object over the read limit is the input's fault; the rest depends on the store.
+/// The upload `event` announces, which must be an image: bad input otherwise.
+pub fn image_upload(
+    event: &cloudevents::Event,
+) -> Result<mediaflow_events::MediaUploaded, StageError> {
+    let upload: mediaflow_events::MediaUploaded =
+        mediaflow_events::decode(event).map_err(|e| StageError::bad_input(e.to_string()))?;
+    if upload.kind != mediaflow_events::MediaKind::Image {
+        return Err(StageError::bad_input(format!(
+            "media {} is a {}, not an image",
+            upload.media_id, upload.kind
+        )));
+    }
+    Ok(upload)
+}
+
 pub fn store_error(e: StoreError) -> StageError {
     match e {
         StoreError::TooLarge { .. } => StageError::bad_input(e.to_string()),
