@@ -375,6 +375,14 @@ impl Reduce {
             return Ok(false);
         }
         let closing: Option<String> = row.try_get("closing").map_err(db_error)?;
+        if closing.is_none()
+            && self.config.merge.is_empty()
+            && matches!(group, ReportGroup::Batch { .. })
+        {
+            // A leaf's batch group reports once its batch closed: until then, reading its inputs
+            // (every one so far, on every input) would make a batch cost the square of its size.
+            return Ok(false);
+        }
         let inputs: BTreeMap<String, Contribution> =
             sqlx::query("SELECT input, partials FROM reduce_inputs WHERE stage = $1 AND grp = $2")
                 .bind(&self.stage)
