@@ -37,6 +37,21 @@ async fn upload(
     Ok((r.status().as_u16(), r.json().await?))
 }
 
+/// Runs `mediaflow batch upload SOURCE ARGS...`: whether it succeeded, its stdout and stderr.
+async fn cli_upload(source: &std::path::Path, args: &[&str]) -> Result<(bool, String, String)> {
+    let out = tokio::process::Command::new(support::mediaflow_bin())
+        .args(["batch", "upload"])
+        .arg(source)
+        .args(args)
+        .output()
+        .await?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
 async fn media_rows(tp: &TestPlatform) -> Result<i64> {
     let db = mediaflow_db::Db::connect(&tp.config.database_url(), 1).await?;
     let r = sqlx::query("SELECT COUNT(*) AS n FROM media")
@@ -211,15 +226,12 @@ async fn the_cli_uploads_a_folder_as_a_batch_and_follows_it() -> Result<()> {
         std::fs::copy(fixtures().join(name), folder.path().join(name))?;
     }
     std::fs::write(folder.path().join(".hidden"), b"not an item")?;
-    let out = tokio::process::Command::new(support::mediaflow_bin())
-        .args(["batch", "upload"])
-        .arg(folder.path())
-        .args(["--name", "from the cli", "--url", &tp.base, "--wait", "120"])
-        .output()
-        .await?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(out.status.success(), "{stdout}\n{stderr}");
+    let (ok, stdout, stderr) = cli_upload(
+        folder.path(),
+        &["--name", "from the cli", "--url", &tp.base, "--wait", "120"],
+    )
+    .await?;
+    ensure!(ok, "{stdout}\n{stderr}");
     ensure!(
         stdout.contains("(from the cli): 3 of 3 items uploaded") && stdout.contains("done 3"),
         "{stdout}"
@@ -241,17 +253,257 @@ async fn the_cli_uploads_a_folder_as_a_batch_and_follows_it() -> Result<()> {
 
     // A folder with a name that cannot be an item is refused before anything is declared.
     std::fs::write(folder.path().join(" padded.jpg"), b"x")?;
-    let out = tokio::process::Command::new(support::mediaflow_bin())
-        .args(["batch", "upload"])
-        .arg(folder.path())
-        .args(["--url", &tp.base])
-        .output()
+    let (ok, _, stderr) = cli_upload(folder.path(), &["--url", &tp.base]).await?;
+    ensure!(!ok && stderr.contains("padded.jpg"), "{stderr}");
+    tp.stop().await
+}
+
+/// Writes `spec` (see `tests/py/make_zip.py`) as a zip archive at `out` with Python's zipfile.
+async fn make_zip(out: &std::path::Path, spec: Value) -> Result<()> {
+    let spec_path = out.with_extension("json");
+    std::fs::write(&spec_path, spec.to_string())?;
+    support::run_py("make_zip.py", [out, spec_path.as_path()]).await?;
+    Ok(())
+}
+
+async fn post_zip(tp: &TestPlatform, batch: &str, body: Vec<u8>) -> Result<(u16, Value)> {
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/batches/{batch}/zip", tp.base))
+        .header("content-type", "application/zip")
+        .body(body)
+        .send()
         .await?;
-    ensure!(!out.status.success());
+    Ok((r.status().as_u16(), r.json().await?))
+}
+
+/// Polls the batch until it is released with a report and all `n` items are done.
+async fn wait_reported(tp: &TestPlatform, id: &str, n: u64) -> Result<Value> {
+    let start = Instant::now();
+    loop {
+        let shown: Value = reqwest::get(format!("{}/v1/batches/{id}", tp.base))
+            .await?
+            .json()
+            .await?;
+        if shown["progress"]["items"]["done"] == n && !shown["report"].is_null() {
+            return Ok(shown);
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(120),
+            "batch not reported: {shown}"
+        );
+        // Polling the API.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_zip_archive_uploads_its_files_into_a_batch_entry_by_entry() -> Result<()> {
+    let tp = TestPlatform::start_with(Backend::Sqlite, |c| {
+        with_tagging(c);
+        c.gateway.max_upload_bytes = 1024 * 1024;
+        c.gateway.max_archive_bytes = 6 * 1024 * 1024;
+        c.gateway.max_archive_entries = 20;
+    })
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let fixture = |name: &str| fixtures().join(name).display().to_string();
+    let archive = dir.path().join("holiday.zip");
+    make_zip(
+        &archive,
+        json!([
+            {"name": "holiday/", "dir": true},
+            {"name": "holiday/rocket.jpg", "file": fixture("rocket.jpg")},
+            {"name": "holiday/day 2/coffee.png", "file": fixture("coffee.png"), "stored": true},
+            {"name": "__MACOSX/holiday/._rocket.jpg", "text": "resource fork"},
+            {"name": "holiday/.DS_Store", "text": "finder"},
+            {"name": "notes.jpg", "text": "not a photo at all"},
+            {"name": "bomb.png", "zeros": 3 * 1024 * 1024},
+            {"name": "broken.jpg", "file": fixture("astronaut.png"), "stored": true, "corrupt": true},
+            {"name": "link.jpg", "symlink": "../../etc/passwd"},
+            {"name": "stranger.png", "file": fixture("chelsea.png")},
+        ]),
+    )
+    .await?;
+    let bytes = std::fs::read(&archive)?;
+    // An archive is bounded by max_archive_bytes, not by the single upload's limit.
+    ensure!(bytes.len() > 1024 * 1024, "{} bytes", bytes.len());
+    let manifest = [
+        "rocket.jpg",
+        "coffee.png",
+        "notes.jpg",
+        "bomb.png",
+        "broken.jpg",
+        "link.jpg",
+    ];
+    let (_, batch) = create(
+        &tp,
+        json!({"name": "holiday", "manifest": manifest, "failure_policy": "complete-partial"}),
+    )
+    .await?;
+    let id = batch["id"].as_str().context("id")?.to_owned();
+
+    // Whole-request refusals, before anything is taken.
+    let (status, body) =
+        post_zip(&tp, "0190c0de-0000-7000-8000-000000000000", bytes.clone()).await?;
+    ensure!(status == 404, "unknown batch: {status} {body}");
+    let (status, body) = post_zip(&tp, &id, b"PK but not really a zip".to_vec()).await?;
     ensure!(
-        String::from_utf8_lossy(&out.stderr).contains("padded.jpg"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        status == 400 && body["code"] == "bad-archive",
+        "{status} {body}"
+    );
+    let (status, body) = post_zip(&tp, &id, vec![7; 7 * 1024 * 1024]).await?;
+    ensure!(
+        status == 413,
+        "an archive over max_archive_bytes: {status} {body}"
+    );
+    let many = dir.path().join("many.zip");
+    let entries: Vec<Value> = (0..21)
+        .map(|i| json!({"name": format!("f{i}.jpg"), "text": "x"}))
+        .collect();
+    make_zip(&many, Value::Array(entries)).await?;
+    let (status, body) = post_zip(&tp, &id, std::fs::read(&many)?).await?;
+    ensure!(
+        status == 413 && body["code"] == "too-many-entries",
+        "{status} {body}"
+    );
+    ensure!(media_rows(&tp).await? == 0, "a refused archive left media");
+
+    // Entry by entry: the photos taken under their base names, the rest each with its reason.
+    let (status, report) = post_zip(&tp, &id, bytes.clone()).await?;
+    ensure!(status == 202, "{status} {report}");
+    ensure!(
+        report["batch_id"] == id.as_str() && report["entries"] == 10,
+        "{report}"
+    );
+    let mut accepted: Vec<(String, String)> = report["accepted"]
+        .as_array()
+        .context("accepted")?
+        .iter()
+        .map(|a| {
+            (
+                a["entry"].as_str().unwrap_or("").to_owned(),
+                a["item"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    accepted.sort();
+    ensure!(
+        accepted
+            == [
+                ("holiday/day 2/coffee.png".into(), "coffee.png".into()),
+                ("holiday/rocket.jpg".into(), "rocket.jpg".into()),
+            ],
+        "{report}"
+    );
+    let rejected: std::collections::BTreeMap<String, (u64, String)> = report["rejected"]
+        .as_array()
+        .context("rejected")?
+        .iter()
+        .map(|r| {
+            (
+                r["entry"].as_str().unwrap_or("").to_owned(),
+                (
+                    r["status"].as_u64().unwrap_or(0),
+                    r["code"].as_str().unwrap_or("").to_owned(),
+                ),
+            )
+        })
+        .collect();
+    let want: std::collections::BTreeMap<String, (u64, String)> = [
+        ("notes.jpg", 415, "unsupported-media"),
+        ("bomb.png", 413, "too-large"),
+        ("broken.jpg", 422, "bad-entry"),
+        ("link.jpg", 422, "bad-entry"),
+        ("stranger.png", 422, "not-in-manifest"),
+    ]
+    .into_iter()
+    .map(|(e, s, c)| (e.to_owned(), (s, c.to_owned())))
+    .collect();
+    ensure!(rejected == want, "{rejected:?}\n{report}");
+    let mut skipped: Vec<&str> = report["skipped"]
+        .as_array()
+        .context("skipped")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    skipped.sort();
+    ensure!(
+        skipped == ["__MACOSX/holiday/._rocket.jpg", "holiday/.DS_Store"],
+        "{report}"
+    );
+    ensure!(media_rows(&tp).await? == 2, "only the two photos are media");
+
+    // The same archive again takes nothing twice.
+    let (status, again) = post_zip(&tp, &id, bytes).await?;
+    ensure!(status == 422, "{status} {again}");
+    ensure!(
+        again["accepted"].as_array().is_some_and(Vec::is_empty)
+            && again["rejected"]
+                .as_array()
+                .context("rejected")?
+                .iter()
+                .filter(|r| r["code"] == "item-taken")
+                .count()
+                == 2,
+        "{again}"
+    );
+
+    // The refused names are still the batch's to fill: it completes once they are.
+    for (name, file) in [
+        ("notes.jpg", "chelsea.png"),
+        ("bomb.png", "astronaut.png"),
+        ("broken.jpg", "rocket.jpg"),
+        ("link.jpg", "coffee.png"),
+    ] {
+        let (status, body) = upload(&tp, &id, file, Some(name)).await?;
+        ensure!(status == 202, "{name}: {status} {body}");
+    }
+    let shown = wait_reported(&tp, &id, 6).await?;
+    ensure!(
+        shown["state"] == "complete" && shown["uploaded"] == 6,
+        "{shown}"
+    );
+    tp.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_uploads_a_zip_archive_as_a_batch() -> Result<()> {
+    let tp = TestPlatform::start_with(Backend::Sqlite, with_tagging).await?;
+    let dir = tempfile::tempdir()?;
+    let fixture = |name: &str| fixtures().join(name).display().to_string();
+    let archive = dir.path().join("trip.zip");
+    make_zip(
+        &archive,
+        json!([
+            {"name": "trip/a/rocket.jpg", "file": fixture("rocket.jpg")},
+            {"name": "trip/b/coffee.png", "file": fixture("coffee.png")},
+            {"name": "trip/astronaut.png", "file": fixture("astronaut.png"), "stored": true},
+            {"name": "__MACOSX/trip/._astronaut.png", "text": "resource fork"},
+        ]),
+    )
+    .await?;
+    let (ok, stdout, stderr) = cli_upload(&archive, &["--url", &tp.base, "--wait", "120"]).await?;
+    ensure!(ok, "{stdout}\n{stderr}");
+    ensure!(
+        stdout.contains("(trip): 3 of 3 items uploaded") && stdout.contains("done 3"),
+        "{stdout}"
+    );
+    ensure!(stderr.contains("uploaded 3 of 3 files"), "{stderr}");
+
+    // Two files of one base name cannot both be items: refused before a batch is declared.
+    let clash = dir.path().join("clash.zip");
+    make_zip(
+        &clash,
+        json!([
+            {"name": "a/rocket.jpg", "file": fixture("rocket.jpg")},
+            {"name": "b/rocket.jpg", "file": fixture("rocket.jpg")},
+        ]),
+    )
+    .await?;
+    let (ok, _, stderr) = cli_upload(&clash, &["--url", &tp.base]).await?;
+    ensure!(
+        !ok && stderr.contains("a/rocket.jpg") && stderr.contains("b/rocket.jpg"),
+        "{stderr}"
     );
     tp.stop().await
 }

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail, ensure};
 use cloudevents::AttributesReader;
 use mediaflow_events::{BatchCompleted, ImageRedacted, MediaCompleted, Report};
 use serde_json::{Value, json};
-use support::{Backend, TestPlatform, fixtures, python, repo_file, with_tagging};
+use support::{Backend, TestPlatform, fixtures, repo_file, with_tagging};
 
 /// Photos with people (astronaut, OpenCV's samples), a licence plate, and none (chelsea,
 /// coffee, hubble, rocket, camera shots with EXIF orientation); PNG and JPEG.
@@ -122,20 +122,15 @@ fn histogram_counts(report: &Value) -> Vec<u64> {
 
 /// What kafka-python and plain Python compute from the raw per-item events of `media`.
 async fn independent_aggregates(tp: &TestPlatform, media: &[String]) -> Result<Value> {
-    let out = tokio::process::Command::new(python())
-        .arg(repo_file("tests/py/batch_aggregates.py"))
-        .arg(&tp.config.bus.brokers)
-        .arg(&tp.config.bus.topic_prefix)
-        .arg("120")
-        .args(media)
-        .output()
-        .await?;
-    ensure!(
-        out.status.success(),
-        "batch_aggregates.py: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(serde_json::from_slice(&out.stdout)?)
+    let mut args = vec![
+        tp.config.bus.brokers.clone(),
+        tp.config.bus.topic_prefix.clone(),
+        "120".to_owned(),
+    ];
+    args.extend(media.iter().cloned());
+    Ok(serde_json::from_slice(
+        &support::run_py("batch_aggregates.py", args).await?,
+    )?)
 }
 
 /// The report's aggregates against the independent computation.
@@ -265,18 +260,9 @@ async fn batch_of_photos(backend: Backend) -> Result<()> {
         .iter()
         .map(|p| fixtures().join(p).display().to_string())
         .collect();
-    let out = tokio::process::Command::new(python())
-        .arg(repo_file("tests/py/opencv_detect.py"))
-        .arg(DETECT_MAX_SIDE.to_string())
-        .args(&paths)
-        .output()
-        .await?;
-    ensure!(
-        out.status.success(),
-        "opencv_detect.py: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let theirs: Value = serde_json::from_slice(&out.stdout)?;
+    let mut args = vec![DETECT_MAX_SIDE.to_string()];
+    args.extend(paths.iter().cloned());
+    let theirs: Value = serde_json::from_slice(&support::run_py("opencv_detect.py", args).await?)?;
     let (mut ours_total, mut ours_matched, mut theirs_total, mut theirs_matched) = (0, 0, 0, 0);
     for (name, path) in PHOTOS.iter().zip(&paths) {
         let r = redacted

@@ -222,6 +222,26 @@ pub fn python() -> PathBuf {
     p
 }
 
+/// Runs `tests/py/SCRIPT` with `args` on `python()`; its standard output, or an error with its
+/// standard error if it failed.
+pub async fn run_py<I, A>(script: &str, args: I) -> Result<Vec<u8>>
+where
+    I: IntoIterator<Item = A>,
+    A: AsRef<std::ffi::OsStr>,
+{
+    let out = tokio::process::Command::new(python())
+        .arg(repo_file("tests/py").join(script))
+        .args(args)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .with_context(|| format!("running {script}"))?;
+    if !out.status.success() {
+        bail!("{script}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(out.stdout)
+}
+
 fn unique(prefix: &str) -> String {
     format!(
         "{prefix}{}",

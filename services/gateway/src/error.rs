@@ -145,15 +145,16 @@ impl ApiError {
         }
     }
 
-    /// The problem type slug, also used as the metric outcome.
-    pub fn code(&self) -> &'static str {
-        self.parts().1
+    /// Status, problem code and detail, for a failure reported inside another answer (an
+    /// archive's entry); what is internal is logged, as `into_response` does.
+    pub(crate) fn reported(&self) -> (StatusCode, &'static str, String) {
+        self.log();
+        let (status, code, _, detail) = self.parts();
+        (status, code, detail)
     }
-}
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        match &self {
+    fn log(&self) {
+        match self {
             ApiError::Unavailable {
                 dependency,
                 internal,
@@ -163,6 +164,17 @@ impl IntoResponse for ApiError {
             ApiError::Internal { internal } => tracing::error!(error = %internal, "internal error"),
             _ => {}
         }
+    }
+
+    /// The problem type slug, also used as the metric outcome.
+    pub fn code(&self) -> &'static str {
+        self.parts().1
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.log();
         let (status, code, title, detail) = self.parts();
         let body = Problem {
             ty: format!("/problems/{code}"),

@@ -4,6 +4,7 @@
 //! and `/metrics`.
 
 pub mod admin;
+pub mod archive;
 pub mod batches;
 mod error;
 pub mod ingest;
@@ -49,8 +50,12 @@ pub struct GatewayConfig {
     /// Lifetime of presigned download URLs in API responses, in seconds.
     pub presign_ttl_secs: u64,
     /// Uploads received at once; more get `503` with `Retry-After`. Bounds spool disk use to
-    /// about this many times `max_upload_bytes`.
+    /// about this many times `max_upload_bytes` (an archive counts as one upload).
     pub max_concurrent_uploads: usize,
+    /// Largest zip archive `POST /v1/batches/{id}/zip` takes, in bytes.
+    pub max_archive_bytes: u64,
+    /// Most entries (files and directories) such an archive may have.
+    pub max_archive_entries: usize,
 }
 
 impl Default for GatewayConfig {
@@ -62,6 +67,8 @@ impl Default for GatewayConfig {
             spool_memory_bytes: 16 * 1024 * 1024,
             presign_ttl_secs: 3600,
             max_concurrent_uploads: 16,
+            max_archive_bytes: 4 * 1024 * 1024 * 1024,
+            max_archive_entries: 10_000,
         }
     }
 }
@@ -137,6 +144,15 @@ impl Gateway {
         self
     }
 
+    /// A place among the `max_concurrent_uploads` uploads received at once, or `Busy`.
+    fn upload_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        self.inner
+            .uploads
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::Busy)
+    }
+
     /// The HTTP routes.
     pub fn router(self) -> Router {
         let body_limit = usize::try_from(self.inner.config.max_upload_bytes + MULTIPART_FRAMING)
@@ -152,6 +168,7 @@ impl Gateway {
             .route("/v1/media/{id}", get(media_status))
             .route("/v1/media/{id}/results/{name}", get(download_result))
             .route("/v1/batches/{id}/media", post(batch_upload))
+            .route("/v1/batches/{id}/zip", post(archive::upload_zip))
             // Raw bodies are limited while they stream (`spool`); this bounds what the multipart
             // parser reads, part headers included.
             .layer(DefaultBodyLimit::max(body_limit))
@@ -242,12 +259,7 @@ async fn accept_upload(
     request: Request,
     batch: Option<String>,
 ) -> Result<Accepted, ApiError> {
-    let _permit = gw
-        .inner
-        .uploads
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| ApiError::Busy)?;
+    let _permit = gw.upload_permit()?;
     let limit = gw.inner.config.max_upload_bytes;
     let memory = gw.inner.config.spool_memory_bytes;
     let headers = request.headers().clone();

@@ -85,7 +85,7 @@ enum Command {
         #[arg(long)]
         show: Option<String>,
     },
-    /// Batches: a folder's files as one batch.
+    /// Batches: a folder's or a zip archive's files as one batch.
     Batch {
         #[command(subcommand)]
         command: BatchCommand,
@@ -96,12 +96,15 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BatchCommand {
-    /// Declare a batch whose manifest is the folder's files, upload them with a progress bar,
-    /// and print the batch.
+    /// Declare a batch whose manifest is the folder's (or zip archive's) files, upload them
+    /// with a progress bar, and print the batch.
     Upload {
-        /// The folder; its regular, non-hidden files are the batch's items.
-        folder: PathBuf,
-        /// The batch's name (the folder's name when not given).
+        /// A folder, whose regular, non-hidden files are the batch's items; or a zip archive,
+        /// whose files are, by their base names (directories, hidden files and `__MACOSX/` left
+        /// out).
+        #[arg(value_name = "FOLDER|ARCHIVE.zip")]
+        source: PathBuf,
+        /// The batch's name (the folder's or archive's name when not given).
         #[arg(long)]
         name: Option<String>,
         /// What a failed item does to the batch.
@@ -282,9 +285,9 @@ async fn run(command: Command, config: MediaflowConfig) -> Result<ExitCode> {
                     .collect();
                 if !photos.is_empty() {
                     println!("\nthe photos as one batch (`mediaflow batch upload`):");
-                    let job = mediaflow::batch::FolderUpload {
+                    let job = mediaflow::batch::BatchUpload {
                         base: base.clone(),
-                        dir: dir.clone(),
+                        source: dir.clone(),
                         name: Some("samples".into()),
                         failure_policy: "complete-partial".into(),
                         concurrency: 4,
@@ -472,7 +475,7 @@ async fn run(command: Command, config: MediaflowConfig) -> Result<ExitCode> {
         Command::Batch {
             command:
                 BatchCommand::Upload {
-                    folder,
+                    source,
                     name,
                     failure_policy,
                     concurrency,
@@ -480,15 +483,15 @@ async fn run(command: Command, config: MediaflowConfig) -> Result<ExitCode> {
                     url,
                 },
         } => {
-            let job = mediaflow::batch::FolderUpload {
+            let job = mediaflow::batch::BatchUpload {
                 base: gateway_base(&config, url),
-                dir: folder,
+                source,
                 name,
                 failure_policy,
                 concurrency,
                 wait: wait.map(Duration::from_secs),
             };
-            let batch = mediaflow::batch::upload_folder(&job).await?;
+            let batch = mediaflow::batch::upload(&job).await?;
             print!("{}", mediaflow::batch::summary(&batch));
             Ok(ExitCode::SUCCESS)
         }
