@@ -276,26 +276,6 @@ async fn post_zip(tp: &TestPlatform, batch: &str, body: Vec<u8>) -> Result<(u16,
     Ok((r.status().as_u16(), r.json().await?))
 }
 
-/// Polls the batch until it is released with a report and all `n` items are done.
-async fn wait_reported(tp: &TestPlatform, id: &str, n: u64) -> Result<Value> {
-    let start = Instant::now();
-    loop {
-        let shown: Value = reqwest::get(format!("{}/v1/batches/{id}", tp.base))
-            .await?
-            .json()
-            .await?;
-        if shown["progress"]["items"]["done"] == n && !shown["report"].is_null() {
-            return Ok(shown);
-        }
-        ensure!(
-            start.elapsed() < Duration::from_secs(120),
-            "batch not reported: {shown}"
-        );
-        // Polling the API.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_zip_archive_uploads_its_files_into_a_batch_entry_by_entry() -> Result<()> {
     let tp = TestPlatform::start_with(Backend::Sqlite, |c| {
@@ -458,9 +438,11 @@ async fn a_zip_archive_uploads_its_files_into_a_batch_entry_by_entry() -> Result
         let (status, body) = upload(&tp, &id, file, Some(name)).await?;
         ensure!(status == 202, "{name}: {status} {body}");
     }
-    let shown = wait_reported(&tp, &id, 6).await?;
+    let shown = tp.batch_reported(&id, Duration::from_secs(120)).await?;
     ensure!(
-        shown["state"] == "complete" && shown["uploaded"] == 6,
+        shown["state"] == "complete"
+            && shown["uploaded"] == 6
+            && shown["progress"]["items"]["done"] == 6,
         "{shown}"
     );
     tp.stop().await

@@ -9,7 +9,7 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use cloudevents::AttributesReader;
 use mediaflow_events::{BatchCompleted, ImageRedacted, MediaCompleted, Report};
 use serde_json::{Value, json};
@@ -69,25 +69,6 @@ async fn upload(tp: &TestPlatform, batch: &str, name: &str, bytes: Vec<u8>) -> R
     let body: Value = r.json().await?;
     ensure!(status.is_success(), "{name}: {status} {body}");
     Ok(body["id"].as_str().context("media id")?.to_owned())
-}
-
-/// Waits until batch `id` is released by its join and its report is in; the batch as shown.
-async fn wait_reported(tp: &TestPlatform, id: &str, timeout: Duration) -> Result<Value> {
-    let start = Instant::now();
-    loop {
-        let shown: Value = reqwest::get(format!("{}/v1/batches/{id}", tp.base))
-            .await?
-            .json()
-            .await?;
-        if shown["state"] != "open" && !shown["report"].is_null() {
-            return Ok(shown);
-        }
-        if start.elapsed() > timeout {
-            bail!("batch {id} not reported after {timeout:?}: {shown}");
-        }
-        // Polling the API.
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 fn iou(a: &Value, b: &Value) -> f64 {
@@ -199,7 +180,7 @@ async fn batch_of_photos(backend: Backend) -> Result<()> {
         .await?;
         media.insert(photo, m);
     }
-    let shown = wait_reported(&tp, &id, Duration::from_secs(180)).await?;
+    let shown = tp.batch_reported(&id, Duration::from_secs(180)).await?;
     ensure!(shown["state"] == "complete", "{shown}");
     let report = &shown["report"];
     ensure!(
@@ -413,7 +394,9 @@ async fn interleaved_batches_complete_independently_under_their_policies() -> Re
         upload(&tp, batch, name, bytes).await?;
     }
 
-    let shown = wait_reported(&tp, &partial, Duration::from_secs(120)).await?;
+    let shown = tp
+        .batch_reported(&partial, Duration::from_secs(120))
+        .await?;
     let report = &shown["report"];
     ensure!(
         shown["state"] == "partial"
@@ -426,7 +409,9 @@ async fn interleaved_batches_complete_independently_under_their_policies() -> Re
     );
     ensure!(report["aggregates"]["bytes"]["count"] == 2, "{report}");
 
-    let shown = wait_reported(&tp, &failing, Duration::from_secs(120)).await?;
+    let shown = tp
+        .batch_reported(&failing, Duration::from_secs(120))
+        .await?;
     let report = &shown["report"];
     ensure!(
         shown["state"] == "failed"
@@ -436,7 +421,9 @@ async fn interleaved_batches_complete_independently_under_their_policies() -> Re
         "{shown}"
     );
 
-    let shown = wait_reported(&tp, &counted, Duration::from_secs(120)).await?;
+    let shown = tp
+        .batch_reported(&counted, Duration::from_secs(120))
+        .await?;
     ensure!(
         shown["state"] == "complete"
             && shown["report"]["inputs"] == 3
@@ -446,7 +433,7 @@ async fn interleaved_batches_complete_independently_under_their_policies() -> Re
         "{shown}"
     );
 
-    let shown = wait_reported(&tp, &short, Duration::from_secs(120)).await?;
+    let shown = tp.batch_reported(&short, Duration::from_secs(120)).await?;
     ensure!(
         shown["state"] == "partial"
             && shown["report"]["inputs"] == 1
@@ -695,7 +682,7 @@ async fn every_input_delivered_twice_changes_no_report() -> Result<()> {
         )
         .await?;
     }
-    let shown = wait_reported(&tp, &id, Duration::from_secs(180)).await?;
+    let shown = tp.batch_reported(&id, Duration::from_secs(180)).await?;
     wait_coordinated_caught_up(&tp).await?;
     let reports = stored_reports(&tp, &id).await?;
     ensure!(reports.len() == 3, "{reports:?}");
@@ -839,7 +826,7 @@ async fn joins_and_reducers_killed_mid_batch_report_as_if_undisturbed() -> Resul
         }
     }
     let media = uploads.await??;
-    let shown = wait_reported(&tp, &id, Duration::from_secs(300)).await?;
+    let shown = tp.batch_reported(&id, Duration::from_secs(300)).await?;
     wait_coordinated_caught_up(&tp).await?;
     let mut recovered = 0;
     for entry in std::fs::read_dir(logs.path())? {
@@ -1107,7 +1094,7 @@ async fn a_backfilled_prefix_becomes_a_batch_whose_originals_are_kept() -> Resul
         .and_then(|l| l.split(':').next())
         .context("the batch id")?
         .to_owned();
-    let shown = wait_reported(&tp, &id, Duration::from_secs(120)).await?;
+    let shown = tp.batch_reported(&id, Duration::from_secs(120)).await?;
     ensure!(
         shown["state"] == "complete"
             && shown["name"] == "old trip"
@@ -1153,7 +1140,7 @@ async fn branches_redelivered_after_their_originals_went_are_done_without_dead_l
             .await?,
         );
     }
-    wait_reported(&tp, &id, Duration::from_secs(120)).await?;
+    tp.batch_reported(&id, Duration::from_secs(120)).await?;
     let keys = tp.object_keys().await?;
     ensure!(
         !keys.iter().any(|k| k.starts_with("uploads/")),

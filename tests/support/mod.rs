@@ -787,6 +787,25 @@ impl TestPlatform {
     }
 
     /// Stops the platform and drops its scratch database, if it had one.
+    /// Waits until batch `id` is released by its join and its report is in; the batch as shown.
+    pub async fn batch_reported(&self, id: &str, timeout: Duration) -> Result<serde_json::Value> {
+        let start = Instant::now();
+        loop {
+            let shown: serde_json::Value = reqwest::get(format!("{}/v1/batches/{id}", self.base))
+                .await?
+                .json()
+                .await?;
+            if shown["state"] != "open" && !shown["report"].is_null() {
+                return Ok(shown);
+            }
+            if start.elapsed() > timeout {
+                bail!("batch {id} not reported after {timeout:?}: {shown}");
+            }
+            // Polling the API.
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     pub async fn stop(mut self) -> Result<()> {
         self.guard.0 = None;
         self.platform.stop(Duration::from_secs(30)).await?;
