@@ -155,3 +155,51 @@ async fn a_media_item_is_done_when_every_stage_reading_its_queue_is() -> Result<
     );
     tp.stop().await
 }
+
+/// Two stages finishing the same media item at the same moment, on PostgreSQL (where each
+/// transaction reads its own snapshot): the item ends `done`, every time.
+#[tokio::test(flavor = "multi_thread")]
+async fn stages_finishing_at_once_leave_the_item_done() -> Result<()> {
+    let db = mediaflow_db::Db::connect(&support::scratch_postgres().await?, 8).await?;
+    let stages = vec!["a".to_owned(), "b".to_owned(), "c".to_owned()];
+    for n in 0..40 {
+        let id = format!("media-{n}");
+        let row = mediaflow_db::MediaRow {
+            id: id.clone(),
+            kind: "image".into(),
+            content_type: "image/png".into(),
+            filename: None,
+            bucket: "b".into(),
+            object_key: format!("uploads/{id}"),
+            size_bytes: 1,
+            sha256: "0".repeat(64),
+            status: MediaStatus::Queued,
+            error: None,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        };
+        db.insert_media(&row, &stages).await?;
+        let done = |stage: &'static str| {
+            let (db, id) = (db.clone(), id.clone());
+            tokio::spawn(async move {
+                db.set_stage_state(
+                    mediaflow_db::Entity::Media(&id),
+                    stage,
+                    StageState::Done,
+                    None,
+                )
+                .await
+            })
+        };
+        let (a, b, c) = tokio::join!(done("a"), done("b"), done("c"));
+        a??;
+        b??;
+        c??;
+        let status = db.media(&id).await?.context("the row")?.status;
+        ensure!(
+            status == MediaStatus::Done,
+            "{id}: {status:?} with every stage done"
+        );
+    }
+    Ok(())
+}

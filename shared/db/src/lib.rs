@@ -277,6 +277,18 @@ async fn derive_in(
     entity: Entity<'_>,
     now: i64,
 ) -> Result<(), DbError> {
+    // The entity's row first: it stays locked (PostgreSQL) until the commit, so two stages
+    // finishing at once derive one after the other, the second from the first's committed
+    // state. Derived from a snapshot each, both could write a status neither state leads to
+    // (a media item left `queued` with every stage done). SQLite takes its one write lock.
+    let touch = format!(
+        "UPDATE {} SET updated_at_ms = updated_at_ms WHERE id = $1",
+        entity.table()
+    );
+    sqlx::query(&touch)
+        .bind(entity.id())
+        .execute(&mut **tx)
+        .await?;
     let stages = stage_states_in(&mut **tx, entity.id()).await?;
     let Some((status, error)) = derive_status(&stages) else {
         return Ok(());

@@ -298,9 +298,6 @@ async fn run_stage_with(
     built.run(wiring).await
 }
 
-/// librdkafka's `fetch.wait.max.ms` on the embedded broker, unless `bus.librdkafka` sets it.
-pub const EMBEDDED_FETCH_WAIT_MS: u64 = 2000;
-
 impl Platform {
     /// Starts everything `config` asks for: embedded infrastructure, the gateway and every stage.
     pub async fn start(config: MediaflowConfig) -> Result<Self> {
@@ -326,17 +323,6 @@ impl Platform {
             // topics on each round of a fetch, idle or not (about 77 ms of CPU a second with
             // 4 partitions, 32 with 1, for the default pipeline's three consumers).
             config.bus.partitions.get_or_insert(1);
-            // nisshi answers a fetch that finds nothing by reading again after half the time
-            // left, then half of that, down to the millisecond: about 11 reads per wait, every
-            // wait, for every stage's consumer, idle or not. Longer waits make far fewer reads
-            // (measured idle with tagging.yaml's 12 consumers: the broker at 17% of a core
-            // with librdkafka's 500 ms, 6.6% with 2 s) for a later pickup after a quiet spell
-            // (a third of a second per hop on average); a busy consumer's fetch answers at once.
-            config
-                .bus
-                .librdkafka
-                .entry("fetch.wait.max.ms".into())
-                .or_insert_with(|| EMBEDDED_FETCH_WAIT_MS.to_string());
         }
         let services = Arc::new(connect(&config, &topology, Metrics::new()).await?);
 
