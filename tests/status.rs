@@ -156,6 +156,24 @@ async fn a_media_item_is_done_when_every_stage_reading_its_queue_is() -> Result<
     tp.stop().await
 }
 
+/// A queued image's row, as the gateway records it.
+fn media_row(id: &str) -> mediaflow_db::MediaRow {
+    mediaflow_db::MediaRow {
+        id: id.to_owned(),
+        kind: "image".into(),
+        content_type: "image/png".into(),
+        filename: None,
+        bucket: "b".into(),
+        object_key: format!("uploads/{id}"),
+        size_bytes: 1,
+        sha256: "0".repeat(64),
+        status: MediaStatus::Queued,
+        error: None,
+        created_at_ms: 0,
+        updated_at_ms: 0,
+    }
+}
+
 /// Two stages finishing the same media item at the same moment, on PostgreSQL (where each
 /// transaction reads its own snapshot): the item ends `done`, every time.
 #[tokio::test(flavor = "multi_thread")]
@@ -164,20 +182,7 @@ async fn stages_finishing_at_once_leave_the_item_done() -> Result<()> {
     let stages = vec!["a".to_owned(), "b".to_owned(), "c".to_owned()];
     for n in 0..40 {
         let id = format!("media-{n}");
-        let row = mediaflow_db::MediaRow {
-            id: id.clone(),
-            kind: "image".into(),
-            content_type: "image/png".into(),
-            filename: None,
-            bucket: "b".into(),
-            object_key: format!("uploads/{id}"),
-            size_bytes: 1,
-            sha256: "0".repeat(64),
-            status: MediaStatus::Queued,
-            error: None,
-            created_at_ms: 0,
-            updated_at_ms: 0,
-        };
+        let row = media_row(&id);
         db.insert_media(&row, &stages).await?;
         let done = |stage: &'static str| {
             let (db, id) = (db.clone(), id.clone());
@@ -201,5 +206,32 @@ async fn stages_finishing_at_once_leave_the_item_done() -> Result<()> {
             "{id}: {status:?} with every stage done"
         );
     }
+    Ok(())
+}
+
+/// A stage done with an item (a join that took its first branch) is queued again when another
+/// event about the item is published for it: the item is not done until the stage took that
+/// too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stage_done_with_an_item_is_queued_again_by_its_next_event() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let url = format!("sqlite://{}", dir.path().join("s.db").display());
+    let db = mediaflow_db::Db::connect(&url, 4).await?;
+    let row = media_row("m");
+    let join = vec!["join".to_owned()];
+    db.insert_media(&row, &join).await?;
+    let media = mediaflow_db::Entity::Media("m");
+    db.set_stage_state(media, "join", StageState::Done, None)
+        .await?;
+    ensure!(db.media("m").await?.context("row")?.status == MediaStatus::Done);
+    db.queue_stages(media, &join).await?;
+    ensure!(db.media("m").await?.context("row")?.status == MediaStatus::Queued);
+    db.set_stage_state(media, "join", StageState::Failed, Some("no"))
+        .await?;
+    db.queue_stages(media, &join).await?;
+    ensure!(
+        db.media("m").await?.context("row")?.status == MediaStatus::Failed,
+        "a failed stage stays failed"
+    );
     Ok(())
 }

@@ -342,8 +342,10 @@ async fn results_in(
     Ok(())
 }
 
-/// Queues `entity` for `stages` (those not already holding a state for it) within `tx`, then
-/// derives its status again.
+/// Queues `entity` for `stages` within `tx`, then derives its status again. A stage that was
+/// done with the entity is queued again: another event about it is on its way there (a join's
+/// second branch), and until the stage has it the entity is not done. A running or failed
+/// stage keeps its state.
 async fn queue_in(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     entity: Entity<'_>,
@@ -353,7 +355,9 @@ async fn queue_in(
     for stage in stages {
         sqlx::query(
             "INSERT INTO stage_status (entity_id, stage, state, error, updated_at_ms) \
-             VALUES ($1, $2, $3, NULL, $4) ON CONFLICT (entity_id, stage) DO NOTHING",
+             VALUES ($1, $2, $3, NULL, $4) ON CONFLICT (entity_id, stage) DO UPDATE SET \
+             state = excluded.state, updated_at_ms = excluded.updated_at_ms \
+             WHERE stage_status.state = 'done'",
         )
         .bind(entity.id())
         .bind(stage)
@@ -522,8 +526,8 @@ impl Db {
         Ok(())
     }
 
-    /// Queues `entity` for `stages` (those not already holding a state for it), then derives
-    /// its status again.
+    /// Queues `entity` for `stages` (see `queue_in`: a stage done with it is queued again),
+    /// then derives its status again.
     pub async fn queue_stages(&self, entity: Entity<'_>, stages: &[String]) -> Result<(), DbError> {
         if stages.is_empty() {
             return Ok(());
