@@ -35,7 +35,7 @@ use mediaflow_events::{MediaKind, MediaProcessed, ObjectRef, Output, RenditionRe
 use mediaflow_imaging::renditions::Rendition;
 use mediaflow_imaging::{DecodeLimits, Small};
 use mediaflow_outputs::{Outputs, Written};
-use mediaflow_runtime::{Handler, StageError};
+use mediaflow_runtime::{Handler, StageError, on_cpu};
 use mediaflow_store::ObjectStore;
 use mediaflow_telemetry::Metrics;
 use serde::{Deserialize, Serialize};
@@ -232,7 +232,6 @@ pub struct Job {
     written: Vec<(String, Written)>,
     image_limits: DecodeLimits,
     video_limits: mediaflow_video::Limits,
-    cpu: Arc<tokio::sync::Semaphore>,
     decoded: Option<Arc<Decoded>>,
 }
 
@@ -291,22 +290,6 @@ impl Job {
             .map_err(|e| StageError::transient(format!("reading the local input: {e}")))
     }
 
-    /// Runs CPU-bound `work` on the blocking pool, at most as many at once as there are cores,
-    /// however many jobs are in flight.
-    pub async fn on_cpu<T: Send + 'static>(
-        &self,
-        work: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, StageError> {
-        let _core = self
-            .cpu
-            .acquire()
-            .await
-            .map_err(|e| StageError::permanent(e.to_string()))?;
-        tokio::task::spawn_blocking(work)
-            .await
-            .map_err(|e| StageError::permanent(format!("worker task failed: {e}")))
-    }
-
     /// The current file decoded as an image, at no less than `target(width, height)` of the
     /// source: decoded once per file, shared by the steps that need no larger.
     pub async fn image(
@@ -322,17 +305,16 @@ impl Job {
         let bytes = self.read().await?;
         let limits = self.image_limits;
         let id = self.media_id.clone();
-        let decoded = self
-            .on_cpu(move || {
-                mediaflow_imaging::renditions::decode_working(&bytes, &limits, target).map(
-                    |(image, exif)| Decoded {
-                        image,
-                        exif: exif.map(<[u8]>::to_vec),
-                    },
-                )
-            })
-            .await?
-            .map_err(|e| StageError::bad_input(format!("image {id}: {e}")))?;
+        let decoded = on_cpu(&self.stage, move || {
+            mediaflow_imaging::renditions::decode_working(&bytes, &limits, target).map(
+                |(image, exif)| Decoded {
+                    image,
+                    exif: exif.map(<[u8]>::to_vec),
+                },
+            )
+        })
+        .await?
+        .map_err(|e| StageError::bad_input(format!("image {id}: {e}")))?;
         let decoded = Arc::new(decoded);
         self.decoded = Some(decoded.clone());
         Ok(decoded)
@@ -418,7 +400,6 @@ pub struct Chain {
     outputs: Outputs,
     db: Db,
     work_dir: PathBuf,
-    cpu: Arc<tokio::sync::Semaphore>,
     /// Bounds the inputs on local disk at once, whatever the concurrency.
     budget: mediaflow_outputs::InputBudget,
     metrics: Metrics,
@@ -447,7 +428,6 @@ impl Chain {
         db: Db,
     ) -> Result<Self, String> {
         let steps = workers.steps(&config)?;
-        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         Ok(Self {
             stage: stage.to_owned(),
             version: version.to_owned(),
@@ -458,7 +438,6 @@ impl Chain {
             store,
             db,
             work_dir,
-            cpu: Arc::new(tokio::sync::Semaphore::new(cores)),
             metrics: Metrics::default(),
         })
     }
@@ -504,7 +483,6 @@ impl Handler for Chain {
             written: Vec::new(),
             image_limits: self.config.image_limits.decode_limits(),
             video_limits: self.config.video_limits.clone(),
-            cpu: self.cpu.clone(),
             decoded: None,
         };
         for step in &self.steps {

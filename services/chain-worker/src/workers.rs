@@ -13,7 +13,7 @@ use mediaflow_exec_worker::command::{self, io_error};
 use mediaflow_imaging::renditions::{
     RenditionSpec, check_specs, render_all, tags_of, working_size,
 };
-use mediaflow_runtime::StageError;
+use mediaflow_runtime::{StageError, on_cpu};
 use mediaflow_video::select::Strategy;
 use mediaflow_video::{Seek, Video, VideoError};
 use serde::Deserialize;
@@ -87,10 +87,11 @@ impl Worker for Probe {
                 }
                 MediaKind::Video => {
                     let (path, limits) = (job.file().to_owned(), job.video_limits().clone());
-                    let probe = job
-                        .on_cpu(move || mediaflow_video::probe::probe(&path, &limits))
-                        .await?
-                        .map_err(|e| video_error(&id, e))?;
+                    let probe = on_cpu(job.stage(), move || {
+                        mediaflow_video::probe::probe(&path, &limits)
+                    })
+                    .await?
+                    .map_err(|e| video_error(&id, e))?;
                     let mut value = serde_json::to_value(&probe)
                         .map_err(|e| StageError::permanent(format!("probe: {e}")))?;
                     value["kind"] = json!("video");
@@ -153,10 +154,11 @@ impl Worker for ThumbnailWorker {
                     let decoded = job
                         .image(move |w, h| working_size(&needed, w, h, 0))
                         .await?;
-                    let made = job
-                        .on_cpu(move || render_all(&decoded.image, &specs, decoded.exif.as_deref()))
-                        .await?
-                        .map_err(|e| StageError::permanent(format!("image {id}: {e}")))?;
+                    let made = on_cpu(job.stage(), move || {
+                        render_all(&decoded.image, &specs, decoded.exif.as_deref())
+                    })
+                    .await?
+                    .map_err(|e| StageError::permanent(format!("image {id}: {e}")))?;
                     let mut renditions = Vec::with_capacity(made.len());
                     for r in made {
                         renditions.push(job.put_rendition(r, None).await?);
@@ -166,24 +168,18 @@ impl Worker for ThumbnailWorker {
                 MediaKind::Video => {
                     let (path, limits) = (job.file().to_owned(), job.video_limits().clone());
                     let (strategy, seek) = (self.0.frames.clone(), self.0.seek);
-                    let made = job
-                        .on_cpu(move || {
-                            let mut video = Video::open(&path, &limits)?;
-                            let mut frames = Vec::new();
-                            mediaflow_video::select::select_each(
-                                &mut video,
-                                &strategy,
-                                seek,
-                                |p| {
-                                    let r = mediaflow_video::encode::renditions(&p, &specs)?;
-                                    frames.push((p.time_s, p.keyframe, r));
-                                    Ok(())
-                                },
-                            )?;
-                            Ok::<_, VideoError>(frames)
-                        })
-                        .await?
-                        .map_err(|e| video_error(&id, e))?;
+                    let made = on_cpu(job.stage(), move || {
+                        let mut video = Video::open(&path, &limits)?;
+                        let mut frames = Vec::new();
+                        mediaflow_video::select::select_each(&mut video, &strategy, seek, |p| {
+                            let r = mediaflow_video::encode::renditions(&p, &specs)?;
+                            frames.push((p.time_s, p.keyframe, r));
+                            Ok(())
+                        })?;
+                        Ok::<_, VideoError>(frames)
+                    })
+                    .await?
+                    .map_err(|e| video_error(&id, e))?;
                     let mut frames = Vec::with_capacity(made.len());
                     for (i, (time_s, keyframe, renditions)) in made.into_iter().enumerate() {
                         let mut refs = Vec::with_capacity(renditions.len());
@@ -231,10 +227,11 @@ impl Worker for Tag {
                 )));
             }
             let decoded = job.image(|w, h| working_size(&[], w, h, 256)).await?;
-            let tags = job
-                .on_cpu(move || tags_of(&decoded.image, decoded.exif.as_deref()))
-                .await?
-                .map_err(|e| StageError::permanent(format!("image {id}: {e}")))?;
+            let tags = on_cpu(job.stage(), move || {
+                tags_of(&decoded.image, decoded.exif.as_deref())
+            })
+            .await?
+            .map_err(|e| StageError::permanent(format!("image {id}: {e}")))?;
             let tags = serde_json::to_value(&tags)
                 .map_err(|e| StageError::permanent(format!("tags: {e}")))?;
             let file = serde_json::to_vec_pretty(&tags)

@@ -9,7 +9,7 @@ use mediaflow_events::ImageProcessed;
 use mediaflow_imaging::renditions::RenditionSpec;
 use mediaflow_imaging::{DecodeLimits, ImagingError};
 use mediaflow_outputs::{InputBudget, Outputs, Written, db_error};
-use mediaflow_runtime::{Handler, Output, StageError};
+use mediaflow_runtime::{Handler, Output, StageError, on_cpu};
 use mediaflow_store::ObjectStore;
 use serde::{Deserialize, Serialize};
 
@@ -64,9 +64,6 @@ impl ImageWorkerConfig {
 #[derive(Debug)]
 pub struct ImageWorker {
     config: ImageWorkerConfig,
-    /// Bounds the decodes running at once to the cores there are, however many messages the
-    /// runtime has in flight.
-    cpu: std::sync::Arc<tokio::sync::Semaphore>,
     /// Bounds the originals held in memory at once.
     budget: InputBudget,
     outputs: Outputs,
@@ -83,11 +80,9 @@ impl ImageWorker {
         store: ObjectStore,
         db: Db,
     ) -> Self {
-        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         Self {
             budget: InputBudget::new(config.max_inflight_input_bytes),
             config,
-            cpu: std::sync::Arc::new(tokio::sync::Semaphore::new(cores)),
             outputs: Outputs::new(store, stage, version),
             db,
         }
@@ -124,21 +119,13 @@ impl Handler for ImageWorker {
         let specs = self.config.renditions.clone();
         let limits = self.limits();
         let bytes = input.bytes;
-        let processed = {
-            let _core = self
-                .cpu
-                .acquire()
-                .await
-                .map_err(|e| StageError::permanent(e.to_string()))?;
-            tokio::task::spawn_blocking(move || {
-                mediaflow_imaging::renditions::process(&bytes, &specs, &limits)
-            })
-            .await
-            .map_err(|e| StageError::permanent(format!("image task failed: {e}")))?
-            .map_err(|e: ImagingError| {
-                StageError::bad_input(format!("image {}: {e}", upload.media_id))
-            })?
-        };
+        let processed = on_cpu(self.outputs.stage(), move || {
+            mediaflow_imaging::renditions::process(&bytes, &specs, &limits)
+        })
+        .await?
+        .map_err(|e: ImagingError| {
+            StageError::bad_input(format!("image {}: {e}", upload.media_id))
+        })?;
 
         let mut rows = Vec::new();
         let mut renditions = Vec::new();

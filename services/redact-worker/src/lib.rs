@@ -19,7 +19,7 @@ use mediaflow_db::Db;
 use mediaflow_events::{Detection, ImageRedacted};
 use mediaflow_imaging::DecodeLimits;
 use mediaflow_outputs::{InputBudget, Outputs, Written, db_error};
-use mediaflow_runtime::{Handler, Output, StageError};
+use mediaflow_runtime::{Handler, Output, StageError, on_cpu};
 use mediaflow_store::ObjectStore;
 use serde::{Deserialize, Serialize};
 
@@ -141,7 +141,6 @@ pub struct RedactWorker {
     config: RedactConfig,
     detector: Detector,
     /// Bounds the detections running at once to the cores there are.
-    cpu: std::sync::Arc<tokio::sync::Semaphore>,
     budget: InputBudget,
     outputs: Outputs,
     db: Db,
@@ -166,12 +165,10 @@ impl RedactWorker {
             config.min_size,
             config.detect_max_side,
         );
-        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         Ok(Self {
             budget: InputBudget::new(config.max_inflight_input_bytes),
             detector,
             config,
-            cpu: std::sync::Arc::new(tokio::sync::Semaphore::new(cores)),
             outputs: Outputs::new(store, stage, version),
             db,
         })
@@ -198,26 +195,20 @@ impl Handler for RedactWorker {
         let detector = self.detector.clone();
         let bytes = input.bytes;
         let media_id = upload.media_id.clone();
-        let redacted = {
-            let _core = self
-                .cpu
-                .acquire()
-                .await
-                .map_err(|e| StageError::permanent(e.to_string()))?;
-            tokio::task::spawn_blocking(move || {
-                let image = mediaflow_imaging::decode(&bytes, &limits)
-                    .map_err(|e| StageError::bad_input(format!("image {media_id}: {e}")))?;
-                detect_and_blur(&detector, image)
-            })
-            .await
-            .map_err(|e| StageError::permanent(format!("redact task failed: {e}")))??
-        };
+        // Decoding, detection and the lossless encode are the stage's CPU work: one budget.
+        let (redacted, png) = on_cpu(self.outputs.stage(), move || {
+            let image = mediaflow_imaging::decode(&bytes, &limits)
+                .map_err(|e| StageError::bad_input(format!("image {media_id}: {e}")))?;
+            let redacted = detect_and_blur(&detector, image)?;
+            let mut png = Vec::new();
+            redacted
+                .image
+                .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                .map_err(|e| StageError::permanent(format!("encoding the redacted copy: {e}")))?;
+            Ok::<_, StageError>((redacted, png))
+        })
+        .await??;
         let (width, height) = (redacted.image.width(), redacted.image.height());
-        let mut png = Vec::new();
-        redacted
-            .image
-            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-            .map_err(|e| StageError::permanent(format!("encoding the redacted copy: {e}")))?;
         let Written { object, row } = self
             .outputs
             .put(

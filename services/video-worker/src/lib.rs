@@ -14,7 +14,7 @@ use mediaflow_events::{
 };
 use mediaflow_imaging::renditions::{Rendition, RenditionSpec};
 use mediaflow_outputs::{Outputs, db_error, enum_name};
-use mediaflow_runtime::{Handler, Output, StageError};
+use mediaflow_runtime::{Handler, Output, StageError, on_cpu};
 use mediaflow_store::ObjectStore;
 use mediaflow_video::preview::{Preview, PreviewSpec};
 use mediaflow_video::select::Strategy;
@@ -87,8 +87,6 @@ impl VideoWorkerConfig {
 #[derive(Debug)]
 pub struct VideoWorker {
     config: VideoWorkerConfig,
-    /// Bounds the videos decoded at once to the cores there are.
-    cpu: std::sync::Arc<tokio::sync::Semaphore>,
     /// Bounds the originals on local disk at once.
     budget: mediaflow_outputs::InputBudget,
     store: ObjectStore,
@@ -151,11 +149,9 @@ impl VideoWorker {
         store: ObjectStore,
         db: Db,
     ) -> Self {
-        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         Self {
             budget: mediaflow_outputs::InputBudget::new(config.max_inflight_input_bytes),
             config,
-            cpu: std::sync::Arc::new(tokio::sync::Semaphore::new(cores)),
             outputs: Outputs::new(store.clone(), stage, version),
             store,
             db,
@@ -192,25 +188,17 @@ impl Handler for VideoWorker {
         )
         .await?;
 
-        let made = {
-            let _core = self
-                .cpu
-                .acquire()
-                .await
-                .map_err(|e| StageError::permanent(e.to_string()))?;
-            let config = self.config.clone();
-            tokio::task::spawn_blocking(move || make(&input, &config))
-                .await
-                .map_err(|e| StageError::permanent(format!("video task failed: {e}")))?
-                .map_err(|e| {
-                    let message = format!("video {id}: {e}");
-                    if e.is_bad_input() {
-                        StageError::bad_input(message)
-                    } else {
-                        StageError::permanent(message)
-                    }
-                })?
-        };
+        let config = self.config.clone();
+        let made = on_cpu(self.outputs.stage(), move || make(&input, &config))
+            .await?
+            .map_err(|e| {
+                let message = format!("video {id}: {e}");
+                if e.is_bad_input() {
+                    StageError::bad_input(message)
+                } else {
+                    StageError::permanent(message)
+                }
+            })?;
         drop(dir);
 
         let mut rows = Vec::new();

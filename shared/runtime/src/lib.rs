@@ -5,6 +5,7 @@
 //! for good, and stores each partition's offset only past messages that are finished: handled and
 //! their outputs acknowledged by the broker.
 
+mod cpu;
 mod limit;
 #[cfg(test)]
 mod loop_tests;
@@ -14,6 +15,7 @@ mod seam;
 mod stage;
 mod watchdog;
 
+pub use cpu::on_cpu;
 pub use offsets::OffsetTracker;
 pub use output::{Bound, Output, Ports};
 pub use seam::{Sink, Source, Tracker};

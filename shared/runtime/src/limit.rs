@@ -4,10 +4,10 @@
 //! Messages that wait on something that does not saturate (the broker's acknowledgement, the
 //! object store, the database) finish as fast with more of them in flight: the latency stays
 //! near its floor and the limit grows, so those waits overlap. Messages that queue for a
-//! saturated resource (the cores, behind the stage's CPU semaphore) take longer the more are in
-//! flight: the latency rises above its floor, the gradient (floor / latency) falls below one and
-//! the limit shrinks, so the stage holds few messages (and their inputs in memory) beyond what
-//! keeps the resource busy. Each round (as many finished messages as the limit, at least
+//! saturated resource (the cores, behind the process's CPU budget, `on_cpu`) take longer the
+//! more are in flight: the latency rises above its floor, the gradient (floor / latency) falls
+//! below one and the limit shrinks, so the stage holds few messages (and their inputs in
+//! memory) beyond what keeps the resource busy. Each round (as many finished messages as the limit, at least
 //! `MIN_ROUND`):
 //!
 //! ```text
