@@ -183,13 +183,14 @@ async fn stages_finishing_at_once_leave_the_item_done() -> Result<()> {
     for n in 0..40 {
         let id = format!("media-{n}");
         let row = media_row(&id);
-        db.insert_media(&row, &stages).await?;
+        db.insert_media(&row, "uploaded", &stages).await?;
         let done = |stage: &'static str| {
             let (db, id) = (db.clone(), id.clone());
             tokio::spawn(async move {
                 db.set_stage_state(
                     mediaflow_db::Entity::Media(&id),
                     stage,
+                    "uploaded",
                     StageState::Done,
                     None,
                 )
@@ -219,19 +220,61 @@ async fn a_stage_done_with_an_item_is_queued_again_by_its_next_event() -> Result
     let db = mediaflow_db::Db::connect(&url, 4).await?;
     let row = media_row("m");
     let join = vec!["join".to_owned()];
-    db.insert_media(&row, &join).await?;
+    db.insert_media(&row, "first", &join).await?;
     let media = mediaflow_db::Entity::Media("m");
-    db.set_stage_state(media, "join", StageState::Done, None)
+    let status = || async { anyhow::Ok(db.media("m").await?.context("row")?.status) };
+    db.set_stage_state(media, "join", "first", StageState::Done, None)
         .await?;
-    ensure!(db.media("m").await?.context("row")?.status == MediaStatus::Done);
-    db.queue_stages(media, &join).await?;
-    ensure!(db.media("m").await?.context("row")?.status == MediaStatus::Queued);
-    db.set_stage_state(media, "join", StageState::Failed, Some("no"))
+    ensure!(status().await? == MediaStatus::Done);
+    db.queue_stages(media, "second", &join).await?;
+    ensure!(status().await? == MediaStatus::Queued);
+    db.set_stage_state(media, "join", "second", StageState::Failed, Some("no"))
         .await?;
-    db.queue_stages(media, &join).await?;
+    db.queue_stages(media, "third", &join).await?;
     ensure!(
-        db.media("m").await?.context("row")?.status == MediaStatus::Failed,
+        status().await? == MediaStatus::Failed,
         "a failed stage stays failed"
     );
+    Ok(())
+}
+
+/// A stage still running on an item's first event when the next one is published for it (a
+/// join taking its first branch while the second arrives) is not done with the item when it
+/// finishes the first: it is queued until it has finished the second. A redelivered event
+/// changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stage_running_when_the_next_event_is_queued_is_not_done_with_the_item() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let url = format!("sqlite://{}", dir.path().join("s.db").display());
+    let db = mediaflow_db::Db::connect(&url, 4).await?;
+    let join = vec!["join".to_owned()];
+    db.insert_media(&media_row("m"), "first", &join).await?;
+    let media = mediaflow_db::Entity::Media("m");
+    let status = || async { anyhow::Ok(db.media("m").await?.context("row")?.status) };
+    let join_state = || async {
+        let states = db.stage_states("m").await?;
+        anyhow::Ok(states.iter().find(|s| s.stage == "join").map(|s| s.state))
+    };
+    db.set_stage_state(media, "join", "first", StageState::Running, None)
+        .await?;
+    db.queue_stages(media, "second", &join).await?;
+    db.set_stage_state(media, "join", "first", StageState::Done, None)
+        .await?;
+    ensure!(join_state().await? == Some(StageState::Queued));
+    ensure!(
+        status().await? == MediaStatus::Queued,
+        "the second is on its way"
+    );
+    // The first again (a redelivery), then republished: the second still waits.
+    db.set_stage_state(media, "join", "first", StageState::Done, None)
+        .await?;
+    db.queue_stages(media, "second", &join).await?;
+    ensure!(status().await? == MediaStatus::Queued);
+    db.set_stage_state(media, "join", "second", StageState::Running, None)
+        .await?;
+    db.set_stage_state(media, "join", "second", StageState::Done, None)
+        .await?;
+    ensure!(join_state().await? == Some(StageState::Done));
+    ensure!(status().await? == MediaStatus::Done);
     Ok(())
 }

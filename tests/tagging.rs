@@ -886,6 +886,7 @@ impl mediaflow_runtime::Tracker for Told {
         &'a self,
         _: &'a str,
         _: &'a cloudevents::Event,
+        _: &'a [mediaflow_runtime::Bound],
     ) -> futures::future::BoxFuture<'a, Result<(), mediaflow_runtime::StageError>> {
         Box::pin(async { Ok(()) })
     }

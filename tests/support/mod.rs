@@ -509,32 +509,31 @@ impl TestPlatform {
         }
         let db = mediaflow_db::Db::connect(&self.config.database_url(), 1).await?;
         let now = mediaflow_db::Db::now_ms();
-        db.insert_media(
-            &mediaflow_db::MediaRow {
-                id: id.clone(),
-                kind: kind.as_str().into(),
-                content_type: object.content_type.clone(),
-                filename: None,
-                bucket: object.bucket.clone(),
-                object_key: object.key.clone(),
-                size_bytes: object.size as i64,
-                sha256: object.sha256.clone(),
-                status: mediaflow_db::MediaStatus::Queued,
-                error: None,
-                created_at_ms: now,
-                updated_at_ms: now,
-            },
-            &[],
-        )
-        .await?;
-        Ok(mediaflow_events::MediaUploaded {
+        let row = mediaflow_db::MediaRow {
+            id: id.clone(),
+            kind: kind.as_str().into(),
+            content_type: object.content_type.clone(),
+            filename: None,
+            bucket: object.bucket.clone(),
+            object_key: object.key.clone(),
+            size_bytes: object.size as i64,
+            sha256: object.sha256.clone(),
+            status: mediaflow_db::MediaStatus::Queued,
+            error: None,
+            created_at_ms: now,
+            updated_at_ms: now,
+        };
+        let uploaded = mediaflow_events::MediaUploaded {
             media_id: id,
             kind,
             object,
             filename: None,
             uploaded_at: "2026-11-24T00:00:00Z".into(),
             batch: None,
-        })
+        };
+        db.insert_media(&row, &mediaflow_events::EventData::id(&uploaded), &[])
+            .await?;
+        Ok(uploaded)
     }
 
     /// Publishes `event` on `media.uploaded` as the gateway would.

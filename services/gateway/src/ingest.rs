@@ -3,7 +3,7 @@
 
 use mediaflow_bus::{Bus, BusError, Publisher};
 use mediaflow_db::{Db, DbError, MediaRow, MediaStatus};
-use mediaflow_events::{BatchItem, MediaKind, MediaUploaded, ObjectRef};
+use mediaflow_events::{BatchItem, EventData, MediaKind, MediaUploaded, ObjectRef};
 
 /// Why an object could not be admitted.
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +54,6 @@ pub async fn record_and_announce(
         created_at_ms: now,
         updated_at_ms: now,
     };
-    db.insert_media(&row, stages).await?;
     let event = MediaUploaded {
         media_id: id.to_owned(),
         kind,
@@ -65,6 +64,7 @@ pub async fn record_and_announce(
             .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         batch,
     };
+    db.insert_media(&row, &event.id(), stages).await?;
     if let Err(e) = publisher
         .publish(&bus.topics().media_uploaded(), &event)
         .await

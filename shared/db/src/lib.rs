@@ -179,6 +179,13 @@ pub struct MediaRow {
     pub updated_at_ms: i64,
 }
 
+/// An event about to be published, and the stages that read its topic.
+#[derive(Clone, Copy, Debug)]
+pub struct Queued<'a> {
+    pub event_id: &'a str,
+    pub stages: &'a [String],
+}
+
 /// What a stage's results belong to: an upload or a work item from a source.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Entity<'a> {
@@ -342,17 +349,28 @@ async fn results_in(
     Ok(())
 }
 
-/// Queues `entity` for `stages` within `tx`, then derives its status again. A stage that was
-/// done with the entity is queued again: another event about it is on its way there (a join's
-/// second branch), and until the stage has it the entity is not done. A running or failed
-/// stage keeps its state.
+/// Queues `entity` for `stages` within `tx`: event `event_id` about it is on its way to them
+/// (its status is for the caller to derive). A stage that was done with the entity is queued
+/// again (a join's second branch): until the stage has finished with the event, the entity is
+/// not done. A running or failed stage keeps its state; the event stays pending for it
+/// (`finish_in`).
 async fn queue_in(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     entity: Entity<'_>,
+    event_id: &str,
     stages: &[String],
     now: i64,
 ) -> Result<(), DbError> {
     for stage in stages {
+        sqlx::query(
+            "INSERT INTO stage_pending (entity_id, stage, event_id) VALUES ($1, $2, $3) \
+             ON CONFLICT (entity_id, stage, event_id) DO NOTHING",
+        )
+        .bind(entity.id())
+        .bind(stage)
+        .bind(event_id)
+        .execute(&mut **tx)
+        .await?;
         sqlx::query(
             "INSERT INTO stage_status (entity_id, stage, state, error, updated_at_ms) \
              VALUES ($1, $2, $3, NULL, $4) ON CONFLICT (entity_id, stage) DO UPDATE SET \
@@ -366,7 +384,41 @@ async fn queue_in(
         .execute(&mut **tx)
         .await?;
     }
-    derive_in(tx, entity, now).await
+    Ok(())
+}
+
+/// What `stage`'s state for `entity` is after it reached `state` with event `event_id`, within
+/// `tx`: a finished event (done or failed) is no longer pending, and a stage done with one
+/// event while another is still pending for it is queued.
+async fn finish_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    entity: Entity<'_>,
+    stage: &str,
+    event_id: &str,
+    state: StageState,
+) -> Result<StageState, DbError> {
+    if state == StageState::Running {
+        return Ok(state);
+    }
+    sqlx::query("DELETE FROM stage_pending WHERE entity_id = $1 AND stage = $2 AND event_id = $3")
+        .bind(entity.id())
+        .bind(stage)
+        .bind(event_id)
+        .execute(&mut **tx)
+        .await?;
+    if state != StageState::Done {
+        return Ok(state);
+    }
+    let waiting = sqlx::query("SELECT 1 FROM stage_pending WHERE entity_id = $1 AND stage = $2")
+        .bind(entity.id())
+        .bind(stage)
+        .fetch_optional(&mut **tx)
+        .await?;
+    Ok(if waiting.is_some() {
+        StageState::Queued
+    } else {
+        StageState::Done
+    })
 }
 
 fn now_ms() -> i64 {
@@ -440,9 +492,15 @@ impl Db {
         Ok(())
     }
 
-    /// Records a new upload queued for `stages`, in one transaction: the media row and its
-    /// stages' rows appear together or not at all. Inserting the same id twice is an error.
-    pub async fn insert_media(&self, m: &MediaRow, stages: &[String]) -> Result<(), DbError> {
+    /// Records a new upload queued for `stages` with event `event_id` (its announcement), in
+    /// one transaction: the media row and its stages' rows appear together or not at all.
+    /// Inserting the same id twice is an error.
+    pub async fn insert_media(
+        &self,
+        m: &MediaRow,
+        event_id: &str,
+        stages: &[String],
+    ) -> Result<(), DbError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO media (id, kind, content_type, filename, bucket, object_key, size_bytes, \
@@ -464,7 +522,9 @@ impl Db {
         .execute(&mut *tx)
         .await?;
         if !stages.is_empty() {
-            queue_in(&mut tx, Entity::Media(&m.id), stages, m.updated_at_ms).await?;
+            let media = Entity::Media(&m.id);
+            queue_in(&mut tx, media, event_id, stages, m.updated_at_ms).await?;
+            derive_in(&mut tx, media, m.updated_at_ms).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -473,10 +533,12 @@ impl Db {
     /// Removes an upload that was never announced (its event could not be published).
     pub async fn delete_media(&self, id: &str) -> Result<(), DbError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM stage_status WHERE entity_id = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
+        for table in ["stage_pending", "stage_status"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE entity_id = $1"))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
         sqlx::query("DELETE FROM media WHERE id = $1")
             .bind(id)
             .execute(&mut *tx)
@@ -526,29 +588,71 @@ impl Db {
         Ok(())
     }
 
-    /// Queues `entity` for `stages` (see `queue_in`: a stage done with it is queued again),
-    /// then derives its status again.
-    pub async fn queue_stages(&self, entity: Entity<'_>, stages: &[String]) -> Result<(), DbError> {
+    /// Queues `entity` for `stages`: event `event_id` about it is about to be published on a
+    /// topic they read (see `queue_in`: a stage done with it is queued again). Then derives its
+    /// status again.
+    pub async fn queue_stages(
+        &self,
+        entity: Entity<'_>,
+        event_id: &str,
+        stages: &[String],
+    ) -> Result<(), DbError> {
         if stages.is_empty() {
             return Ok(());
         }
+        let now = now_ms();
         let mut tx = self.pool.begin().await?;
-        queue_in(&mut tx, entity, stages, now_ms()).await?;
+        queue_in(&mut tx, entity, event_id, stages, now).await?;
+        derive_in(&mut tx, entity, now).await?;
         tx.commit().await?;
         Ok(())
     }
 
-    /// Sets `stage`'s state for `entity` (with the reason, when it failed), then derives the
-    /// entity's status again.
+    /// Sets `stage`'s state for `entity` as it is with event `event_id` (with the reason, when
+    /// it failed), then derives the entity's status again. Done with one event while another is
+    /// pending for it, the stage is queued (see `finish_in`).
     pub async fn set_stage_state(
         &self,
         entity: Entity<'_>,
         stage: &str,
+        event_id: &str,
         state: StageState,
         error: Option<&str>,
     ) -> Result<(), DbError> {
+        self.stage_step(entity, stage, event_id, state, error, &[])
+            .await
+    }
+
+    /// `stage` is done with event `event_id` about `entity` and is about to publish `next`
+    /// about it, in one transaction: the stages each of those goes to are queued for it (as
+    /// `queue_stages`), then the stage is done with it (as `set_stage_state`), and the entity's
+    /// status is derived once.
+    pub async fn stage_done(
+        &self,
+        entity: Entity<'_>,
+        stage: &str,
+        event_id: &str,
+        next: &[Queued<'_>],
+    ) -> Result<(), DbError> {
+        self.stage_step(entity, stage, event_id, StageState::Done, None, next)
+            .await
+    }
+
+    async fn stage_step(
+        &self,
+        entity: Entity<'_>,
+        stage: &str,
+        event_id: &str,
+        state: StageState,
+        error: Option<&str>,
+        next: &[Queued<'_>],
+    ) -> Result<(), DbError> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
+        for q in next {
+            queue_in(&mut tx, entity, q.event_id, q.stages, now).await?;
+        }
+        let state = finish_in(&mut tx, entity, stage, event_id, state).await?;
         sqlx::query(
             "INSERT INTO stage_status (entity_id, stage, state, error, updated_at_ms) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT (entity_id, stage) DO UPDATE SET \

@@ -69,7 +69,7 @@ async fn work_items_are_recorded_once_and_carry_their_results() {
         db.item("i1").await.unwrap().unwrap().status,
         MediaStatus::Queued
     );
-    db.set_stage_state(Entity::Item("i1"), "s", StageState::Done, None)
+    db.set_stage_state(Entity::Item("i1"), "s", "e1", StageState::Done, None)
         .await
         .unwrap();
     assert_eq!(
@@ -77,9 +77,15 @@ async fn work_items_are_recorded_once_and_carry_their_results() {
         MediaStatus::Done
     );
 
-    db.set_stage_state(Entity::Item("i2"), "s", StageState::Failed, Some("exit 1"))
-        .await
-        .unwrap();
+    db.set_stage_state(
+        Entity::Item("i2"),
+        "s",
+        "e2",
+        StageState::Failed,
+        Some("exit 1"),
+    )
+    .await
+    .unwrap();
     let failed = db.item("i2").await.unwrap().unwrap();
     assert_eq!(
         (failed.status, failed.error.as_deref()),
@@ -88,11 +94,11 @@ async fn work_items_are_recorded_once_and_carry_their_results() {
     assert!(db.item("nope").await.unwrap().is_none());
 
     // Media results live beside them and mark the media, not an item, done.
-    db.insert_media(&media("m1"), &[]).await.unwrap();
+    db.insert_media(&media("m1"), "up", &[]).await.unwrap();
     db.record_results(Entity::Media("m1"), &[result("m1", "a.txt")])
         .await
         .unwrap();
-    db.set_stage_state(Entity::Media("m1"), "s", StageState::Done, None)
+    db.set_stage_state(Entity::Media("m1"), "s", "up", StageState::Done, None)
         .await
         .unwrap();
     assert_eq!(
@@ -153,22 +159,24 @@ async fn a_media_item_is_done_only_when_every_stage_it_was_queued_for_is() {
     let db = Db::connect(&format!("sqlite://{}/t.db", dir.path().display()), 2)
         .await
         .unwrap();
-    db.insert_media(&media("m1"), &[]).await.unwrap();
+    db.insert_media(&media("m1"), "up", &[]).await.unwrap();
     let m1 = Entity::Media("m1");
     let status = || async { db.media("m1").await.unwrap().unwrap() };
-    db.queue_stages(m1, &["router".to_owned()]).await.unwrap();
-    db.set_stage_state(m1, "router", StageState::Running, None)
+    db.queue_stages(m1, "up", &["router".to_owned()])
+        .await
+        .unwrap();
+    db.set_stage_state(m1, "router", "up", StageState::Running, None)
         .await
         .unwrap();
     // Two stages read the router's output: both are queued before it is done.
-    db.queue_stages(m1, &["thumbs".to_owned(), "exif".to_owned()])
+    db.queue_stages(m1, "routed", &["thumbs".to_owned(), "exif".to_owned()])
         .await
         .unwrap();
-    db.set_stage_state(m1, "router", StageState::Done, None)
+    db.set_stage_state(m1, "router", "up", StageState::Done, None)
         .await
         .unwrap();
     assert_eq!(status().await.status, MediaStatus::Queued);
-    db.set_stage_state(m1, "thumbs", StageState::Done, None)
+    db.set_stage_state(m1, "thumbs", "routed", StageState::Done, None)
         .await
         .unwrap();
     assert_eq!(
@@ -178,14 +186,17 @@ async fn a_media_item_is_done_only_when_every_stage_it_was_queued_for_is() {
     );
     // Queuing again (another event for it: a redelivery, a join's next branch) puts a finished
     // stage back in the queue until it has taken that event too.
-    db.queue_stages(m1, &["thumbs".to_owned()]).await.unwrap();
+    db.queue_stages(m1, "again", &["thumbs".to_owned()])
+        .await
+        .unwrap();
     assert_eq!(status().await.status, MediaStatus::Queued);
-    db.set_stage_state(m1, "thumbs", StageState::Done, None)
+    db.set_stage_state(m1, "thumbs", "again", StageState::Done, None)
         .await
         .unwrap();
     db.set_stage_state(
         m1,
         "exif",
+        "routed",
         StageState::Failed,
         Some("bad_input error: no EXIF"),
     )
@@ -212,7 +223,7 @@ async fn a_media_item_is_done_only_when_every_stage_it_was_queued_for_is() {
         ]
     );
     // Replayed and done: the media is done, its error gone.
-    db.set_stage_state(m1, "exif", StageState::Done, None)
+    db.set_stage_state(m1, "exif", "routed", StageState::Done, None)
         .await
         .unwrap();
     let done = status().await;

@@ -19,7 +19,7 @@ pub use cpu::on_cpu;
 pub use offsets::OffsetTracker;
 pub use output::{Bound, Output, Ports};
 pub use seam::{Sink, Source, Tracker};
-pub use stage::{StageOptions, StageRun, Stopped, run_stage};
+pub use stage::{RUNNING_AFTER, StageOptions, StageRun, Stopped, run_stage};
 pub use watchdog::{Observation, StageProbe, Verdict, Watchdog};
 
 use std::future::Future;

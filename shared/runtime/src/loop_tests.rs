@@ -14,8 +14,8 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Bound, Handler, Output, Ports, RetryPolicy, Sink, Source, StageError, StageOptions, StageProbe,
-    StageRun, Stopped, Tracker, run_stage,
+    Bound, Handler, Output, Ports, RUNNING_AFTER, RetryPolicy, Sink, Source, StageError,
+    StageOptions, StageProbe, StageRun, Stopped, Tracker, run_stage,
 };
 
 #[derive(Default)]
@@ -302,8 +302,14 @@ impl Tracker for Journal {
         &'a self,
         stage: &'a str,
         input: &'a Event,
+        outputs: &'a [Bound],
     ) -> BoxFuture<'a, Result<(), StageError>> {
-        self.note(format!("{stage} done {}", input.id()));
+        let topics: Vec<&str> = outputs.iter().map(|o| o.topic.as_str()).collect();
+        self.note(format!(
+            "{stage} done {}, queued on [{}]",
+            input.id(),
+            topics.join(",")
+        ));
         Box::pin(async { Ok(()) })
     }
     fn failed<'a>(
@@ -687,10 +693,15 @@ async fn an_output_on_an_unbound_port_or_refused_for_good_is_dead_lettered_once(
 }
 
 #[tokio::test(start_paused = true)]
-async fn the_tracker_hears_running_then_queued_before_publishing_then_done_or_failed() {
+async fn the_tracker_hears_done_with_the_outputs_queued_before_publishing_or_failed() {
     let journal = Arc::new(Journal::default());
-    let one = Script {
+    let quick = Script {
         outputs: 1,
+        ..Script::default()
+    };
+    let slow = Script {
+        millis: RUNNING_AFTER.as_millis() as u64 * 2,
+        outputs: 2,
         ..Script::default()
     };
     let broken = Script {
@@ -698,25 +709,25 @@ async fn the_tracker_hears_running_then_queued_before_publishing_then_done_or_fa
         permanent: true,
         ..Script::default()
     };
-    // One key: m0 is finished before m1 starts.
+    // One key: each is finished before the next starts.
     let run = start_with(
-        vec![delivery(0, "a"), delivery(1, "a")],
-        &[("m0", one), ("m1", broken)],
+        vec![delivery(0, "a"), delivery(1, "a"), delivery(2, "a")],
+        &[("m0", quick), ("m1", slow), ("m2", broken)],
         options(),
         Kept::default(),
         Some(journal.clone()),
     );
-    run.sink.taken(2).await;
+    run.sink.taken(4).await;
     let (_, source, _) = run.stop().await;
-    assert_eq!(source.positions().get(&0), Some(&2));
+    assert_eq!(source.positions().get(&0), Some(&3));
+    // Quick work goes from queued to done; work that lasts is said to be running meanwhile.
     assert_eq!(
         *journal.entries.lock().unwrap(),
         [
-            "test running m0 (0 published)",
-            "queued on t.out (0 published)",
-            "test done m0 (1 published)",
+            "test done m0, queued on [t.out] (0 published)",
             "test running m1 (1 published)",
-            "test failed m1: m1 is broken (1 published)",
+            "test done m1, queued on [t.out,t.out] (1 published)",
+            "test failed m2: m2 is broken (3 published)",
         ]
     );
 }

@@ -81,21 +81,26 @@ impl Sink for Publisher {
 }
 
 /// Where a stage's progress on the entities its events are about is recorded (a media item's
-/// per-stage status). Each call is retried until it succeeds, like publishing.
+/// per-stage status). A failed call fails the attempt (retried as a transient error); a failed
+/// `running` is only logged.
 pub trait Tracker: Send + Sync + 'static {
-    /// `stage` started on `input`.
+    /// `stage` has been working on `input` for a while (`RUNNING_AFTER`): work that finishes
+    /// sooner goes from queued to done without it, a write saved per message.
     fn running<'a>(
         &'a self,
         stage: &'a str,
         input: &'a Event,
     ) -> BoxFuture<'a, Result<(), StageError>>;
-    /// `outputs` are about to be published: the stages that read their topics have work queued.
+    /// `outputs` are about to be published by something other than a stage's handler (a
+    /// coordinated stage's relay): the stages that read their topics have work queued.
     fn queued<'a>(&'a self, outputs: &'a [Bound]) -> BoxFuture<'a, Result<(), StageError>>;
-    /// `stage` finished with `input`, its outputs published.
+    /// `stage` finished with `input` and is about to publish `outputs`: in one step, the
+    /// stages that read their topics have work queued and `stage` is done with `input`.
     fn done<'a>(
         &'a self,
         stage: &'a str,
         input: &'a Event,
+        outputs: &'a [Bound],
     ) -> BoxFuture<'a, Result<(), StageError>>;
     /// `stage` gave up on `input` for `error`.
     fn failed<'a>(

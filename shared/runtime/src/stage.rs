@@ -30,13 +30,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::limit::Limit;
 use crate::{
-    Bound, ErrorClass, Handler, OffsetTracker, Ports, RetryPolicy, Sink, Source, StageError,
-    StageProbe, Tracker,
+    Bound, ErrorClass, Handler, OffsetTracker, Output, Ports, RetryPolicy, Sink, Source,
+    StageError, StageProbe, Tracker,
 };
 
 /// How long the loop may stay full without polling the consumer before it pauses fetching and
 /// polls again (for rebalances and the poll interval); far below `max.poll.interval.ms`.
 const HOLD_BEFORE_PAUSE: Duration = Duration::from_secs(1);
+/// How long a handler works on a message before its tracker hears that it is running: most
+/// messages (a filter's, a copier's, a join's) are done sooner, and need no write for it.
+pub const RUNNING_AFTER: Duration = Duration::from_millis(250);
 
 /// How a stage instance runs.
 #[derive(Clone, Copy, Debug)]
@@ -562,35 +565,20 @@ async fn attempts<H: Handler>(ctx: &Context<H>, delivery: &Delivery, event: &Eve
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let started = match &ctx.tracker {
-            Some(t) => t.running(&ctx.stage, event).await,
-            None => Ok(()),
-        };
-        let result = match started {
-            Ok(()) => AssertUnwindSafe(ctx.handler.handle(event))
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|panic| {
-                    Err(StageError::permanent(format!(
-                        "the stage panicked: {}",
-                        panic_text(&panic)
-                    )))
-                }),
-            Err(e) => Err(e),
-        };
-        let queued = |outputs: Vec<Bound>| async {
+        let result = handle(ctx, event).await;
+        let finished = |outputs: Vec<Bound>| async {
             match &ctx.tracker {
-                Some(t) => t.queued(&outputs).await.map(|()| outputs),
+                Some(t) => t.done(&ctx.stage, event, &outputs).await.map(|()| outputs),
                 None => Ok(outputs),
             }
         };
         let bound = match result.and_then(|outputs| ctx.ports.bind(event, outputs)) {
-            Ok(outputs) => queued(outputs).await,
+            Ok(outputs) => finished(outputs).await,
             Err(err) => Err(err),
         };
         let err = match bound {
             Ok(outputs) => match publish(ctx, outputs).await {
-                Published::All => return finish(ctx, event).await,
+                Published::All => return Outcome::Done("ok"),
                 Published::HandedBack => return Outcome::HandedBack,
                 // Refused for good: retrying the handler would not change that.
                 Published::Refused(err) => {
@@ -614,24 +602,36 @@ async fn attempts<H: Handler>(ctx: &Context<H>, delivery: &Delivery, event: &Eve
     }
 }
 
-/// Records the message as done for its entity, trying until that succeeds.
-async fn finish<H: Handler>(ctx: &Context<H>, event: &Event) -> Outcome {
-    let Some(tracker) = &ctx.tracker else {
-        return Outcome::Done("ok");
+/// Runs the handler on `event` (a panic is a permanent error); the tracker hears that the
+/// stage is running on it once it has taken `RUNNING_AFTER`.
+async fn handle<H: Handler>(ctx: &Context<H>, event: &Event) -> Result<Vec<Output>, StageError> {
+    let handling = async {
+        AssertUnwindSafe(ctx.handler.handle(event))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                Err(StageError::permanent(format!(
+                    "the stage panicked: {}",
+                    panic_text(&panic)
+                )))
+            })
     };
-    let mut tries = 0;
-    loop {
-        match tracker.done(&ctx.stage, event).await {
-            Ok(()) => return Outcome::Done("ok"),
-            Err(e) => {
-                tracing::warn!(stage = %ctx.stage, id = event.id(), error = %e, "could not record a finished message")
+    let Some(tracker) = &ctx.tracker else {
+        return handling.await;
+    };
+    tokio::pin!(handling);
+    tokio::select! {
+        biased;
+        result = &mut handling => result,
+        () = tokio::time::sleep(RUNNING_AFTER) => {
+            let (said, result) = tokio::join!(tracker.running(&ctx.stage, event), handling);
+            if let Err(e) = said {
+                // Only what the status shows meanwhile: done or failed is recorded after.
+                tracing::warn!(stage = %ctx.stage, id = event.id(), error = %e, "could not record a running message");
+                ctx.metrics.stage_error(&ctx.stage, "track");
             }
+            result
         }
-        ctx.metrics.stage_error(&ctx.stage, "track");
-        if !pause(ctx.options.retry.backoff(tries), &ctx.hand_back).await {
-            return Outcome::HandedBack;
-        }
-        tries += 1;
     }
 }
 

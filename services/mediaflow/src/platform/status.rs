@@ -1,6 +1,9 @@
 //! Each stage's own state for each media item and work item, recorded by the runtime through
 //! this `Tracker`: queued when an event about the entity is published on a topic the stage
-//! reads (the pipeline says which stages read which topic), running, then done or failed. The
+//! reads (the pipeline says which stages read which topic), running (once it has worked on one
+//! for `RUNNING_AFTER`), then done or failed; done with one event while another is still on its
+//! way to it, queued again. A stage done with an event queues the readers of what it is about
+//! to publish in the same transaction. The
 //! entity's status is derived from those rows in the database, so with several stages reading
 //! one queue a media item is done only when every one of them is, and failed (with the stage
 //! and its reason) when one gave up.
@@ -15,7 +18,7 @@ use std::collections::HashMap;
 
 use cloudevents::{AttributesReader, Event};
 use futures::future::BoxFuture;
-use mediaflow_db::{Db, Entity, StageState};
+use mediaflow_db::{Db, Entity, Queued, StageState};
 use mediaflow_events::{
     EventData, ImageProcessed, ImageRedacted, ItemProcessed, MediaCompleted, MediaProcessed,
     MediaUploaded, VideoProcessed, WorkItem,
@@ -56,9 +59,27 @@ impl StageStatus {
             return Ok(());
         };
         self.db
-            .set_stage_state(entity, stage, state, error)
+            .set_stage_state(entity, stage, input.id(), state, error)
             .await
             .map_err(db_error)
+    }
+
+    /// Each of `outputs` with the stages that read its topic and the entity it is about.
+    fn readers<'a>(
+        &'a self,
+        outputs: &'a [Bound],
+    ) -> impl Iterator<Item = (Entity<'a>, Queued<'a>)> + 'a {
+        outputs.iter().filter_map(|output| {
+            let entity = entity(&output.event)?;
+            let stages = self.readers.get(&output.topic)?;
+            Some((
+                entity,
+                Queued {
+                    event_id: output.event.id(),
+                    stages,
+                },
+            ))
+        })
     }
 }
 
@@ -92,14 +113,9 @@ impl Tracker for StageStatus {
 
     fn queued<'a>(&'a self, outputs: &'a [Bound]) -> BoxFuture<'a, Result<(), StageError>> {
         Box::pin(async move {
-            for output in outputs {
-                let (Some(entity), Some(stages)) =
-                    (entity(&output.event), self.readers.get(&output.topic))
-                else {
-                    continue;
-                };
+            for (entity, q) in self.readers(outputs) {
                 self.db
-                    .queue_stages(entity, stages)
+                    .queue_stages(entity, q.event_id, q.stages)
                     .await
                     .map_err(db_error)?;
             }
@@ -111,8 +127,31 @@ impl Tracker for StageStatus {
         &'a self,
         stage: &'a str,
         input: &'a Event,
+        outputs: &'a [Bound],
     ) -> BoxFuture<'a, Result<(), StageError>> {
-        Box::pin(self.set(stage, input, StageState::Done, None))
+        Box::pin(async move {
+            let about = entity(input);
+            // Outputs about the input's entity are queued in the step that finishes it (one
+            // transaction); any about another entity first, on their own.
+            let mut same = Vec::new();
+            for (entity, q) in self.readers(outputs) {
+                if Some(entity) == about {
+                    same.push(q);
+                } else {
+                    self.db
+                        .queue_stages(entity, q.event_id, q.stages)
+                        .await
+                        .map_err(db_error)?;
+                }
+            }
+            let Some(about) = about else {
+                return Ok(());
+            };
+            self.db
+                .stage_done(about, stage, input.id(), &same)
+                .await
+                .map_err(db_error)
+        })
     }
 
     fn failed<'a>(
