@@ -181,6 +181,7 @@ async fn main() -> Result<()> {
                         &["bench.in".to_owned()],
                         StartFrom::Earliest,
                         listener,
+                        &Default::default(),
                     )
                 },
                 shutdown,

@@ -5,6 +5,7 @@
 use cloudevents::Event;
 use cloudevents::binding::rdkafka::MessageExt;
 use mediaflow_events::RawMessage;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use rdkafka::client::ClientContext;
@@ -131,7 +132,11 @@ impl Consumer {
         start: StartFrom,
         bus: &BusConfig,
         listener: Option<Arc<dyn RevokeListener>>,
+        properties: &BTreeMap<String, String>,
     ) -> Result<Self, BusError> {
+        for (k, v) in properties {
+            cfg.set(k, v);
+        }
         cfg.set("group.id", group)
             .set("enable.auto.commit", "true")
             .set("auto.commit.interval.ms", "1000")

@@ -14,6 +14,7 @@ pub use consumer::{Consumer, Delivery, RevokeListener, StartFrom};
 pub use error::BusError;
 pub use publisher::{Published, Publisher};
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -98,17 +99,21 @@ impl Bus {
             start,
             &self.config,
             None,
+            &BTreeMap::new(),
         )
     }
 
     /// A consumer in group `group` subscribed to `topics` that tells `listener` before
-    /// partitions are revoked, and commits what it stored for them once it returns.
+    /// partitions are revoked, and commits what it stored for them once it returns; with
+    /// librdkafka `properties` of its own over `bus.librdkafka` (not the group, offset or
+    /// membership settings it makes itself, which win).
     pub fn consumer_with(
         &self,
         group: &str,
         topics: &[String],
         start: StartFrom,
         listener: Arc<dyn RevokeListener>,
+        properties: &BTreeMap<String, String>,
     ) -> Result<Consumer, BusError> {
         Consumer::new(
             self.client_config(),
@@ -117,6 +122,7 @@ impl Bus {
             start,
             &self.config,
             Some(listener),
+            properties,
         )
     }
 

@@ -6,6 +6,17 @@ use std::path::Path;
 
 use crate::decl::{At, Pipeline, StageDecl};
 
+/// Consumer properties a stage may not set: the runtime stores offsets itself once outputs are
+/// acknowledged, names the group after the stage, and runs its membership.
+pub const RESERVED_CONSUMER_PROPERTIES: &[&str] = &[
+    "bootstrap.servers",
+    "group.id",
+    "group.instance.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "auto.offset.reset",
+];
+
 /// One thing wrong in a pipeline file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
@@ -207,6 +218,14 @@ pub fn check(p: &Pipeline, kinds: &dyn KindCatalog) -> Vec<Problem> {
                 At::of(c),
                 format!("stage `{name}`: concurrency must be at least 1"),
             ));
+        }
+        for (property, value) in &s.consumer {
+            if RESERVED_CONSUMER_PROPERTIES.contains(&property.as_str()) {
+                problems.push(Problem::at(
+                    At::of(value),
+                    format!("stage `{name}`: consumer property `{property}` is the platform's own (its group, offsets and membership), not the stage's to set"),
+                ));
+            }
         }
         if s.inputs.value.is_empty() {
             problems.push(Problem::at(

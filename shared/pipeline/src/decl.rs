@@ -56,6 +56,11 @@ pub struct StageDecl {
     pub outputs: BTreeMap<String, Spanned<String>>,
     /// Messages in flight at once in one instance; `stages.concurrency` when unset.
     pub concurrency: Option<Spanned<usize>>,
+    /// librdkafka properties of the stage's consumer, over `bus.librdkafka` (a batch stage's
+    /// longer `fetch.wait.max.ms`, say). The ones the runtime's delivery rests on are refused
+    /// (`RESERVED_CONSUMER_PROPERTIES`).
+    #[serde(default)]
+    pub consumer: BTreeMap<String, Spanned<String>>,
     /// For a stage on a cycle: how many times one event may pass through it. A cycle needs one
     /// stage with a bound.
     pub max_passes: Option<Spanned<u32>>,

@@ -10,5 +10,8 @@ pub mod expr;
 pub mod graph;
 pub mod kinds;
 
-pub use check::{KindCatalog, PipelineError, Problem, check, load, parse, parse_duration_ms};
+pub use check::{
+    KindCatalog, PipelineError, Problem, RESERVED_CONSUMER_PROPERTIES, check, load, parse,
+    parse_duration_ms,
+};
 pub use decl::{At, Pipeline, StageDecl, TopicDecl};

@@ -139,6 +139,11 @@ const MALFORMED: &[(&str, u64, &str)] = &[
         8,
         "concurrency must be at least 1",
     ),
+    (
+        "17-reserved-consumer-property.yaml",
+        13,
+        "consumer property `enable.auto.commit` is the platform's own",
+    ),
 ];
 
 #[test]

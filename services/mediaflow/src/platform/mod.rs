@@ -288,6 +288,7 @@ async fn run_stage_with(
         name: name.to_owned(),
         group: format!("{prefix}{name}"),
         inputs: spec.inputs.iter().map(|i| format!("{prefix}{i}")).collect(),
+        consumer: spec.consumer.clone(),
         ports: Ports::new(name, spec.version, ports),
         options,
         stall_timeout: config.stages.stall_timeout(),

@@ -1,6 +1,7 @@
 //! A consuming stage under its watchdog: the stage runtime's loop, and beside it a task that
 //! measures the stage's lag and judges it; a wedged stage is reported and rejoins its group.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,8 @@ pub struct Wiring {
     /// The consumer group: the stage name under the topic prefix, so test runs never share one.
     pub(crate) group: String,
     pub(crate) inputs: Vec<String>,
+    /// librdkafka properties of the stage's consumer (its declaration's `consumer`).
+    pub(crate) consumer: BTreeMap<String, String>,
     pub(crate) ports: Ports,
     pub(crate) options: StageOptions,
     pub(crate) stall_timeout: Duration,
@@ -36,6 +39,7 @@ pub(crate) async fn consume<H: Handler>(handler: H, wiring: Wiring) -> Result<St
         name,
         group,
         inputs,
+        consumer,
         ports,
         options,
         stall_timeout,
@@ -75,7 +79,7 @@ pub(crate) async fn consume<H: Handler>(handler: H, wiring: Wiring) -> Result<St
             run,
             |listener| {
                 s.bus
-                    .consumer_with(&group, inputs, StartFrom::Earliest, listener)
+                    .consumer_with(&group, inputs, StartFrom::Earliest, listener, &consumer)
             },
             shutdown.clone(),
         )

@@ -47,6 +47,8 @@ pub struct StageSpec {
     pub outputs: BTreeMap<String, String>,
     /// Messages in flight at once; `stages.concurrency` when unset.
     pub concurrency: Option<usize>,
+    /// librdkafka properties of its consumer, over `bus.librdkafka`.
+    pub consumer: BTreeMap<String, String>,
     /// The kind's settings (`null` when none were given).
     pub config: serde_json::Value,
 }
@@ -155,6 +157,11 @@ impl Topology {
                     .map(|(port, topic)| (port.clone(), topic.value.clone()))
                     .collect(),
                 concurrency: s.concurrency.as_ref().map(|c| c.value),
+                consumer: s
+                    .consumer
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.value.clone()))
+                    .collect(),
                 config: s.config_value().clone(),
             })
             .collect();
@@ -282,6 +289,7 @@ fn exec_stage(exec: &mediaflow_exec_worker::ExecWorkerConfig) -> Result<StageSpe
         inputs: vec![exec.input_topic.clone()],
         outputs: BTreeMap::from([("out".to_owned(), out.to_owned())]),
         concurrency: None,
+        consumer: BTreeMap::new(),
         config,
     })
 }
