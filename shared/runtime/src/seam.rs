@@ -81,8 +81,8 @@ impl Sink for Publisher {
 }
 
 /// Where a stage's progress on the entities its events are about is recorded (a media item's
-/// per-stage status). A failed call fails the attempt (retried as a transient error); a failed
-/// `running` is only logged.
+/// per-stage status). A failed `done` fails the attempt as a handler error would (tried again
+/// when transient); `failed` is tried until it succeeds; a failed `running` is only logged.
 pub trait Tracker: Send + Sync + 'static {
     /// `stage` has been working on `input` for a while (`RUNNING_AFTER`): work that finishes
     /// sooner goes from queued to done without it, a write saved per message.
