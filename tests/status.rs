@@ -210,17 +210,23 @@ async fn stages_finishing_at_once_leave_the_item_done() -> Result<()> {
     Ok(())
 }
 
+/// A scratch SQLite database with media `m` uploaded (event `first`) and queued for one stage,
+/// `join` (the stages' list, for queueing more).
+async fn one_media_for_a_join() -> Result<(tempfile::TempDir, mediaflow_db::Db, Vec<String>)> {
+    let dir = tempfile::tempdir()?;
+    let url = format!("sqlite://{}", dir.path().join("s.db").display());
+    let db = mediaflow_db::Db::connect(&url, 4).await?;
+    let join = vec!["join".to_owned()];
+    db.insert_media(&media_row("m"), "first", &join).await?;
+    Ok((dir, db, join))
+}
+
 /// A stage done with an item (a join that took its first branch) is queued again when another
 /// event about the item is published for it: the item is not done until the stage took that
 /// too.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stage_done_with_an_item_is_queued_again_by_its_next_event() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let url = format!("sqlite://{}", dir.path().join("s.db").display());
-    let db = mediaflow_db::Db::connect(&url, 4).await?;
-    let row = media_row("m");
-    let join = vec!["join".to_owned()];
-    db.insert_media(&row, "first", &join).await?;
+    let (_dir, db, join) = one_media_for_a_join().await?;
     let media = mediaflow_db::Entity::Media("m");
     let status = || async { anyhow::Ok(db.media("m").await?.context("row")?.status) };
     db.set_stage_state(media, "join", "first", StageState::Done, None)
@@ -244,11 +250,7 @@ async fn a_stage_done_with_an_item_is_queued_again_by_its_next_event() -> Result
 /// changes nothing.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stage_running_when_the_next_event_is_queued_is_not_done_with_the_item() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let url = format!("sqlite://{}", dir.path().join("s.db").display());
-    let db = mediaflow_db::Db::connect(&url, 4).await?;
-    let join = vec!["join".to_owned()];
-    db.insert_media(&media_row("m"), "first", &join).await?;
+    let (_dir, db, join) = one_media_for_a_join().await?;
     let media = mediaflow_db::Entity::Media("m");
     let status = || async { anyhow::Ok(db.media("m").await?.context("row")?.status) };
     let join_state = || async {
