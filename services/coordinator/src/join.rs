@@ -379,6 +379,12 @@ impl Join {
         if let Some(outcome) = outcome {
             self.metrics.coordinated(&self.stage, "released");
             tracing::info!(stage = %self.stage, key, outcome = outcome_of(&outcome).as_str(), "join released");
+            // Published (and its readers queued) before this input is done, in the common
+            // case: otherwise the items it is about read done until the relay gets to it. A
+            // failure here is the relay's to retry.
+            if let Err(e) = self.relay.pass().await {
+                tracing::warn!(stage = %self.stage, key, error = %e, "the release waits for the relay");
+            }
             self.relay.wake();
         }
         Ok(())
