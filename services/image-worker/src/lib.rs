@@ -1,5 +1,5 @@
 //! The image stage: reads an image upload from object storage, makes its renditions and tags on
-//! the blocking pool (one decode, renditions in parallel), writes them under deterministic keys,
+//! a CPU thread (`on_cpu`; one decode, renditions in parallel), writes them under deterministic keys,
 //! records them (result rows, an `image_tags` row), and returns the `ImageProcessed` event on its
 //! port `out` (bound to `images.processed` in the shipped pipeline).
 

@@ -24,8 +24,8 @@ pub struct DetectorSpec {
     pub cascade: String,
 }
 
-/// The cascades and how they are run; cheap to clone, usable from any thread (each blocking
-/// thread loads its own classifiers once).
+/// The cascades and how they are run; cheap to clone, usable from any thread (each thread loads
+/// its own classifiers once: the process's CPU threads, one per core, live as long as it).
 #[derive(Clone, Debug)]
 pub struct Detector {
     inner: Arc<Inner>,

@@ -1,5 +1,5 @@
-//! The video stage: downloads a video upload to a local temporary file, and on the blocking pool
-//! probes it, chooses its frames, renders each in every configured rendition, makes a storyboard
+//! The video stage: downloads a video upload to a local temporary file, and on a CPU thread
+//! (`on_cpu`) probes it, chooses its frames, renders each in every configured rendition, makes a storyboard
 //! (sprite + WebVTT) and an animated preview (`mediaflow-video`); writes them under deterministic
 //! keys, records them as result rows, and returns the `VideoProcessed` event on its port `out`. A video the
 //! kernel refuses (empty, truncated, audio only, over a limit, a playlist or other reference

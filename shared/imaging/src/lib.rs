@@ -1,6 +1,6 @@
 //! Pure image kernels over bytes: bounded decoding (dimensions are checked before any pixel is
-//! decoded), EXIF orientation, and thumbnails. No I/O, no async: services call these on a
-//! blocking pool, benches and fuzzers call them directly.
+//! decoded), EXIF orientation, and thumbnails. No I/O, no async: services call these on the
+//! process's CPU threads (`mediaflow_runtime::on_cpu`), benches and fuzzers call them directly.
 //!
 //! JPEGs take the fast path (`jpeg`): shrink-on-load in the DCT domain, SIMD resampling and
 //! libjpeg-turbo encoding. Other formats, and CMYK JPEGs, go through the `image` crate.

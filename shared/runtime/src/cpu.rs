@@ -12,9 +12,15 @@
 //! of 3 ms jobs never waits behind a queue of another's 200 ms jobs (in one queue for all, the
 //! tagging pipeline's cheap branch fell behind its detector and the join's pairs came apart in
 //! time), and stages of equal jobs take turns.
+//!
+//! Each core has a long-lived thread of its own that runs the jobs given that core, so what a
+//! job leaves in thread-local state (a detector's loaded classifiers, the allocator's arena,
+//! the caches) is there for the next. On tokio's blocking pool the jobs went to whichever of
+//! its threads was idle, among those of file and DNS work, each loading its own classifiers.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
@@ -25,10 +31,17 @@ use crate::StageError;
 /// Free cores, and the jobs waiting for one by stage.
 struct Budget {
     state: Mutex<Waiting>,
+    /// The queue of each core's thread. (A core is held by one job at a time, so a job sent
+    /// finds its thread done with the last one, or finishing it.)
+    threads: Vec<mpsc::Sender<Job>>,
 }
 
+/// A job on a core's thread: the work, then the core handed on and the result handed back.
+type Job = Box<dyn FnOnce() + Send>;
+
 struct Waiting {
-    free: usize,
+    /// The cores no job holds, by index.
+    free: Vec<usize>,
     /// Every stage that has asked, in the order they first did (ties go to the earlier).
     stages: Vec<Stage>,
     /// The use of the stage given a core last: where a stage that starts asking again starts.
@@ -42,34 +55,53 @@ struct Stage {
     jobs: VecDeque<oneshot::Sender<Core>>,
 }
 
-/// One core, held while a job of `stage` runs; handed on when dropped.
+/// Core `index`, held while a job of `stage` runs; handed on when dropped.
 struct Core {
     budget: Arc<Budget>,
     stage: usize,
+    index: usize,
     since: Instant,
 }
 
 impl Drop for Core {
     fn drop(&mut self) {
-        self.budget.release(self.stage, self.since.elapsed());
+        self.budget
+            .release(self.stage, self.index, self.since.elapsed());
     }
 }
 
 impl Budget {
+    /// A budget of `cores` cores, and their threads (which stop with the budget).
     fn new(cores: usize) -> Arc<Self> {
+        let threads = (0..cores)
+            .map(|i| {
+                let (tx, rx) = mpsc::channel::<Job>();
+                std::thread::Builder::new()
+                    .name(format!("mediaflow-cpu-{i}"))
+                    .spawn(move || {
+                        while let Ok(job) = rx.recv() {
+                            job();
+                        }
+                    })
+                    .expect("starting a CPU thread");
+                tx
+            })
+            .collect();
         Arc::new(Self {
             state: Mutex::new(Waiting {
-                free: cores,
+                free: (0..cores).rev().collect(),
                 stages: Vec::new(),
                 clock: Duration::ZERO,
             }),
+            threads,
         })
     }
 
-    fn core(self: &Arc<Self>, stage: usize) -> Core {
+    fn core(self: &Arc<Self>, stage: usize, index: usize) -> Core {
         Core {
             budget: self.clone(),
             stage,
+            index,
             since: Instant::now(),
         }
     }
@@ -94,10 +126,11 @@ impl Budget {
             if s.jobs.iter().all(oneshot::Sender::is_closed) {
                 s.used = s.used.max(clock);
             }
-            if w.free > 0 && w.stages.iter().all(|s| s.jobs.is_empty()) {
-                w.free -= 1;
+            if w.stages.iter().all(|s| s.jobs.is_empty())
+                && let Some(index) = w.free.pop()
+            {
                 w.clock = w.stages[i].used;
-                return self.core(i);
+                return self.core(i, index);
             }
             let (tx, rx) = oneshot::channel();
             w.stages[i].jobs.push_back(tx);
@@ -110,9 +143,9 @@ impl Budget {
         }
     }
 
-    /// A job of stage `stage` held a core for `held`: the core goes to the waiting stage that
-    /// has used the cores least.
-    fn release(self: &Arc<Self>, stage: usize, held: Duration) {
+    /// A job of stage `stage` held core `index` for `held`: the core goes to the waiting stage
+    /// that has used the cores least.
+    fn release(self: &Arc<Self>, stage: usize, index: usize, held: Duration) {
         let mut w = self.state.lock().unwrap_or_else(|e| e.into_inner());
         w.stages[stage].used += held;
         loop {
@@ -124,7 +157,7 @@ impl Budget {
                 .min_by_key(|(_, s)| s.used)
                 .map(|(i, _)| i);
             let Some(i) = next else {
-                w.free += 1;
+                w.free.push(index);
                 return;
             };
             let Some(job) = w.stages[i].jobs.pop_front() else {
@@ -135,7 +168,7 @@ impl Budget {
                 continue;
             }
             w.clock = w.stages[i].used;
-            if let Err(core) = job.send(self.core(i)) {
+            if let Err(core) = job.send(self.core(i, index)) {
                 // Dropping it would release it again, under this lock.
                 std::mem::forget(core);
                 continue;
@@ -154,7 +187,7 @@ fn budget() -> &'static Arc<Budget> {
     })
 }
 
-/// Runs `work` for `stage` on the blocking pool once a core is free for it and it is the
+/// Runs `work` for `stage` on a core's thread once a core is free for it and it is the
 /// stage's turn.
 pub async fn on_cpu<T: Send + 'static>(
     stage: &str,
@@ -169,9 +202,25 @@ async fn run_on<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, StageError> {
     let core = budget.acquire(stage).await;
-    let result = tokio::task::spawn_blocking(work).await;
-    drop(core);
-    result.map_err(|e| StageError::permanent(format!("CPU task failed: {e}")))
+    let thread = &budget.threads[core.index];
+    let (tx, rx) = oneshot::channel();
+    // The core is held until the work is done, even if the caller stops waiting.
+    let job: Job = Box::new(move || {
+        let result = std::panic::catch_unwind(AssertUnwindSafe(work));
+        drop(core);
+        let _ = tx.send(result);
+    });
+    if thread.send(job).is_err() {
+        return Err(StageError::permanent("CPU task failed: its thread stopped"));
+    }
+    match rx.await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(panic)) => Err(StageError::permanent(format!(
+            "CPU task panicked: {}",
+            crate::stage::panic_text(&panic)
+        ))),
+        Err(_) => Err(StageError::permanent("CPU task failed: its thread stopped")),
+    }
 }
 
 #[cfg(test)]
@@ -214,6 +263,21 @@ mod tests {
             job.await.unwrap().unwrap();
         }
         assert_eq!(most.load(Ordering::SeqCst), cores);
+    }
+
+    #[tokio::test]
+    async fn a_core_runs_its_jobs_on_one_thread_and_survives_a_panic() {
+        let budget = Budget::new(1);
+        let thread = || std::thread::current().id();
+        let first = run_on(&budget, "a", thread).await.unwrap();
+        let err = run_on(&budget, "b", || panic!("bad pixels"))
+            .await
+            .expect_err("a panic is an error");
+        assert!(err.message.contains("bad pixels"), "{}", err.message);
+        // The core came back, and its thread lives on.
+        let second = run_on(&budget, "a", thread).await.unwrap();
+        assert_eq!(first, second);
+        assert_ne!(first, std::thread::current().id());
     }
 
     type Waiter<'a> = (&'static str, Pin<Box<dyn Future<Output = Core> + 'a>>);
