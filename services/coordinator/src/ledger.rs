@@ -13,8 +13,9 @@
 //! it). The lease outlasts the publisher's own delivery timeout, so a send still in flight from
 //! the dead relay has landed or failed before anyone looks.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use cloudevents::{AttributesReader, Event};
 use mediaflow_bus::{Bus, BusError, Publisher};
@@ -113,7 +114,14 @@ pub struct Relay {
     /// event is about before it is published (as the runtime does for outputs).
     tracker: Arc<dyn Tracker>,
     wake: Arc<Notify>,
+    /// Each topic's partition count and when it was read: read again after
+    /// `PARTITIONS_KEPT`, as librdkafka refreshes its own metadata.
+    partitions: Arc<Mutex<HashMap<String, (i32, Instant)>>>,
 }
+
+/// How long the relay keeps a topic's partition count (librdkafka's default metadata refresh
+/// interval: a producer maps keys by the count it last saw too).
+const PARTITIONS_KEPT: Duration = Duration::from_secs(300);
 
 impl Relay {
     pub fn new(
@@ -134,7 +142,28 @@ impl Relay {
             lease,
             tracker,
             wake: Arc::new(Notify::new()),
+            partitions: Arc::default(),
         }
+    }
+
+    /// How many partitions `topic` has, as read at most `PARTITIONS_KEPT` ago.
+    async fn partition_count(&self, topic: &str) -> Result<i32, BusError> {
+        let kept = self
+            .partitions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(topic)
+            .filter(|(_, at)| at.elapsed() < PARTITIONS_KEPT)
+            .map(|&(n, _)| n);
+        if let Some(n) = kept {
+            return Ok(n);
+        }
+        let n = self.bus.partition_count(topic).await?;
+        self.partitions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(topic.to_owned(), (n, Instant::now()));
+        Ok(n)
     }
 
     /// Tells the relay that emissions were recorded (it also looks every second).
@@ -233,7 +262,7 @@ impl Relay {
                 partition
             }
             None => {
-                let partitions = self.bus.partition_count(&pending.topic).await?;
+                let partitions = self.partition_count(&pending.topic).await?;
                 Publisher::partition_for(&pending.key, partitions)
             }
         };

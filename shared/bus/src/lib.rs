@@ -14,7 +14,7 @@ pub use consumer::{Consumer, Delivery, RevokeListener, StartFrom};
 pub use error::BusError;
 pub use publisher::{Published, Publisher};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,8 +27,11 @@ use rdkafka::{ClientConfig, Offset};
 #[derive(Clone)]
 pub struct Bus {
     config: BusConfig,
-    /// One client for health checks, created on first use and reused.
-    probe: Arc<Mutex<Option<Arc<BaseConsumer<Quiet>>>>>,
+    /// The clients of metadata, watermark and committed-offset queries, created on first use
+    /// and reused: one outside any group (`None`), one for each group asked about. (A client
+    /// made for each query cost a connection, its threads and a metadata round trip: the
+    /// emission relay asked twice per emission, the watchdog every few seconds per stage.)
+    queries: Arc<Mutex<HashMap<Option<String>, Arc<BaseConsumer<Quiet>>>>>,
 }
 
 impl std::fmt::Debug for Bus {
@@ -43,8 +46,47 @@ impl Bus {
     pub fn new(config: BusConfig) -> Self {
         Self {
             config,
-            probe: Arc::default(),
+            queries: Arc::default(),
         }
+    }
+
+    /// The query client of `group` (or of no group), made on first use.
+    fn query_client(&self, group: Option<&str>) -> Result<Arc<BaseConsumer<Quiet>>, BusError> {
+        let mut clients = self
+            .queries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(client) = clients.get(&group.map(str::to_owned)) {
+            return Ok(client.clone());
+        }
+        let mut cfg = self.client_config();
+        if let Some(group) = group {
+            cfg.set("group.id", group)
+                .set("enable.auto.commit", "false");
+        }
+        let client: Arc<BaseConsumer<Quiet>> =
+            Arc::new(cfg.create_with_context(Quiet).map_err(BusError::Client)?);
+        clients.insert(group.map(str::to_owned), client.clone());
+        Ok(client)
+    }
+
+    /// Runs `query` on the query client of `group` on the blocking pool (librdkafka's queries
+    /// block).
+    async fn query<T: Send + 'static>(
+        &self,
+        group: Option<&str>,
+        query: impl FnOnce(&BaseConsumer<Quiet>, Duration) -> Result<T, BusError> + Send + 'static,
+    ) -> Result<T, BusError> {
+        let client = self.query_client(group)?;
+        let timeout = self.config.request_timeout();
+        tokio::task::spawn_blocking(move || {
+            // Nobody else polls it: what it queued meanwhile (errors while the broker was
+            // away) is dropped here, already logged by its context.
+            while client.poll(Duration::ZERO).is_some() {}
+            query(&client, timeout)
+        })
+        .await
+        .map_err(|e| BusError::Internal(e.to_string()))?
     }
 
     pub fn config(&self) -> &BusConfig {
@@ -128,18 +170,10 @@ impl Bus {
 
     /// Every message retained on `topic` at the time of the call, in partition order.
     pub async fn read_to_end(&self, topic: &str) -> Result<Vec<Delivery>, BusError> {
-        let cfg = self.client_config();
         let timeout = self.config.request_timeout();
-        let name = topic.to_owned();
         // The end of each partition now; messages published later are not waited for.
-        let ends: Vec<(i32, i64, i64)> = tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer<Quiet> =
-                cfg.create_with_context(Quiet).map_err(BusError::Client)?;
-            watermarks(&consumer, &name, timeout)
-        })
-        .await
-        .map_err(|e| BusError::Internal(e.to_string()))??;
-        let mut pending: std::collections::HashMap<i32, i64> = ends
+        let ends = self.watermarks(topic).await?;
+        let mut pending: HashMap<i32, i64> = ends
             .iter()
             .filter(|(_, low, high)| high > low)
             .map(|&(p, _, high)| (p, high))
@@ -181,27 +215,22 @@ impl Bus {
 
     /// The offset the next message on `partition` of `topic` will get (its high watermark).
     pub async fn end_offset(&self, topic: &str, partition: i32) -> Result<i64, BusError> {
-        self.watermarks(topic)
-            .await?
-            .into_iter()
-            .find(|&(p, _, _)| p == partition)
-            .map(|(_, _, high)| high)
-            .ok_or_else(|| {
-                BusError::Internal(format!("topic {topic} has no partition {partition}"))
-            })
+        let topic = topic.to_owned();
+        self.query(None, move |client, timeout| {
+            let (_, high) = client
+                .fetch_watermarks(&topic, partition, timeout)
+                .map_err(BusError::Client)?;
+            Ok(high)
+        })
+        .await
     }
 
     async fn watermarks(&self, topic: &str) -> Result<Vec<(i32, i64, i64)>, BusError> {
-        let cfg = self.client_config();
-        let timeout = self.config.request_timeout();
         let topic = topic.to_owned();
-        tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer<Quiet> =
-                cfg.create_with_context(Quiet).map_err(BusError::Client)?;
-            watermarks(&consumer, &topic, timeout)
+        self.query(None, move |client, timeout| {
+            watermarks(client, &topic, timeout)
         })
         .await
-        .map_err(|e| BusError::Internal(e.to_string()))?
     }
 
     /// The offset of the event with id `id` on `partition` of `topic` at or after offset
@@ -241,17 +270,8 @@ impl Bus {
     /// Number of messages retained on `topic`: the sum over its partitions of high minus low
     /// watermark.
     pub async fn message_count(&self, topic: &str) -> Result<i64, BusError> {
-        let cfg = self.client_config();
-        let timeout = self.config.request_timeout();
-        let topic = topic.to_owned();
-        tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer<Quiet> =
-                cfg.create_with_context(Quiet).map_err(BusError::Client)?;
-            let marks = watermarks(&consumer, &topic, timeout)?;
-            Ok(marks.iter().map(|&(_, low, high)| high - low).sum())
-        })
-        .await
-        .map_err(|e| BusError::Internal(e.to_string()))?
+        let marks = self.watermarks(topic).await?;
+        Ok(marks.iter().map(|&(_, low, high)| high - low).sum())
     }
 
     /// How many messages of `topic` consumer group `group` has not committed yet, summed over
@@ -272,14 +292,8 @@ impl Bus {
         group: &str,
         topics: &[String],
     ) -> Result<Vec<PartitionPosition>, BusError> {
-        let mut cfg = self.client_config();
-        cfg.set("group.id", group)
-            .set("enable.auto.commit", "false");
-        let timeout = self.config.request_timeout();
         let topics = topics.to_vec();
-        tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer<Quiet> =
-                cfg.create_with_context(Quiet).map_err(BusError::Client)?;
+        self.query(Some(group), move |consumer, timeout| {
             let mut positions = Vec::new();
             for topic in &topics {
                 let marks = watermarks(&consumer, topic, timeout)?;
@@ -310,7 +324,6 @@ impl Bus {
             Ok(positions)
         })
         .await
-        .map_err(|e| BusError::Internal(e.to_string()))?
     }
 
     /// Moves consumer group `group` back to the oldest retained message of every partition of
@@ -370,12 +383,8 @@ impl Bus {
 
     /// How many members consumer group `group` has now (0 when it has none or does not exist).
     pub async fn group_members(&self, group: &str) -> Result<usize, BusError> {
-        let cfg = self.client_config();
-        let timeout = self.config.request_timeout();
         let group = group.to_owned();
-        tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer<Quiet> =
-                cfg.create_with_context(Quiet).map_err(BusError::Client)?;
+        self.query(None, move |consumer, timeout| {
             let groups = consumer
                 .fetch_group_list(Some(&group), timeout)
                 .map_err(BusError::Client)?;
@@ -387,37 +396,17 @@ impl Bus {
                 .sum())
         })
         .await
-        .map_err(|e| BusError::Internal(e.to_string()))?
     }
 
     /// Checks that the cluster answers a metadata request within `timeout`.
     pub async fn ping(&self, timeout: Duration) -> Result<(), BusError> {
-        let probe = {
-            let mut probe = self
-                .probe
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            match &*probe {
-                Some(client) => client.clone(),
-                None => {
-                    let client: Arc<BaseConsumer<Quiet>> = Arc::new(
-                        self.client_config()
-                            .create_with_context(Quiet)
-                            .map_err(BusError::Client)?,
-                    );
-                    *probe = Some(client.clone());
-                    client
-                }
-            }
-        };
-        tokio::task::spawn_blocking(move || {
-            probe
+        self.query(None, move |client, _| {
+            client
                 .fetch_metadata(None, timeout)
                 .map_err(BusError::Client)?;
             Ok(())
         })
         .await
-        .map_err(|e| BusError::Internal(e.to_string()))?
     }
 }
 
