@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 
 use cloudevents::binding::rdkafka::{BaseRecordExt, MessageRecord};
 use mediaflow_events::EventData;
+use rdkafka::ClientConfig;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
-use rdkafka::ClientConfig;
 use tokio::sync::oneshot;
 
 use crate::BusError;
