@@ -31,8 +31,11 @@ pub struct Bus {
     /// and reused: one outside any group (`None`), one for each group asked about. (A client
     /// made for each query cost a connection, its threads and a metadata round trip: the
     /// emission relay asked twice per emission, the watchdog every few seconds per stage.)
-    queries: Arc<Mutex<HashMap<Option<String>, Arc<BaseConsumer<Quiet>>>>>,
+    queries: Arc<Mutex<QueryClients>>,
 }
+
+/// The query clients by group (`None`: outside any group).
+type QueryClients = HashMap<Option<String>, Arc<BaseConsumer<Quiet>>>;
 
 impl std::fmt::Debug for Bus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -296,7 +299,7 @@ impl Bus {
         self.query(Some(group), move |consumer, timeout| {
             let mut positions = Vec::new();
             for topic in &topics {
-                let marks = watermarks(&consumer, topic, timeout)?;
+                let marks = watermarks(consumer, topic, timeout)?;
                 let mut tpl = rdkafka::TopicPartitionList::new();
                 for &(partition, _, _) in &marks {
                     tpl.add_partition(topic, partition);
